@@ -1,0 +1,1 @@
+"""Python client for the COCONUT inference server (work in progress)."""

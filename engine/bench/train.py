@@ -1,0 +1,8 @@
+"""`engine bench train` (work in progress)."""
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="(not implemented yet)")
+    p.set_defaults(func=lambda args: (_ for _ in ()).throw(SystemExit("engine bench train: not implemented yet")))

@@ -1,0 +1,271 @@
+"""The self-describing checkpoint: a Hugging Face model + tokenizer + ``coconut.json``.
+
+Layout of a checkpoint directory::
+
+    config.json, model.safetensors (or sharded *.safetensors + index)   save_pretrained
+    tokenizer.json, tokenizer_config.json, ...                          save_pretrained
+    coconut.json                                                        CoconutConfig
+    stop_classifier.safetensors                                         optional
+
+``load_checkpoint`` validates the directory and names the file or field that is wrong.
+Weights load from safetensors only: nothing is ever unpickled. This module knows the
+format; it knows nothing of decoding, scheduling or training loops.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from engine.params import LatentPolicy, ResolvedLatent
+
+log = logging.getLogger(__name__)
+
+COCONUT_JSON = "coconut.json"
+FORMAT_VERSION = 1
+METHODS = ("coconut", "cot", "no_cot", "no_thoughts", "pause_as_thought", "no_curriculum")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing something or holds a wrong value."""
+
+
+class StopClassifierSpec(BaseModel):
+    """Where the stop classifier's weights are and how to use it by default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="safetensors file, relative to the checkpoint directory")
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    max_thoughts: int = Field(16, ge=1, le=1024)
+    hidden_size: int = Field(0, ge=0, description="width of the MLP's hidden layer; 0 = linear head")
+    accuracy: float | None = Field(None, description="held-out accuracy measured by the trainer")
+
+
+class CoconutConfig(BaseModel):
+    """Contents of ``coconut.json``: the markers, the prompt format and latent defaults."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format_version: int = FORMAT_VERSION
+    bot_token: str = "<|start-latent|>"
+    eot_token: str = "<|end-latent|>"
+    latent_token: str = "<|latent|>"
+    question_suffix: str = "\n"
+    step_suffix: str = "\n"
+    answer_prefix: str = "### "
+    num_thoughts: int = Field(6, ge=0, le=1024)
+    c_thought: int = Field(1, ge=1)
+    max_latent_stage: int = Field(6, ge=0)
+    method: Literal[METHODS] = "coconut"  # type: ignore[valid-type]
+    stop_classifier: StopClassifierSpec | None = None
+    training: dict[str, Any] | None = Field(None, description="how the trainer produced it")
+
+    @model_validator(mode="after")
+    def _distinct_markers(self) -> "CoconutConfig":
+        markers = [self.bot_token, self.eot_token, self.latent_token]
+        if len(set(markers)) != 3 or not all(markers):
+            raise ValueError(f"bot_token, eot_token and latent_token must be three distinct "
+                             f"non-empty strings, got {markers}")
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(f"format_version {self.format_version} is not supported "
+                             f"(this engine reads version {FORMAT_VERSION})")
+        return self
+
+    @property
+    def default_mode(self) -> str:
+        """CoT and no-CoT models answer without markers; every other method thinks."""
+        return "none" if self.method in ("cot", "no_cot") else "fixed"
+
+    def resolve(self, policy: LatentPolicy | None) -> ResolvedLatent:
+        """Fill a request's latent policy with this checkpoint's defaults."""
+        if policy is None:
+            policy = LatentPolicy(mode=self.default_mode)  # type: ignore[arg-type]
+        feed = "pause" if self.method == "pause_as_thought" else "hidden"
+        if policy.mode == "none":
+            return ResolvedLatent(mode="none", thoughts=0, trace_top_k=0)
+        if policy.mode == "fixed":
+            n = self.num_thoughts if policy.thoughts is None else policy.thoughts
+            return ResolvedLatent(mode="fixed", feed=feed, thoughts=n,
+                                  trace_top_k=policy.trace_top_k)
+        spec = self.stop_classifier
+        if spec is None:
+            raise ValueError("latent mode 'auto' needs a stop classifier, and this checkpoint "
+                             "has none (coconut.json: stop_classifier is null); use mode "
+                             "'fixed' or train one with `engine train` (stop classifier stage)")
+        if feed == "pause":
+            raise ValueError("latent mode 'auto' is not available for pause_as_thought models")
+        return ResolvedLatent(
+            mode="auto", feed="hidden",
+            thoughts=spec.max_thoughts if policy.max_thoughts is None else policy.max_thoughts,
+            threshold=spec.threshold if policy.threshold is None else policy.threshold,
+            trace_top_k=policy.trace_top_k)
+
+    @classmethod
+    def read(cls, directory: str | Path) -> "CoconutConfig":
+        path = Path(directory) / COCONUT_JSON
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: missing {COCONUT_JSON} (not a COCONUT "
+                                  f"checkpoint; see README 'Checkpoint format')")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            problems = "; ".join(f"field '{'.'.join(map(str, err['loc'])) or '(root)'}': {err['msg']}"
+                                 for err in e.errors())
+            raise CheckpointError(f"{path}: {problems}") from None
+
+    def write(self, directory: str | Path) -> None:
+        path = Path(directory) / COCONUT_JSON
+        path.write_text(json.dumps(self.model_dump(exclude_none=False), indent=2) + "\n")
+
+
+@dataclass
+class MarkerIds:
+    bot: int
+    eot: int
+    latent: int
+    eos: tuple[int, ...]
+    pad: int
+
+
+@dataclass
+class Checkpoint:
+    """Everything the engine needs from a checkpoint directory, loaded and validated."""
+
+    path: Path
+    model: torch.nn.Module
+    tokenizer: Any
+    config: CoconutConfig
+    markers: MarkerIds
+    stop_classifier: torch.nn.Module | None
+    max_seq_len: int
+    name: str
+
+
+def _check_weights_are_safetensors(directory: Path) -> None:
+    if any(directory.glob("*.safetensors")):
+        return
+    pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+    hint = (f" (found {', '.join(pickled)}: pickled weights are never loaded; convert them "
+            f"with `engine convert-reference` or save_pretrained(safe_serialization=True))"
+            if pickled else "")
+    raise CheckpointError(f"{directory}: no *.safetensors weights{hint}")
+
+
+def token_id(tokenizer, token: str, field: str) -> int:
+    """The id of a marker that must be exactly one token of the vocabulary."""
+    ids = tokenizer.convert_tokens_to_ids([token])
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if not ids or ids[0] is None or (unk is not None and ids[0] == unk and token != tokenizer.unk_token):
+        raise CheckpointError(f"coconut.json field '{field}': token {token!r} is not in the "
+                              f"tokenizer's vocabulary (add it as a special token)")
+    return int(ids[0])
+
+
+def eos_ids(tokenizer, model) -> tuple[int, ...]:
+    """End-of-sequence ids: the tokenizer's plus those of the model's generation config."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif isinstance(extra, (list, tuple)):
+        ids.update(int(i) for i in extra)
+    return tuple(sorted(ids))
+
+
+def model_max_len(config) -> int:
+    for attr in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1 << 20  # positions are not bounded by the architecture (e.g. ALiBi)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype={dtype!r} is invalid: expected one of float32, bfloat16, float16")
+    return table[dtype]
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32") -> Checkpoint:
+    """Load and validate a checkpoint directory. Raises ``CheckpointError`` naming the problem."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.stop_classifier import StopClassifier
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    config = CoconutConfig.read(directory)
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory}: missing config.json (the Hugging Face model config)")
+    _check_weights_are_safetensors(directory)
+    torch_dtype = resolve_dtype(dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except Exception as e:  # transformers raises many kinds here
+        raise CheckpointError(f"{directory}: the tokenizer does not load ({e})") from e
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, use_safetensors=True)
+    except Exception as e:
+        raise CheckpointError(f"{directory}: the model does not load ({e})") from e
+    model.to(device).eval()
+    markers = MarkerIds(
+        bot=token_id(tokenizer, config.bot_token, "bot_token"),
+        eot=token_id(tokenizer, config.eot_token, "eot_token"),
+        latent=token_id(tokenizer, config.latent_token, "latent_token"),
+        eos=eos_ids(tokenizer, model),
+        pad=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+    )
+    if not markers.eos:
+        raise CheckpointError(f"{directory}: the tokenizer has no eos_token and the model's "
+                              f"generation config no eos_token_id")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    for name in ("bot", "eot", "latent"):
+        if getattr(markers, name) >= vocab:
+            raise CheckpointError(f"{directory}: {name}_token id {getattr(markers, name)} is outside "
+                                  f"the model's embedding table ({vocab} rows)")
+    classifier = None
+    if config.stop_classifier is not None:
+        hidden = model.get_input_embeddings().weight.shape[1]
+        classifier = StopClassifier.load(directory / config.stop_classifier.path, hidden,
+                                         config.stop_classifier.hidden_size)
+        classifier.to(device=device, dtype=torch_dtype).eval()
+    return Checkpoint(path=directory, model=model, tokenizer=tokenizer, config=config,
+                      markers=markers, stop_classifier=classifier,
+                      max_seq_len=model_max_len(model.config), name=directory.name)
+
+
+def save_checkpoint(directory: str | Path, model, tokenizer, config: CoconutConfig,
+                    stop_classifier: torch.nn.Module | None = None) -> Path:
+    """Write a servable checkpoint (safetensors weights) and return its path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)  # transformers 5 always writes safetensors
+    tokenizer.save_pretrained(directory)
+    if stop_classifier is not None:
+        if config.stop_classifier is None:
+            raise ValueError("a stop classifier was given but config.stop_classifier is None")
+        stop_classifier.save(directory / config.stop_classifier.path)
+    config.write(directory)
+    return directory

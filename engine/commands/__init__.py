@@ -1,0 +1,1 @@
+"""Subcommands of the ``engine`` CLI that belong to the engine itself."""

@@ -1,0 +1,61 @@
+"""``engine generate``: answer one or more questions from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="answer questions with a checkpoint",
+                       description="Answer questions with a COCONUT checkpoint (the bundled model by default).")
+    p.add_argument("questions", nargs="+", help="question text(s)")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--thoughts", type=int, default=None, help="fixed number of latent thoughts")
+    group.add_argument("--latent", choices=["fixed", "auto", "none"], default=None,
+                       help="latent policy (default: the checkpoint's)")
+    p.add_argument("--max-thoughts", type=int, default=None, help="cap for --latent auto")
+    p.add_argument("--threshold", type=float, default=None, help="stop threshold for --latent auto")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--trace", type=int, default=0, metavar="K", help="show the top-K tokens of each thought")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--json", action="store_true", help="print one JSON object per question")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine import Engine, LatentPolicy, SamplingParams
+
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed)
+    latent = None
+    if args.thoughts is not None:
+        latent = LatentPolicy(mode="fixed", thoughts=args.thoughts, trace_top_k=args.trace)
+    elif args.latent is not None:
+        latent = LatentPolicy(mode=args.latent, trace_top_k=args.trace if args.latent != "none" else 0,
+                              max_thoughts=args.max_thoughts, threshold=args.threshold)
+    elif args.trace:
+        latent = LatentPolicy(mode="fixed", trace_top_k=args.trace)
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    results = engine.generate(args.questions, sampling=sampling, latent=latent)
+    for question, r in zip(args.questions, results):
+        if args.json:
+            print(json.dumps({"question": question, "text": r.text, "answer": r.answer,
+                              "finish_reason": r.finish_reason, "num_thoughts": r.num_thoughts,
+                              "token_ids": r.token_ids, "latent_trace": r.latent_trace,
+                              "timings": r.timings}))
+        else:
+            print(f"Q: {question}\nA: {r.answer}   [{r.num_thoughts} thoughts, {len(r.token_ids)} tokens, "
+                  f"{r.finish_reason}]")
+            for i, entry in enumerate(r.latent_trace or [], 1):
+                tops = ", ".join(f"{t!r} {p:.2f}" for t, p in zip(entry["texts"], entry["probs"]))
+                print(f"   thought {i}: {tops}")
+    sys.stdout.flush()
+    return 0

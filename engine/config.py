@@ -1,0 +1,33 @@
+"""Engine configuration: one typed object built once at the edge (CLI, server settings)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits and placement of one engine.
+
+    ``max_batch_size``: requests decoded together in one forward pass; more wait.
+    ``max_seq_len``: most positions one request may occupy (prompt + thoughts + answer);
+    ``None`` takes the model's own limit. A request that can never fit is rejected.
+    ``max_prefill_tokens``: padded prompt tokens prefilled in one step (at least one
+    request is always admitted), which bounds the latency a burst of arrivals adds to
+    the running requests' next token.
+    """
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_batch_size: int = 32
+    max_seq_len: int | None = None
+    max_prefill_tokens: int = 8192
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size={self.max_batch_size} is invalid: expected >= 1")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len={self.max_seq_len} is invalid: expected >= 2")
+        if self.max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens={self.max_prefill_tokens} is invalid: expected >= 1")

@@ -1,0 +1,201 @@
+"""EngineCore: ``step()`` = schedule -> runner.execute -> update, on token ids only.
+
+The core owns the scheduler and the model runner. It accepts ``Request`` objects whose
+prompt is already tokenized, and each ``step()`` returns one ``CoreOutput`` per request
+that changed: a new token, a thought, or the end. It knows nothing of text, HTTP or
+asyncio; ``abort_request`` may be called from any thread (aborts are queued and drained
+at the start of the next step, which frees the request's batch row before that step's
+forward pass).
+
+The latent state machine lives in ``_advance``: after the prefill (which fed
+``<bot>``) and after each thought, a request in latent mode either feeds its newest
+hidden state as the next thought or ends latent mode, which feeds ``<eot>``; ``fixed``
+counts thoughts, ``auto`` asks the stop classifier's probability.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.config import EngineConfig
+from engine.request import Request, RequestStatus, TraceEntry
+from engine.runner.model_runner import ModelRunner, RowOutput, StepPlan
+from engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class RequestTooLongError(ValueError):
+    """The request can never fit in the model's (or the engine's) sequence limit."""
+
+
+@dataclass
+class CoreOutput:
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[float] = field(default_factory=list)
+    new_trace: list[TraceEntry] = field(default_factory=list)
+    num_thoughts: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class StepStats:
+    batch_size: int = 0        # rows in the mixed forward pass
+    num_prefilled: int = 0     # requests whose prompt was prefilled this step
+    num_running: int = 0
+    num_waiting: int = 0
+    early_stops: int = 0       # auto-policy requests the stop classifier ended before the cap
+
+
+class EngineCore:
+    def __init__(self, runner: ModelRunner, config: EngineConfig, max_seq_len: int,
+                 eos_token_ids: tuple[int, ...]):
+        self.runner = runner
+        self.config = config
+        self.max_seq_len = min(max_seq_len, config.max_seq_len or max_seq_len)
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.scheduler = Scheduler(config.max_batch_size, config.max_prefill_tokens)
+        self._aborts: deque[tuple[str, RequestStatus]] = deque()
+        self._lock = threading.Lock()
+        self.last_stats = StepStats()
+
+    # ---------------------------------------------------------------- requests
+
+    def check_fits(self, request: Request) -> None:
+        """Raise ``RequestTooLongError`` if the request can never fit the sequence limit."""
+        needed = request.max_positions
+        if needed > self.max_seq_len:
+            latent = 0 if request.starts_in_language else request.latent.thoughts + 1
+            raise RequestTooLongError(
+                f"request needs up to {needed} positions (prompt {request.num_prompt_tokens} tokens"
+                f" + {latent} latent positions + max_tokens {request.sampling.max_tokens} - 1) but "
+                f"the limit is {self.max_seq_len}; shorten the question, use fewer thoughts or "
+                f"lower max_tokens")
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request, or raise ``RequestTooLongError`` if it can never fit."""
+        self.check_fits(request)
+        if request.sampling.seed is not None:
+            request.generator = self.runner.new_generator(request.sampling.seed)
+        self.scheduler.add(request)
+
+    def abort_request(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+        """Thread-safe. ``status`` FINISHED_STOP ends a request normally (a stop string matched)."""
+        with self._lock:
+            self._aborts.append((request_id, status))
+
+    def has_unfinished(self) -> bool:
+        return bool(self._aborts) or self.scheduler.has_work()
+
+    # ---------------------------------------------------------------- step
+
+    def step(self) -> list[CoreOutput]:
+        outputs = self._drain_aborts()
+        plan = self.scheduler.schedule()
+        new_ids = {r.request_id for r in plan.new_requests}
+        if not plan.new_requests and not self.runner.rows and not plan.removed_ids:
+            self._record_stats(plan, 0)
+            return outputs
+        batch = [r for r in self.runner.rows if r.request_id not in plan.removed_ids]
+        try:
+            rows = self.runner.execute(plan)
+        except Exception as e:  # fail the affected requests, keep the engine alive
+            log.exception("engine step failed; failing %d requests", len(batch) + len(new_ids))
+            self.runner.reset()
+            message = f"{type(e).__name__}: {e}"
+            for request in batch + plan.new_requests:
+                request.finish(RequestStatus.FINISHED_ERROR, error=message)
+                self.scheduler.running.pop(request.request_id, None)
+                outputs.append(CoreOutput(request.request_id, num_thoughts=request.thoughts_done,
+                                          finish_reason="error", error=message))
+            self._record_stats(plan, 0)
+            return outputs
+        early = 0
+        for request in batch + plan.new_requests:
+            output, stopped_early = self._advance(request, rows[request.request_id],
+                                                  prefilled=request.request_id in new_ids)
+            early += stopped_early
+            if output is not None:
+                outputs.append(output)
+        self._record_stats(plan, len(batch), early)
+        return outputs
+
+    def _advance(self, request: Request, row: RowOutput, prefilled: bool) -> tuple[CoreOutput | None, bool]:
+        """Apply one step's result to one request and decide what it feeds next. Returns
+        its output (None when nothing visible changed) and whether the stop classifier
+        ended its latent mode before the cap."""
+        result = CoreOutput(request.request_id)
+        early = False
+        if prefilled:
+            request.times.prefilled = time.perf_counter()
+        if request.status == RequestStatus.LATENT:
+            if not prefilled:
+                request.record_thought_fed()
+            if row.stop_prob is not None:
+                request.stop_probs.append(row.stop_prob)
+            if self._wants_another_thought(request, row):
+                if row.trace is not None:  # this hidden state becomes the next thought
+                    request.trace.append(row.trace)
+                    result.new_trace.append(row.trace)
+            else:
+                if request.latent.mode == "auto" and request.thoughts_done < request.latent.thoughts:
+                    early = True
+                request.end_latent_mode()
+        elif request.status == RequestStatus.DECODING:
+            token = row.token_id
+            assert token is not None
+            sampling = request.sampling
+            if (token in self.eos_token_ids and not sampling.ignore_eos) or token in sampling.stop_token_ids:
+                request.finish(RequestStatus.FINISHED_STOP)
+            else:
+                request.append_token(token, row.logprob)
+                result.new_token_ids.append(token)
+                if row.logprob is not None:
+                    result.new_logprobs.append(row.logprob)
+                if len(request.output_token_ids) >= sampling.max_tokens:
+                    request.finish(RequestStatus.FINISHED_LENGTH)
+        result.num_thoughts = request.thoughts_done
+        if request.is_finished:
+            result.finish_reason = request.status.finish_reason
+            self.scheduler.remove(request)
+        changed = result.new_token_ids or result.new_trace or result.finished
+        return (result if changed else None), early
+
+    @staticmethod
+    def _wants_another_thought(request: Request, row: RowOutput) -> bool:
+        done, cap = request.thoughts_done, request.latent.thoughts
+        if done >= cap:
+            return False
+        if request.latent.mode == "auto" and done > 0:
+            return row.stop_prob is not None and row.stop_prob < request.latent.threshold
+        return True
+
+    def _drain_aborts(self) -> list[CoreOutput]:
+        outputs = []
+        with self._lock:
+            pending = list(self._aborts)
+            self._aborts.clear()
+        for request_id, status in pending:
+            request = self.scheduler.find(request_id)
+            if request is None or request.is_finished:
+                continue
+            request.finish(status)
+            self.scheduler.remove(request)
+            outputs.append(CoreOutput(request_id, num_thoughts=request.thoughts_done,
+                                      finish_reason=status.finish_reason))
+        return outputs
+
+    def _record_stats(self, plan: StepPlan, batch_size: int, early: int = 0) -> None:
+        self.last_stats = StepStats(batch_size=batch_size, num_prefilled=len(plan.new_requests),
+                                    num_running=self.scheduler.num_running,
+                                    num_waiting=self.scheduler.num_waiting, early_stops=early)

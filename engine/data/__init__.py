@@ -1,0 +1,1 @@
+"""Training data: the reference JSON format and the ProsQA-style generator."""

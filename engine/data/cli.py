@@ -1,0 +1,8 @@
+"""``engine data`` (work in progress)."""
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="(not implemented yet)")
+    p.set_defaults(func=lambda args: (_ for _ in ()).throw(SystemExit("engine data: not implemented yet")))

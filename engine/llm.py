@@ -1,0 +1,127 @@
+"""``Engine``: the synchronous Python API over one checkpoint.
+
+    eng = Engine.from_pretrained(path, device="cpu", dtype="float32")
+    results = eng.generate(questions, sampling=SamplingParams(max_tokens=32, temperature=0.0),
+                           latent=LatentPolicy(mode="fixed", thoughts=6))
+
+``generate`` batches all questions continuously (``max_batch_size`` at a time) and
+returns one ``RequestOutput`` per question, in order. The step-level interface
+(``add_request``, ``step``, ``abort``, ``has_unfinished``) is what ``AsyncEngine`` and
+the HTTP server drive. Text (tokenizing, detokenizing, stop strings) is handled here and
+in ``engine.output``; the core below sees token ids only. Not thread-safe except
+``abort``: one thread drives ``step``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import uuid
+from pathlib import Path
+
+from engine.checkpoint import Checkpoint, load_checkpoint
+from engine.config import EngineConfig
+from engine.core import EngineCore
+from engine.output import OutputProcessor, RequestOutput
+from engine.params import LatentPolicy, SamplingParams, broadcast
+from engine.prompt import PromptFormat
+from engine.request import Request, RequestStatus
+from engine.runner.model_runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None):
+        self.checkpoint = checkpoint
+        self.config = config or EngineConfig()
+        self.tokenizer = checkpoint.tokenizer
+        self.coconut = checkpoint.config
+        self.prompt_format = PromptFormat(checkpoint.tokenizer, checkpoint.config, checkpoint.markers)
+        self.runner = ModelRunner(checkpoint.model, checkpoint.markers.pad, checkpoint.stop_classifier,
+                                  seed=self.config.seed)
+        self.core = EngineCore(self.runner, self.config, checkpoint.max_seq_len, checkpoint.markers.eos)
+        self.outputs = OutputProcessor(checkpoint.tokenizer, self.prompt_format)
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu", dtype: str = "float32",
+                        **config) -> "Engine":
+        """Load a checkpoint directory (default: the bundled model) and build an engine.
+        Extra keyword arguments are ``EngineConfig`` fields (``max_batch_size``, ...)."""
+        if path is None:
+            from engine.models import default_model_dir
+            path = default_model_dir()
+        checkpoint = load_checkpoint(path, device=device, dtype=dtype)
+        return cls(checkpoint, EngineConfig(device=device, dtype=dtype, **config))
+
+    @property
+    def model_name(self) -> str:
+        return self.checkpoint.name
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.core.max_seq_len
+
+    # ------------------------------------------------------------ step level
+
+    def make_request(self, question: str, sampling: SamplingParams | None = None,
+                     latent: LatentPolicy | None = None, request_id: str | None = None) -> Request:
+        """Validate and tokenize; raises ``ValueError`` with the reason for bad input."""
+        sampling = sampling or SamplingParams()
+        resolved = self.coconut.resolve(latent)
+        prompt, in_language = self.prompt_format.build(question, resolved)
+        request_id = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        return Request(request_id, prompt, sampling, resolved, self.checkpoint.markers.eot,
+                       starts_in_language=in_language)
+
+    def add_request(self, question: str | Request, sampling: SamplingParams | None = None,
+                    latent: LatentPolicy | None = None, request_id: str | None = None) -> str:
+        request = question if isinstance(question, Request) else self.make_request(
+            question, sampling, latent, request_id)
+        self.core.add_request(request)
+        self.outputs.add(request)
+        return request.request_id
+
+    def abort(self, request_id: str) -> None:
+        """Thread-safe: the request ends with finish_reason 'abort' at the next step."""
+        self.core.abort_request(request_id)
+
+    def step(self) -> list[RequestOutput]:
+        results, stopped = self.outputs.process(self.core.step())
+        for request_id in stopped:
+            self.core.abort_request(request_id, RequestStatus.FINISHED_STOP)
+        return results
+
+    def has_unfinished(self) -> bool:
+        return self.core.has_unfinished()
+
+    # ------------------------------------------------------------ offline
+
+    def generate(self, questions: str | list[str], sampling: SamplingParams | list[SamplingParams] | None = None,
+                 latent: LatentPolicy | list[LatentPolicy] | None = None,
+                 progress: bool = False) -> list[RequestOutput]:
+        """Answer every question; one result per question, in order."""
+        single = isinstance(questions, str)
+        questions = [questions] if single else list(questions)
+        samplings = broadcast(sampling, len(questions), "sampling")
+        latents = broadcast(latent, len(questions), "latent")
+        requests = [self.make_request(q, s, l) for q, s, l in zip(questions, samplings, latents)]
+        for request in requests:
+            self.add_request(request)
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(requests), desc="generate", unit="q")
+        while len(done) < len(requests):
+            if not self.has_unfinished():
+                raise RuntimeError("the engine went idle with requests unanswered (a bug)")
+            for out in self.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [done[r.request_id] for r in requests]

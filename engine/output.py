@@ -1,0 +1,132 @@
+"""From core token ids to what users see: text deltas, stop strings, answers, traces.
+
+``OutputProcessor`` keeps one ``_TextState`` per request. Each core output's new tokens
+are detokenized incrementally (the prefix/read-offset scheme of TGI and vLLM, which holds
+back incomplete UTF-8); stop strings are searched in the new text and, when one
+matches, the text is cut before it and the caller is told to end the request. While a
+request runs, the last ``max(len(stop)) - 1`` characters are held back, so streamed
+deltas never contain the beginning of a stop string and always concatenate exactly to
+the final ``text``. Used by the synchronous ``Engine`` and by ``AsyncEngine`` alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.core import CoreOutput
+from engine.prompt import PromptFormat
+from engine.request import Request, TraceEntry
+
+
+@dataclass
+class RequestOutput:
+    """A snapshot of one request after a step (``delta`` holds only the new text)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    delta: str
+    answer: str
+    num_thoughts: int
+    finished: bool
+    finish_reason: str | None
+    logprobs: list[float] | None = None
+    latent_trace: list[dict] | None = None
+    stop_probs: list[float] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+class _TextState:
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, new_ids: list[int], final: bool) -> None:
+        if self.stopped:
+            return
+        self.ids.extend(new_ids)
+        before = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        after = self._decode(self.ids[self.prefix_offset:])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            start = len(self.text)
+            self.text += after[len(before):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            self._find_stop(max(0, start - self.hold))
+
+    def _find_stop(self, search_from: int) -> None:
+        hits = [at for at in (self.text.find(s, search_from) for s in self.stop) if at >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.stopped = True
+
+    def take_delta(self, final: bool) -> str:
+        limit = len(self.text) if final or self.stopped else max(self.sent, len(self.text) - self.hold)
+        delta = self.text[self.sent:limit]
+        self.sent = limit
+        return delta
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, prompt_format: PromptFormat):
+        self.tokenizer = tokenizer
+        self.prompt_format = prompt_format
+        self._states: dict[str, tuple[Request, _TextState]] = {}
+
+    def add(self, request: Request) -> None:
+        self._states[request.request_id] = (request, _TextState(self.tokenizer, request.sampling.stop))
+
+    def discard(self, request_id: str) -> None:
+        self._states.pop(request_id, None)
+
+    def process(self, outputs: list[CoreOutput]) -> tuple[list[RequestOutput], list[str]]:
+        """Returns the user-facing outputs and the ids of requests a stop string ended
+        (the caller must end them in the core with FINISHED_STOP)."""
+        results, stopped = [], []
+        for out in outputs:
+            entry = self._states.get(out.request_id)
+            if entry is None:
+                continue
+            request, state = entry
+            state.add(out.new_token_ids, final=out.finished)
+            finish_reason = out.finish_reason
+            if state.stopped:
+                finish_reason = "stop"
+                if not out.finished:
+                    stopped.append(out.request_id)
+            finished = finish_reason is not None
+            results.append(self._snapshot(request, state, out, finish_reason, finished))
+            if finished:
+                del self._states[out.request_id]
+        return results, stopped
+
+    def _snapshot(self, request: Request, state: _TextState, out: CoreOutput,
+                  finish_reason: str | None, finished: bool) -> RequestOutput:
+        trace = None
+        if request.latent.trace_top_k > 0:
+            trace = [self.trace_entry(e) for e in request.trace]
+        return RequestOutput(
+            request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+            token_ids=list(request.output_token_ids), text=state.text,
+            delta=state.take_delta(final=finished),
+            answer=self.prompt_format.answer(state.text), num_thoughts=request.thoughts_done,
+            finished=finished, finish_reason=finish_reason,
+            logprobs=list(request.output_logprobs) if request.sampling.logprobs else None,
+            latent_trace=trace, stop_probs=list(request.stop_probs),
+            timings=request.times.phases(), error=out.error)
+
+    def trace_entry(self, entry: TraceEntry) -> dict:
+        tokens = self.tokenizer.convert_ids_to_tokens(entry.token_ids)
+        texts = [self.tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in entry.token_ids]
+        return {"token_ids": entry.token_ids, "tokens": tokens, "texts": texts, "probs": entry.probs}

@@ -1,0 +1,140 @@
+"""One request's state inside the engine core: token ids and counters, no text.
+
+The status enum is ordered so that "finished" is one comparison::
+
+    WAITING -> LATENT (thoughts remaining) -> DECODING -> FINISHED_*
+
+A request in LATENT feeds the last hidden state of its previous position; a request in
+DECODING feeds ``pending_token`` (the ``<eot>`` marker, then each sampled token). Token
+lists change only through methods. Timestamps are ``time.perf_counter()`` values.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.params import ResolvedLatent, SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    LATENT = 1
+    DECODING = 2
+    FINISHED_STOP = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6
+
+    @property
+    def finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOP
+
+    @property
+    def finish_reason(self) -> str | None:
+        return {RequestStatus.FINISHED_STOP: "stop", RequestStatus.FINISHED_LENGTH: "length",
+                RequestStatus.FINISHED_ABORTED: "abort", RequestStatus.FINISHED_ERROR: "error"}.get(self)
+
+
+@dataclass
+class TraceEntry:
+    """The paper's view of one continuous thought: top-k tokens of softmax(W h)."""
+
+    token_ids: list[int]
+    probs: list[float]
+
+
+@dataclass
+class RequestTimes:
+    arrival: float = field(default_factory=time.perf_counter)
+    scheduled: float | None = None       # admitted into the batch (prefill starts)
+    prefilled: float | None = None       # prefill forward done
+    latent_done: float | None = None     # <eot> about to be fed (latent phase over)
+    first_token: float | None = None
+    finished: float | None = None
+
+    def phases(self) -> dict[str, float]:
+        """Seconds spent waiting, prefilling, thinking and decoding."""
+        def span(a, b):
+            return max(0.0, b - a) if a is not None and b is not None else 0.0
+        end = self.finished or time.perf_counter()
+        latent_end = self.latent_done or self.prefilled
+        return {"queue": span(self.arrival, self.scheduled),
+                "prefill": span(self.scheduled, self.prefilled),
+                "latent": span(self.prefilled, latent_end),
+                "decode": span(latent_end, end),
+                "total": span(self.arrival, end)}
+
+
+class Request:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+                 latent: ResolvedLatent, eot_token_id: int, *, starts_in_language: bool):
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling = sampling
+        self.latent = latent
+        self.eot_token_id = eot_token_id
+        # True when the prompt already ends in language mode (mode none, pause thoughts,
+        # or zero thoughts): the prefill's logits give the first answer token.
+        self.starts_in_language = starts_in_language
+        self.status = RequestStatus.WAITING
+        self.thoughts_done = 0
+        self.output_token_ids: list[int] = []
+        self.output_logprobs: list[float] = []
+        self.trace: list[TraceEntry] = []
+        self.stop_probs: list[float] = []
+        self.pending_token: int | None = None
+        self.generator: torch.Generator | None = None
+        self.times = RequestTimes()
+        self.error: str | None = None
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, {self.status.name}, prompt={len(self.prompt_token_ids)}, "
+                f"thoughts={self.thoughts_done}/{self.latent.thoughts}, out={len(self.output_token_ids)})")
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def max_positions(self) -> int:
+        """The most cache positions this request can ever occupy (prompt, thoughts, <eot>,
+        answer tokens except the last, which is never fed)."""
+        latent = 0 if self.starts_in_language else self.latent.thoughts + 1
+        return self.num_prompt_tokens + latent + self.sampling.max_tokens - 1
+
+    def start(self) -> None:
+        """Admitted into the batch: the prompt is about to be prefilled."""
+        self.status = RequestStatus.DECODING if self.starts_in_language else RequestStatus.LATENT
+        self.times.scheduled = time.perf_counter()
+
+    def record_thought_fed(self) -> None:
+        self.thoughts_done += 1
+
+    def end_latent_mode(self) -> None:
+        """Latent mode is over: feed <eot> next, then decode language."""
+        self.status = RequestStatus.DECODING
+        self.pending_token = self.eot_token_id
+        self.times.latent_done = time.perf_counter()
+
+    def append_token(self, token_id: int, logprob: float | None) -> None:
+        if not self.output_token_ids:
+            self.times.first_token = time.perf_counter()
+        self.output_token_ids.append(token_id)
+        if logprob is not None:
+            self.output_logprobs.append(logprob)
+        self.pending_token = token_id
+
+    def finish(self, status: RequestStatus, error: str | None = None) -> None:
+        assert status.finished
+        self.status = status
+        self.error = error
+        self.pending_token = None
+        self.times.finished = time.perf_counter()

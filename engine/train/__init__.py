@@ -1,0 +1,1 @@
+"""The offline COCONUT trainer (``engine train``)."""
