@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random checkpoints built from config (no downloads).
+
+``tiny_checkpoint(arch, **kw)`` builds (once per session and argument set) a checkpoint
+directory with ``engine.tiny.make_checkpoint`` and returns its path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    from engine.tiny import make_checkpoint
+
+    built: dict[str, Path] = {}
+
+    def build(arch: str = "gpt2", **kwargs) -> Path:
+        key = json.dumps([arch, sorted((k, repr(v)) for k, v in kwargs.items())])
+        if key not in built:
+            directory = tmp_path_factory.mktemp(f"ckpt-{arch}")
+            built[key] = make_checkpoint(directory, arch, **kwargs)
+        return built[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def gpt2_checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("gpt2")
+
+
+@pytest.fixture(scope="session")
+def prosqa_valid_path() -> Path:
+    path = SHARED_DATA / "prosqa_valid.json"
+    if not path.is_file():
+        pytest.skip(f"the shared ProsQA validation split is not at {path} (../shared is absent)")
+    return path
