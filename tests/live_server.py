@@ -1,0 +1,78 @@
+"""Start the real server (``engine serve``) as a subprocess on 127.0.0.1 for tests.
+
+    with LiveServer(model_dir, "--max-batch-size", "8") as server:
+        httpx.get(server.url + "/ready")
+
+The server gets a free port, its output goes to a log file (shown when it fails to
+start), and leaving the block sends SIGTERM and waits for a clean exit. Extra
+environment variables can be passed with ``env``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, model_dir: str | Path, *args: str, env: dict[str, str] | None = None,
+                 startup_timeout: float = 120.0):
+        self.model_dir = Path(model_dir)
+        self.args = list(args)
+        self.env = env or {}
+        self.startup_timeout = startup_timeout
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="server-", suffix=".log", delete=False)
+
+    def __enter__(self) -> "LiveServer":
+        cmd = [sys.executable, "-m", "engine.cli", "serve", "--model", str(self.model_dir),
+               "--host", "127.0.0.1", "--port", str(self.port), *self.args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server not ready after {self.startup_timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        self.log.close()
+        os.unlink(self.log.name)
