@@ -1,8 +1,85 @@
-"""``engine serve`` (work in progress)."""
+"""``engine serve``: run the HTTP server (uvicorn) around one engine.
+
+Every ``ServerSettings`` field is a flag (``max_batch_size`` -> ``--max-batch-size``)
+and an environment variable (``COCONUT_MAX_BATCH_SIZE``); a flag wins over the
+environment. SIGTERM (or Ctrl-C) stops accepting connections, lets the in-flight
+requests finish (up to ``--drain-timeout-s``), stops the engine and exits 0.
+"""
+
+from __future__ import annotations
 
 import argparse
+import logging
+import signal
+import typing
+
+from server.settings import LOG_LEVELS, ServerSettings
+
+log = logging.getLogger(__name__)
+
+_INT_FIELDS = {"port", "max_batch_size", "max_queue", "max_seq_len", "max_prefill_tokens", "seed",
+               "max_body_bytes", "retry_after_s", "torch_threads"}
+_FLOAT_FIELDS = {"drain_timeout_s"}
+_DEST = "serve_"  # the global `engine --log-level` already owns dest "log_level"
+
+
+def _choices(name: str, annotation) -> tuple[str, ...] | None:
+    if name == "log_level":
+        return LOG_LEVELS
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    return None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="(not implemented yet)")
-    p.set_defaults(func=lambda args: (_ for _ in ()).throw(SystemExit("engine serve: not implemented yet")))
+    p = sub.add_parser("serve", help="run the HTTP server (OpenAI-compatible + /v1/reason)",
+                       description="Serve a COCONUT checkpoint over HTTP. Every flag can also be set "
+                       "by an environment variable COCONUT_<FLAG> (e.g. COCONUT_PORT=9000).")
+    for name, field in ServerSettings.model_fields.items():
+        kind = int if name in _INT_FIELDS else float if name in _FLOAT_FIELDS else str
+        default = field.default if name != "api_key" else None
+        p.add_argument("--" + name.replace("_", "-"), dest=_DEST + name, type=kind, default=None,
+                       choices=_choices(name, field.annotation), metavar=None if _choices(
+                           name, field.annotation) else name.upper(),
+                       help=f"{field.description or ''} (env COCONUT_{name.upper()}; default {default})")
+    p.set_defaults(func=run)
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    """Flags given on the command line override the environment (pydantic-settings)."""
+    from pydantic import ValidationError
+
+    overrides = {name: getattr(args, _DEST + name) for name in ServerSettings.model_fields
+                 if getattr(args, _DEST + name, None) is not None}
+    try:
+        return ServerSettings(**overrides)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ValueError(f"invalid server settings: {problems}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.access_log import configure
+    from server.app import create_app
+
+    settings = settings_from_args(args)
+    configure(settings.log_level)
+    model_dir = settings.model_dir()
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"--model {model_dir}: not a directory")
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
+                            log_config=None, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=settings.drain_timeout_s)
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal that stopped it once it has shut down gracefully,
+    # which under the default SIGTERM disposition would end the process with -15. A
+    # drained shutdown is a success, so that re-raised SIGTERM is made a no-op.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    server.run()
+    if not server.started:
+        log.error("the server did not start (see the errors above)")
+        return 3
+    log.info("server stopped")
+    return 0

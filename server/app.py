@@ -1,0 +1,83 @@
+"""The FastAPI application: ``create_app(settings)`` builds one server around one engine.
+
+    app = create_app(ServerSettings(model="/ckpt", max_batch_size=32))
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+The lifespan loads the checkpoint (unless an ``Engine`` is passed in, as tests do),
+starts one ``AsyncEngine`` whose background loop owns the model (every request goes
+through it, so concurrent requests share forward passes), and on shutdown drains it:
+uvicorn first stops accepting connections and waits for the open ones (in-flight
+requests finish), then ``AsyncEngine.shutdown(drain=True)`` stops the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from fastapi import FastAPI
+
+import engine as engine_pkg
+from engine.async_engine import AsyncEngine
+from engine.llm import Engine
+from server import errors
+from server.metrics import ServerMetrics
+from server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from server.routes import openai, ops, reason
+from server.service import GenerationService
+from server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+def load_engine(settings: ServerSettings) -> Engine:
+    if settings.torch_threads is not None:
+        import torch
+        torch.set_num_threads(settings.torch_threads)
+    return Engine.from_pretrained(settings.model_dir(), device=settings.resolved_device(),
+                                  dtype=settings.resolved_dtype(), max_batch_size=settings.max_batch_size,
+                                  max_seq_len=settings.max_seq_len,
+                                  max_prefill_tokens=settings.max_prefill_tokens, seed=settings.seed)
+
+
+def create_app(settings: ServerSettings | None = None, engine: Engine | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    metrics = ServerMetrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        core = engine if engine is not None else await asyncio.to_thread(load_engine, settings)
+        async_engine = AsyncEngine(core, max_queue=settings.max_queue, on_step=metrics.on_step)
+        metrics.bind_engine(lambda: async_engine.num_waiting, lambda: async_engine.num_running)
+        await async_engine.start()
+        name = settings.served_model_name or core.model_name
+        app.state.service = GenerationService(async_engine, metrics, name, core.coconut.default_mode,
+                                              settings.retry_after_s)
+        app.state.engine = async_engine
+        log.info("serving %s (max_batch_size=%d, max_queue=%d, max_seq_len=%d)", name,
+                 core.config.max_batch_size, settings.max_queue, core.max_seq_len)
+        try:
+            yield
+        finally:
+            log.info("shutting down: draining %d waiting and %d running requests",
+                     async_engine.num_waiting, async_engine.num_running)
+            await async_engine.shutdown(drain=True, timeout=settings.drain_timeout_s)
+
+    app = FastAPI(title="coconut-serve", version=engine_pkg.__version__, lifespan=lifespan,
+                  description="Inference server for latent-reasoning (COCONUT) language models.")
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.engine = None
+    app.state.service = None
+    errors.install(app)
+    routers = (ops.router, reason.router, openai.router)
+    for router in routers:
+        app.include_router(router)
+    routes = frozenset(r.path for router in routers for r in router.routes) | {"/openapi.json", "/docs"}
+    # Added innermost first: the request context wraps everything, so even an auth or
+    # body-size refusal carries an x-request-id and is counted and logged.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(AuthMiddleware, api_key=settings.api_key.get_secret_value() if settings.api_key else None)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, routes=routes)
+    return app

@@ -1,0 +1,49 @@
+"""Operations: ``GET /health`` (liveness), ``GET /ready`` (readiness), ``GET /metrics``.
+
+- ``/health`` answers 200 while the process can serve or recover; 503 once the engine
+  loop has died (nothing but a restart helps then).
+- ``/ready`` answers 200 only when the model is loaded and the engine loop is alive and
+  accepting requests; 503 otherwise, with the reason.
+- ``/metrics`` is the Prometheus text format (see ``server.metrics``).
+
+None of them needs the API key.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.metrics import CONTENT_TYPE_LATEST
+
+router = APIRouter(tags=["operations"])
+
+
+def _engine(request: Request):
+    return getattr(request.app.state, "engine", None)
+
+
+@router.get("/health")
+async def health(request: Request):
+    engine = _engine(request)
+    if engine is not None and not engine.is_healthy:  # set only once started
+        return JSONResponse({"status": "dead", "detail": "the engine loop has stopped"}, status_code=503)
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request):
+    engine = _engine(request)
+    if engine is None:
+        return JSONResponse({"status": "loading", "detail": "the model is not loaded yet"}, status_code=503)
+    if not engine.is_healthy:
+        return JSONResponse({"status": "dead", "detail": "the engine loop has stopped"}, status_code=503)
+    if not engine.accepting:
+        return JSONResponse({"status": "draining", "detail": "shutting down"}, status_code=503)
+    return {"status": "ready", "model": request.app.state.service.model_name,
+            "waiting": engine.num_waiting, "running": engine.num_running}
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request):
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

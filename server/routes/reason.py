@@ -1,0 +1,76 @@
+"""``POST /v1/reason``: ask a question, get the answer (JSON or SSE) without the thinking.
+
+The latent thoughts stay inside the server: a stream carries only answer text (latent
+steps produce no events), and ``latent_trace`` (each thought's top tokens, when asked
+with ``return_latent_trace``) comes in the JSON reply or the stream's last event.
+Streamed deltas concatenate to exactly the non-streamed ``text``.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+
+from engine.output import RequestOutput
+from server.deps import get_service
+from server.errors import request_id_of
+from server.schemas import (ERROR_RESPONSES, LatentThought, ReasonRequest, ReasonResponse, Timings,
+                            TraceToken, Usage)
+from server.service import GenerationService
+from server.sse import event_stream
+
+router = APIRouter(tags=["reason"])
+
+_STREAM_DOC = {200: {"description": "JSON, or with `stream: true` server-sent events "
+                     "(`data: {ReasonStreamEvent}` ... `data: [DONE]`)",
+                     "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+
+
+def usage_of(out: RequestOutput) -> Usage:
+    return Usage(prompt_tokens=len(out.prompt_token_ids), latent_thoughts=out.num_thoughts,
+                 completion_tokens=len(out.token_ids))
+
+
+def timings_of(out: RequestOutput) -> Timings:
+    t = out.timings
+    return Timings(queue=t.get("queue", 0.0), prefill=t.get("prefill", 0.0), latent=t.get("latent", 0.0),
+                   decode=t.get("decode", 0.0))
+
+
+def trace_of(out: RequestOutput, asked: bool) -> list[LatentThought] | None:
+    if not asked:
+        return None
+    return [LatentThought(thought=i, tokens=[TraceToken(id=t, text=x, prob=p) for t, x, p in
+                                             zip(e["token_ids"], e["texts"], e["probs"])])
+            for i, e in enumerate(out.latent_trace or [], 1)]
+
+
+@router.post("/v1/reason", response_model=ReasonResponse, response_model_exclude_none=True,
+             responses={**ERROR_RESPONSES, **_STREAM_DOC})
+async def reason(body: ReasonRequest, request: Request,
+                 service: GenerationService = Depends(get_service)):
+    """Answer one question; `latent` sets how many continuous thoughts come first."""
+    service.check_model(body.model)
+    gen = service.params(body.question, body, id_prefix="reason")
+    if body.stream:
+        outputs = await service.open_stream(gen, request)
+        return event_stream(_events(outputs, service.model_name, body.return_latent_trace),
+                            request_id_of(request))
+    out = await service.complete(gen, request)
+    return ReasonResponse(id=out.request_id, model=service.model_name, text=out.text, answer=out.answer,
+                          finish_reason=out.finish_reason, usage=usage_of(out), timings=timings_of(out),
+                          latent_trace=trace_of(out, body.return_latent_trace))
+
+
+async def _events(outputs: AsyncIterator[RequestOutput], model: str, want_trace: bool) -> AsyncIterator[dict]:
+    async for out in outputs:
+        if out.finished:
+            final = {"id": out.request_id, "model": model, "delta": out.delta,
+                     "finish_reason": out.finish_reason, "usage": usage_of(out).model_dump(),
+                     "timings": timings_of(out).model_dump(), "answer": out.answer}
+            if want_trace:
+                final["latent_trace"] = [t.model_dump() for t in trace_of(out, True)]
+            yield final
+        elif out.delta:
+            yield {"id": out.request_id, "model": model, "delta": out.delta, "finish_reason": None}

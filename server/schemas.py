@@ -1,0 +1,137 @@
+"""Request and response bodies of ``POST /v1/reason`` (validated by pydantic).
+
+The field names are the public contract (issue 4). Ranges mirror the engine's
+``SamplingParams`` / ``LatentPolicy`` checks so that the OpenAPI schema documents them
+and a bad value answers 422 naming the field; the engine's own validation still runs
+and its ``ValueError`` also answers 422.
+
+A streamed reply (``stream: true``) is a sequence of ``ReasonStreamEvent`` (one per new
+piece of answer text; the last one carries ``finish_reason``, ``usage``, ``timings``,
+``answer`` and ``latent_trace`` when asked), then ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.params import MAX_THOUGHTS_CEILING, MAX_TRACE_TOP_K
+
+StopString = Annotated[str, Field(min_length=1)]
+StopList = Annotated[list[StopString], Field(max_length=16)]
+
+
+class LatentOptions(BaseModel):
+    """How many continuous thoughts to spend; unset fields take the checkpoint's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["fixed", "auto", "none"] | None = Field(
+        None, description="fixed: exactly `thoughts`; auto: the stop classifier decides, up to "
+        "`max_thoughts`; none: answer directly. Default: the checkpoint's mode")
+    thoughts: int | None = Field(None, ge=0, le=MAX_THOUGHTS_CEILING, description="(fixed) thought count")
+    max_thoughts: int | None = Field(None, ge=1, le=MAX_THOUGHTS_CEILING, description="(auto) the cap")
+    threshold: float | None = Field(None, ge=0.0, le=1.0, description="(auto) stop probability threshold")
+
+
+class SamplingFields(BaseModel):
+    """Sampling fields shared by /v1/reason and the OpenAI-compatible routes."""
+
+    max_tokens: int | None = Field(None, ge=1, description="most answer tokens (default 64)")
+    temperature: float | None = Field(None, ge=0.0, le=100.0, description="0 = greedy")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, description="0 = disabled")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="per-request generator seed")
+    stop: StopString | StopList | None = Field(None, description="strings that end the answer")
+    ignore_eos: bool = False
+    latent: LatentOptions | None = None
+    return_latent_trace: bool = Field(False, description="return each thought's top tokens")
+    latent_trace_top_k: int = Field(5, ge=1, le=MAX_TRACE_TOP_K,
+                                    description="tokens per thought in latent_trace")
+
+
+class ReasonRequest(SamplingFields):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"question": "Every wumpus is a yumpus. Tom is a wumpus. Is Tom a yumpus or a "
+                      "zumpus?", "max_tokens": 32, "latent": {"mode": "fixed", "thoughts": 4}}]})
+
+    question: str = Field(min_length=1, description="the question to reason about")
+    model: str | None = Field(None, description="ignored unless given: must name the served model")
+    stream: bool = Field(False, description="reply with server-sent events")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    latent_thoughts: int
+    completion_tokens: int
+
+
+class Timings(BaseModel):
+    """Seconds spent in each phase of the request."""
+
+    queue: float
+    prefill: float
+    latent: float
+    decode: float
+
+
+class TraceToken(BaseModel):
+    id: int
+    text: str
+    prob: float
+
+
+class LatentThought(BaseModel):
+    """One continuous thought projected onto the vocabulary: its top-k tokens."""
+
+    thought: int = Field(description="1-based index of the thought")
+    tokens: list[TraceToken]
+
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class ReasonResponse(BaseModel):
+    id: str
+    model: str
+    text: str = Field(description="the generated language")
+    answer: str = Field(description="the text after the answer prefix, stripped")
+    finish_reason: FinishReason | None
+    usage: Usage
+    timings: Timings
+    latent_trace: list[LatentThought] | None = None
+
+
+class ReasonStreamEvent(BaseModel):
+    id: str
+    model: str
+    delta: str = Field(description="new answer text")
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+    answer: str | None = None
+    latent_trace: list[LatentThought] | None = None
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    code: int
+    request_id: str | None = None
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+    detail: list[dict] | None = Field(None, description="field errors (422)")
+
+
+ERROR_RESPONSES = {
+    400: {"model": ErrorResponse, "description": "bad request (e.g. the question is too long)"},
+    401: {"model": ErrorResponse, "description": "missing or wrong API key"},
+    413: {"model": ErrorResponse, "description": "request body too large"},
+    422: {"model": ErrorResponse, "description": "invalid fields"},
+    500: {"model": ErrorResponse, "description": "the engine failed this request"},
+    503: {"model": ErrorResponse, "description": "overloaded (retry after Retry-After) or not ready"},
+}

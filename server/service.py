@@ -1,0 +1,220 @@
+"""The service layer: from an HTTP request's fields to ``AsyncEngine.generate`` and back.
+
+Routes stay thin: they parse their schema, call ``GenerationService.params(...)`` to get
+a ``Generation`` (question, ``SamplingParams``, ``LatentPolicy``), then either
+
+- ``await service.complete(gen, http_request)`` for the final ``RequestOutput``, or
+- ``await service.open_stream(gen, http_request)`` for an async iterator of outputs.
+
+Both validate and tokenize before anything is queued (bad input raises ``ApiError``
+422/400, a full queue 503), both race the generation against the client's disconnect
+(a client that leaves has its request aborted: its batch slot is freed at the next
+engine step), and both turn an engine failure into ``ApiError`` 500 carrying the
+engine's message. A stream waits for its first output before the HTTP response starts,
+so an error up to that point still gets a proper status code; a failure later in a
+stream is the route's to report in-band. Nothing here knows of torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from fastapi import Request as HttpRequest
+
+from engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from engine.output import RequestOutput
+from engine.params import LatentPolicy, SamplingParams
+from server.errors import ApiError, ClientDisconnected, from_engine_exception
+from server.metrics import ServerMetrics
+from server.schemas import SamplingFields
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Generation:
+    question: str
+    sampling: SamplingParams
+    latent: LatentPolicy | None
+    id_prefix: str = "gen"       # the response id is "<prefix>-<uuid hex>"
+
+
+class GenerationService:
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, model_name: str,
+                 default_latent_mode: str, retry_after_s: int = 1):
+        self.engine = engine
+        self.metrics = metrics
+        self.model_name = model_name
+        self.default_latent_mode = default_latent_mode
+        self.retry_after_s = retry_after_s
+        self.created = time.time()
+
+    # ------------------------------------------------------------ parameters
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise ApiError(404, f"model {model!r} is not served here; this server serves "
+                                f"{self.model_name!r} (see GET /v1/models)", param="model")
+
+    def params(self, question: str, fields: SamplingFields, id_prefix: str = "gen",
+               default_temperature: float = 0.0, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> Generation:
+        """Build the engine's parameter objects; their validation errors answer 422."""
+        try:
+            sampling = SamplingParams(
+                max_tokens=fields.max_tokens if fields.max_tokens is not None else default_max_tokens,
+                temperature=fields.temperature if fields.temperature is not None else default_temperature,
+                top_p=fields.top_p if fields.top_p is not None else 1.0,
+                top_k=fields.top_k if fields.top_k is not None else 0,
+                seed=fields.seed, stop=fields.stop or (), ignore_eos=fields.ignore_eos)
+            latent = None
+            options = fields.latent
+            top_k = fields.latent_trace_top_k if fields.return_latent_trace else 0
+            if options is not None or top_k:
+                mode = (options.mode if options and options.mode else None) or self.default_latent_mode
+                latent = LatentPolicy(mode=mode, thoughts=options.thoughts if options else None,
+                                      max_thoughts=options.max_thoughts if options else None,
+                                      threshold=options.threshold if options else None,
+                                      trace_top_k=top_k if mode != "none" else 0)
+        except ValueError as e:
+            raise ApiError(422, str(e)) from None
+        return Generation(question, sampling, latent, id_prefix)
+
+    # ------------------------------------------------------------ running
+
+    def _enter(self, gen: Generation, http: HttpRequest):
+        """Validate, tokenize and length-check: the engine ``Request`` (or ApiError)."""
+        if not self.engine.accepting:
+            raise ApiError(503, "the engine is not accepting requests (starting, shutting down or "
+                                "failed; see GET /ready)", "unavailable_error",
+                           headers={"Retry-After": str(self.retry_after_s)})
+        try:
+            request = self.engine.make_request(gen.question, gen.sampling, gen.latent,
+                                               request_id=f"{gen.id_prefix}-{uuid.uuid4().hex}")
+        except Exception as e:
+            raise self._translate(e) from None
+        _annotate(http, engine_request_id=request.request_id,
+                  prompt_tokens=request.num_prompt_tokens)
+        return request
+
+    def _translate(self, exc: BaseException) -> ApiError:
+        known = from_engine_exception(exc, self.retry_after_s)
+        return known if known is not None else self._failure(exc)
+
+    @staticmethod
+    def _failure(exc: BaseException) -> ApiError:
+        log.error("request failed in the engine: %s: %s", type(exc).__name__, exc)
+        return ApiError(500, f"the engine failed this request: {type(exc).__name__}: {exc}", "engine_error")
+
+    async def _outputs(self, request, http: HttpRequest) -> AsyncIterator[RequestOutput]:
+        """The engine's outputs for one request, observed for metrics and the access log.
+        A full queue or a stopping engine raises ApiError 503 (nothing was queued); an
+        engine failure (finish_reason 'error', or the loop died) raises ApiError 500."""
+        observer = self.metrics.observer()
+        reason: str | None = None       # overrides the last output's finish_reason
+        try:
+            async with contextlib.aclosing(self.engine.generate(request)) as outputs:
+                async for out in outputs:
+                    observer.on_output(out)
+                    if out.finish_reason == "error":
+                        reason = "error"
+                        raise ApiError(500, f"the engine failed this request: {out.error}", "engine_error")
+                    yield out
+        except ApiError:
+            raise
+        except (EngineOverloadedError, EngineDeadError) as e:
+            if isinstance(e, EngineOverloadedError) or self.engine.is_healthy:
+                reason = "rejected"  # refused at submission: full, or shutting down
+                raise from_engine_exception(e, self.retry_after_s) from None
+            reason = "error"         # accepted, then the engine loop died
+            raise self._failure(e) from None
+        except (asyncio.CancelledError, GeneratorExit):
+            reason = "abort"
+            raise
+        except Exception as e:
+            reason = "error"
+            raise self._failure(e) from None
+        finally:
+            last = observer.last
+            if reason is None and (last is None or not last.finished):
+                reason = "abort"     # left before the end (closed early)
+            if reason == "rejected":
+                self.metrics.finished.labels("rejected").inc()
+            else:
+                observer.finish(reason)
+            _annotate(http, finish_reason=reason or last.finish_reason,
+                      latent_thoughts=last.num_thoughts if last else 0,
+                      completion_tokens=len(last.token_ids) if last else 0)
+
+    async def complete(self, gen: Generation, http: HttpRequest) -> RequestOutput:
+        """The final output; raises ClientDisconnected if the client leaves first."""
+        request = self._enter(gen, http)
+
+        async def collect() -> RequestOutput:
+            last = None
+            async with contextlib.aclosing(self._outputs(request, http)) as outputs:
+                async for out in outputs:
+                    last = out
+            assert last is not None and last.finished
+            return last
+
+        return await _race_disconnect(collect(), http)
+
+    async def open_stream(self, gen: Generation, http: HttpRequest) -> AsyncIterator[RequestOutput]:
+        """An iterator of outputs whose first item is already there (so errors before it
+        still answer with a status code). Closing it aborts the request."""
+        request = self._enter(gen, http)
+        outputs = self._outputs(request, http)
+        try:
+            first = await _race_disconnect(outputs.__anext__(), http)
+        except BaseException:
+            await outputs.aclose()
+            raise
+
+        async def rest() -> AsyncIterator[RequestOutput]:
+            async with contextlib.aclosing(outputs):
+                yield first
+                if not first.finished:
+                    async for out in outputs:
+                        yield out
+
+        return rest()
+
+
+async def _wait_disconnect(http: HttpRequest) -> None:
+    # The body is read already, so the next ASGI message is the disconnect.
+    while True:
+        message = await http.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _race_disconnect(work, http: HttpRequest):
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(http))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        watcher.cancel()
+        with contextlib.suppress(BaseException):
+            await watcher
+    if task.cancelled() or not task.done():
+        _annotate(http, finish_reason="abort")
+        raise ClientDisconnected("the client disconnected; the request was aborted")
+    return task.result()
+
+
+def _annotate(http: HttpRequest, **fields) -> None:
+    """Facts about the generation for this request's access-log line."""
+    http.scope.setdefault("state", {}).setdefault("log", {}).update(fields)

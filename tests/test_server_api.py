@@ -1,0 +1,328 @@
+"""The real server (``engine serve`` under uvicorn, a subprocess on 127.0.0.1) with a tiny
+random GPT-2: /v1/reason as JSON and SSE, the OpenAI-compatible routes through the
+official ``openai`` package, operations routes, 32 concurrent requests, and the input /
+disconnect robustness cases. The oracle is ``Engine.generate`` run in this process on
+the same checkpoint (and, for batching, the same requests served one at a time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import httpx
+import pytest
+
+from tests.live_server import LiveServer
+from tests.test_server_harness import read_metrics, sse_payloads, wait_for
+
+MAX_BODY = 65536
+QUESTION = "Every wumpus is a yumpus. Tom is a wumpus. Is Tom a yumpus or a zumpus?"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint("gpt2", max_positions=2048)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    with LiveServer(checkpoint, "--max-batch-size", "32", "--max-body-bytes", str(MAX_BODY), "--torch-threads", "1",
+                    "--device", "cpu", "--dtype", "float32") as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def oracle(checkpoint):
+    from engine.llm import Engine
+    return Engine.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        yield client
+
+
+def offline(oracle, question=QUESTION, **kw):
+    from engine.params import LatentPolicy, SamplingParams
+    latent = kw.pop("latent", None)
+    trace = kw.pop("trace_top_k", 0)
+    policy = LatentPolicy(**(latent or {}), trace_top_k=trace) if latent or trace else None
+    return oracle.generate([question], SamplingParams(**kw), policy)[0]
+
+
+def reason(http, **body):
+    r = http.post("/v1/reason", json={"question": QUESTION, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+# ---------------------------------------------------------------- /v1/reason
+
+
+@pytest.mark.parametrize("latent", [None, {"mode": "fixed", "thoughts": 2}, {"mode": "fixed", "thoughts": 0},
+                                    {"mode": "none"}])
+def test_reason_json_equals_the_engine(http, oracle, checkpoint, latent):
+    body = {"max_tokens": 12} | ({"latent": latent} if latent else {})
+    got = reason(http, **body)
+    want = offline(oracle, max_tokens=12, latent=latent)
+    assert got["text"] == want.text and got["answer"] == want.answer
+    assert got["finish_reason"] == want.finish_reason
+    assert got["usage"] == {"prompt_tokens": len(want.prompt_token_ids), "latent_thoughts": want.num_thoughts,
+                            "completion_tokens": len(want.token_ids)}
+    assert set(got["timings"]) == {"queue", "prefill", "latent", "decode"}
+    assert all(v >= 0 for v in got["timings"].values())
+    assert got["id"].startswith("reason-") and got["model"] == checkpoint.name
+    assert "latent_trace" not in got
+
+
+def test_reason_latent_trace_is_one_entry_per_thought(http, oracle):
+    got = reason(http, max_tokens=4, latent={"mode": "fixed", "thoughts": 3}, return_latent_trace=True,
+                 latent_trace_top_k=4)
+    want = offline(oracle, max_tokens=4, latent={"mode": "fixed", "thoughts": 3}, trace_top_k=4)
+    trace = got["latent_trace"]
+    assert got["usage"]["latent_thoughts"] == 3 and len(trace) == 3
+    for i, (entry, expected) in enumerate(zip(trace, want.latent_trace), 1):
+        assert entry["thought"] == i
+        assert [t["id"] for t in entry["tokens"]] == expected["token_ids"]
+        assert [t["text"] for t in entry["tokens"]] == expected["texts"]
+        probs = [t["prob"] for t in entry["tokens"]]
+        assert probs == pytest.approx(expected["probs"], abs=1e-5) and probs == sorted(probs, reverse=True)
+    assert reason(http, max_tokens=2, latent={"mode": "none"}, return_latent_trace=True)["latent_trace"] == []
+
+
+def _stream(http, path="/v1/reason", **body) -> list:
+    with http.stream("POST", path, json=body) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-request-id"]
+        return sse_payloads(r.read().decode())
+
+
+@pytest.mark.parametrize("extra", [{}, {"return_latent_trace": True}, {"stop_from_text": True}])
+def test_reason_stream_concatenates_to_the_json_text(http, oracle, extra):
+    body = {"question": QUESTION, "max_tokens": 16, "ignore_eos": True}
+    extra = dict(extra)
+    if extra.pop("stop_from_text", False):  # a stop string inside the answer: held back, then cut
+        full = reason(http, **{k: v for k, v in body.items() if k != "question"})["text"]
+        body["stop"] = [full[5:8], "never-there"]
+    body |= extra
+    json_reply = reason(http, **{k: v for k, v in body.items() if k != "question"})
+    events = _stream(http, stream=True, **body)
+    assert events[-1] == "[DONE]"
+    events = events[:-1]
+    assert all(e["delta"] for e in events[:-1]), "only the last event may have an empty delta"
+    assert all(e["finish_reason"] is None and "usage" not in e for e in events[:-1])
+    last = events[-1]
+    assert "".join(e["delta"] for e in events) == json_reply["text"]
+    assert last["finish_reason"] == json_reply["finish_reason"] and last["usage"] == json_reply["usage"]
+    assert last["answer"] == json_reply["answer"]
+    assert set(last["timings"]) == {"queue", "prefill", "latent", "decode"}
+    assert (last.get("latent_trace") == json_reply.get("latent_trace"))
+    if "stop" in body:
+        assert json_reply["finish_reason"] == "stop"
+        assert json_reply["text"] == offline(oracle, max_tokens=16, ignore_eos=True, stop=tuple(body["stop"])).text
+
+
+def test_seeded_sampling_equals_the_engine(http, oracle):
+    got = reason(http, max_tokens=12, temperature=1.0, seed=7)
+    assert got["text"] == offline(oracle, max_tokens=12, temperature=1.0, seed=7).text
+
+
+# ---------------------------------------------------------------- OpenAI-compatible
+
+
+@pytest.fixture(scope="module")
+def openai_client(server):
+    openai = pytest.importorskip("openai")
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="not-needed", max_retries=0) as client:
+        yield client
+
+
+def test_openai_models(openai_client, checkpoint):
+    models = openai_client.models.list().data
+    assert [m.id for m in models] == [checkpoint.name]
+
+
+def test_openai_completions_equal_reason(openai_client, http, checkpoint):
+    want = reason(http, max_tokens=10, temperature=0.0, latent={"thoughts": 2})
+    kw = dict(model=checkpoint.name, prompt=QUESTION, max_tokens=10, temperature=0.0,
+              extra_body={"latent": {"thoughts": 2}})
+    got = openai_client.completions.create(**kw)
+    assert got.choices[0].text == want["text"] and got.choices[0].finish_reason == want["finish_reason"]
+    assert got.usage.completion_tokens == want["usage"]["completion_tokens"]
+    streamed = "".join(c.choices[0].text for c in openai_client.completions.create(stream=True, **kw) if c.choices)
+    assert streamed == want["text"]
+    # Default temperature follows OpenAI (1.0), seeded so both sides draw the same tokens.
+    sampled = openai_client.completions.create(model=checkpoint.name, prompt=QUESTION, max_tokens=10, seed=3)
+    assert sampled.choices[0].text == reason(http, max_tokens=10, temperature=1.0, seed=3)["text"]
+
+
+def test_openai_chat_equals_reason(openai_client, http, checkpoint):
+    want = reason(http, max_tokens=10)
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "ignored"},
+                {"role": "assistant", "content": "ok"}, {"role": "user", "content": QUESTION}]
+    got = openai_client.chat.completions.create(model=checkpoint.name, messages=messages, max_tokens=10,
+                                                temperature=0)
+    assert got.choices[0].message.content == want["text"] and got.choices[0].message.role == "assistant"
+    chunks = list(openai_client.chat.completions.create(
+        model=checkpoint.name, messages=messages, max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want["text"]
+    assert chunks[-1].usage.completion_tokens == want["usage"]["completion_tokens"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want["finish_reason"]
+
+
+def test_openai_errors_are_typed(openai_client, checkpoint):
+    import openai
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        openai_client.completions.create(model="no-such-model", prompt=QUESTION)
+    with pytest.raises(openai.UnprocessableEntityError, match="n"):
+        openai_client.completions.create(model=checkpoint.name, prompt=QUESTION, n=2)
+    with pytest.raises(openai.UnprocessableEntityError, match="user message"):
+        openai_client.chat.completions.create(model=checkpoint.name, messages=[{"role": "system", "content": "x"}])
+
+
+# ---------------------------------------------------------------- operations
+
+
+def test_health_ready_metrics_and_request_ids(http):
+    assert http.get("/health").json() == {"status": "ok"}
+    ready = http.get("/ready")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    r = http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    for name in ("coconut_http_requests_total", "coconut_num_requests_waiting", "coconut_num_requests_running",
+                 "coconut_batch_size_bucket", "coconut_time_to_first_token_seconds_bucket",
+                 "coconut_inter_token_latency_seconds_bucket", "coconut_e2e_request_latency_seconds_bucket",
+                 "coconut_request_queue_time_seconds_bucket", "coconut_prompt_tokens_total",
+                 "coconut_latent_thoughts_total", "coconut_generation_tokens_total",
+                 "coconut_thoughts_per_request_bucket", "coconut_stop_classifier_early_exits_total"):
+        assert name in r.text, name
+    assert 'route="/v1/reason"' in r.text and 'status="200"' in r.text
+    assert http.get("/health", headers={"x-request-id": "trace-42.a"}).headers["x-request-id"] == "trace-42.a"
+    generated = http.get("/health", headers={"x-request-id": "bad id\twith spaces"}).headers["x-request-id"]
+    assert generated != "bad id\twith spaces" and len(generated) == 32
+    err = http.post("/v1/reason", json={}, headers={"x-request-id": "err-1"})
+    assert err.status_code == 422 and err.headers["x-request-id"] == "err-1"
+    assert err.json()["error"]["request_id"] == "err-1"
+
+
+def test_32_concurrent_requests_answer_as_if_alone_and_share_forwards(server, http):
+    from engine.tiny import sample_corpus
+    questions = [line.split("\n")[0] for line in sample_corpus(32, seed=11)]
+    body = {"max_tokens": 16, "ignore_eos": True, "latent": {"thoughts": 3}}
+    alone = [reason(http, **body, question=q)["text"] for q in questions]
+    before = read_metrics(server.url)
+
+    async def all_at_once():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120,
+                                     limits=httpx.Limits(max_connections=64)) as client:
+            replies = await asyncio.gather(*(client.post("/v1/reason", json={**body, "question": q})
+                                             for q in questions))
+        return [r.json() for r in replies]
+
+    together = asyncio.run(all_at_once())
+    after = read_metrics(server.url)
+    assert [r["text"] for r in together] == alone
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    positions = sum(r["usage"]["latent_thoughts"] + r["usage"]["completion_tokens"] for r in together)
+    assert delta["coconut_engine_steps_total"] < positions / 4, (delta["coconut_engine_steps_total"], positions)
+    batched_steps = delta["coconut_batch_size_count"] - delta['coconut_batch_size_bucket{le="1.0"}']
+    assert batched_steps > 0 and delta["coconut_batch_size_sum"] / delta["coconut_batch_size_count"] > 4
+    assert after["coconut_num_requests_running"] == 0 and after["coconut_num_requests_waiting"] == 0
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("body, field", [
+    ({}, "question"),
+    ({"question": ""}, "question"),
+    ({"question": QUESTION, "temperature": -1}, "temperature"),
+    ({"question": QUESTION, "top_p": 0}, "top_p"),
+    ({"question": QUESTION, "max_tokens": 0}, "max_tokens"),
+    ({"question": QUESTION, "max_tokens": "many"}, "max_tokens"),
+    ({"question": QUESTION, "latent": {"mode": "sideways"}}, "latent.mode"),
+    ({"question": QUESTION, "latent": {"thoughts": -2}}, "latent.thoughts"),
+    ({"question": QUESTION, "stop": ["x"] * 17}, "stop"),
+    ({"question": QUESTION, "temprature": 0.5}, "temprature"),
+    ({"question": QUESTION, "latent_trace_top_k": 99}, "latent_trace_top_k"),
+])
+def test_invalid_fields_answer_422_naming_the_field(http, body, field):
+    r = http.post("/v1/reason", json=body)
+    assert r.status_code == 422, r.text
+    error = r.json()
+    assert error["error"]["param"] == field and field in error["error"]["message"]
+    assert any(".".join(map(str, d["loc"][1:])) == field for d in error["detail"])
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"question": "   "}, "non-empty"),                                        # the engine's check
+    ({"question": QUESTION, "latent": {"mode": "none", "thoughts": 3}}, "only meaningful"),
+    ({"question": QUESTION, "latent": {"mode": "auto"}}, "stop classifier"),   # none in this checkpoint
+])
+def test_engine_validation_errors_answer_422_with_the_message(http, body, words):
+    r = http.post("/v1/reason", json=body)
+    assert r.status_code == 422 and words in r.json()["error"]["message"], r.text
+
+
+def test_malformed_json_answers_400(http):
+    r = http.post("/v1/reason", content=b'{"question": "Is', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
+    r = http.post("/v1/reason", content=b'["not", "an", "object"]', headers={"content-type": "application/json"})
+    assert r.status_code == 422
+
+
+def test_too_long_answers_400_with_the_limit(http):
+    r = http.post("/v1/reason", json={"question": "Tom is a wumpus. " * 700})
+    assert r.status_code == 400 and "2048" in r.json()["error"]["message"], r.text
+    r = http.post("/v1/reason", json={"question": QUESTION, "max_tokens": 5000})
+    assert r.status_code == 400 and "limit is 2048" in r.json()["error"]["message"]
+
+
+def test_body_size_is_capped(http):
+    big = json.dumps({"question": "x" * (MAX_BODY + 10)}).encode()
+    r = http.post("/v1/reason", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and str(MAX_BODY) in r.json()["error"]["message"]
+    chunks = (big[i:i + 4096] for i in range(0, len(big), 4096))  # no Content-Length: chunked
+    r = http.post("/v1/reason", content=chunks, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert http.get("/ready").status_code == 200
+
+
+# ---------------------------------------------------------------- disconnects
+
+LONG = {"question": QUESTION, "max_tokens": 2000, "ignore_eos": True}
+
+
+def _finished(url, reason):
+    return read_metrics(url).get(f'coconut_requests_finished_total{{reason="{reason}"}}', 0)
+
+
+def test_streaming_client_disconnect_aborts_the_request(server, http):
+    aborted, completed = _finished(server.url, "abort"), _finished(server.url, "length")
+    with http.stream("POST", "/v1/reason", json={**LONG, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # one token arrived: the request is running; now hang up
+    wait_for(lambda: _finished(server.url, "abort") == aborted + 1, what="the abort")
+    metrics = read_metrics(server.url)
+    assert metrics["coconut_num_requests_running"] == 0 and metrics["coconut_num_requests_waiting"] == 0
+    assert _finished(server.url, "length") == completed, "the generation ran to the end instead"
+
+
+def test_non_streaming_client_disconnect_aborts_the_request(server):
+    aborted, completed = _finished(server.url, "abort"), _finished(server.url, "length")
+    payload = json.dumps(LONG).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"POST /v1/reason HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    wait_for(lambda: read_metrics(server.url)["coconut_num_requests_running"] == 1, what="the request to run")
+    sock.close()
+    wait_for(lambda: read_metrics(server.url)["coconut_num_requests_running"] == 0, what="the slot to free")
+    wait_for(lambda: _finished(server.url, "abort") == aborted + 1, what="the abort")
+    assert _finished(server.url, "length") == completed
+    assert 'status="499"' in httpx.get(server.url + "/metrics").text
