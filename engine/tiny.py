@@ -93,14 +93,15 @@ def make_checkpoint(directory: str | Path, arch: str = "gpt2", *, hidden: int = 
                     bos: bool | None = None, vocab_size: int = 512, num_thoughts: int = 4,
                     method: str = "coconut", stop_classifier: torch.nn.Module | None = None,
                     stop_spec: StopClassifierSpec | None = None, tokenizer=None,
-                    dtype: torch.dtype = torch.float32) -> Path:
-    """Write a random checkpoint of ``arch``; returns its directory."""
+                    dtype: torch.dtype = torch.float32, model_vocab_size: int | None = None) -> Path:
+    """Write a random checkpoint of ``arch``; returns its directory. ``model_vocab_size``
+    widens the embedding and LM head beyond the tokenizer (e.g. 50257 to cost like GPT-2)."""
     from transformers import AutoModelForCausalLM
 
     if tokenizer is None:
         tokenizer = train_tokenizer(sample_corpus(), vocab_size=vocab_size,
                                     bos=(arch == "llama") if bos is None else bos)
-    config = model_config(arch, len(tokenizer), hidden=hidden, layers=layers, heads=heads,
+    config = model_config(arch, max(len(tokenizer), model_vocab_size or 0), hidden=hidden, layers=layers, heads=heads,
                           max_positions=max_positions, init_std=init_std,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                           bos_token_id=tokenizer.bos_token_id)
