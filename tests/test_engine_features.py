@@ -197,3 +197,13 @@ def test_auto_policy_stops_where_hand_set_head_says(tiny_checkpoint):
     assert capped.num_thoughts == cap
     [short] = engine.generate([question], SamplingParams(max_tokens=4), LatentPolicy(mode="auto", max_thoughts=2))
     assert short.num_thoughts == 2
+
+
+def test_bfloat16_runs_and_tracks_the_bf16_reference(gpt2_checkpoint):
+    """bf16 sums in a different order when batched, so exact equality is not expected;
+    the answers must still start like the batch-1 bf16 reference's."""
+    engine = Engine.from_pretrained(gpt2_checkpoint, dtype="bfloat16")
+    assert engine.checkpoint.model.dtype == torch.bfloat16
+    results = engine.generate(QUESTIONS[:8], SamplingParams(max_tokens=6), LatentPolicy(mode="fixed", thoughts=3))
+    agree = sum(r.token_ids[:3] == reference(engine, q, 3, 6).token_ids[:3] for q, r in zip(QUESTIONS, results))
+    assert agree >= 6
