@@ -120,3 +120,18 @@ def test_bad_batches_are_named():
         coconut_loss(model, batch, LATENT)
     with pytest.raises(ValueError, match="missing 'labels'"):
         coconut_loss(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, LATENT)
+
+
+def test_extra_passes_change_nothing():
+    """FSDP pads every rank to the same number of passes; the loss and gradients must not move."""
+    model = tiny_model("gpt2")
+    from engine.train.loss import coconut_hidden_states, lm_loss_from_hidden
+
+    for rows in (MIXED_ROWS, [(10, 0, 0), (12, 0, 0)]):
+        batch = make_batch(rows, width=16)
+        plain = coconut_loss(model, batch, LATENT)
+        out = coconut_hidden_states(model, batch, LATENT, min_passes=6)
+        padded = lm_loss_from_hidden(model, out.hidden, out.labels)
+        assert torch.allclose(plain, padded, rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads(plain, model), grads(padded, model)):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

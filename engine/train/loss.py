@@ -89,8 +89,12 @@ def _predictable(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return labels.masked_fill(~(previous_real & mask), -100)
 
 
-def coconut_hidden_states(model: torch.nn.Module, batch: dict, latent_token_id: int | None) -> LatentForward:
-    """One forward with thoughts fed back (see the module docstring)."""
+def coconut_hidden_states(model: torch.nn.Module, batch: dict, latent_token_id: int | None,
+                          min_passes: int = 0) -> LatentForward:
+    """One forward with thoughts fed back (see the module docstring). ``min_passes``
+    forces at least that many passes (extra ones each run one ordinary column, which
+    changes nothing numerically): sharded data parallelism (FSDP) needs every rank to
+    run the same number of forwards."""
     ids, mask, labels = _check_batch(batch)
     adapter = _adapter(model)
     positions = batch.get("position_ids")
@@ -98,7 +102,7 @@ def coconut_hidden_states(model: torch.nn.Module, batch: dict, latent_token_id: 
     is_latent = (ids == latent_token_id) & mask if latent_token_id is not None else torch.zeros_like(mask)
     counts = is_latent.sum(dim=1)                                              # [B]
     n = int(counts.max()) if B else 0
-    if n == 0:
+    if n == 0 and min_passes <= 1:
         if positions is None:
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = _decoder_pass(adapter, adapter.embed(ids), mask, positions, None)
@@ -120,9 +124,10 @@ def coconut_hidden_states(model: torch.nn.Module, batch: dict, latent_token_id: 
                          f"needs at least one position before it")
 
     # Align every row's first placeholder at column F (rows without thoughts stay put).
-    F_col = int(first[has].max())
+    F_col = int(first[has].max()) if n else 1
+    n = max(n, min_passes - 1)
     shift = torch.where(has, F_col - first, torch.zeros_like(first))           # [B]
-    width = T + int(shift.max())
+    width = max(T + int(shift.max()), F_col + n)                                # room for every pass
     src = torch.arange(width, device=ids.device)[None] - shift[:, None]        # [B, T']
     inside = (src >= 0) & (src < T)
     src = src.clamp(0, T - 1)
