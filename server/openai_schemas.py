@@ -11,7 +11,7 @@ completions.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -36,7 +36,8 @@ class _OpenAIBase(SamplingFields):
 
 
 class CompletionRequest(_OpenAIBase):
-    prompt: str | list[str] = Field(description="the question (one string, or a list of exactly one)")
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(
+        min_length=1, max_length=1)] = Field(description="the question (one string, or a list of exactly one)")
     echo: Literal[False] = False
     best_of: int | None = Field(None, ge=1, le=1)
     suffix: None = None

@@ -131,6 +131,14 @@ def test_seeded_sampling_equals_the_engine(http, oracle):
     assert got["text"] == offline(oracle, max_tokens=12, temperature=1.0, seed=7).text
 
 
+def test_extreme_temperature_and_top_p_stay_numerically_safe(http):
+    """Found by schemathesis: top_p=5e-324 rounds to 0 in float32 and masked every token
+    (a 500). Below 1e-5 a temperature is greedy; a top_p below 1/vocab keeps the top token."""
+    greedy = reason(http, max_tokens=8)["text"]
+    assert reason(http, max_tokens=8, temperature=1e-40)["text"] == greedy
+    assert reason(http, max_tokens=8, temperature=1.0, top_p=5e-324, seed=1)["text"] == greedy
+
+
 # ---------------------------------------------------------------- OpenAI-compatible
 
 
