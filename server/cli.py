@@ -65,10 +65,10 @@ def run(args: argparse.Namespace) -> int:
     from server.app import create_app
 
     settings = settings_from_args(args)
-    configure(settings.log_level)
     model_dir = settings.model_dir()
     if not model_dir.is_dir():
         raise FileNotFoundError(f"--model {model_dir}: not a directory")
+    configure(settings.log_level)
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
                             log_config=None, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=settings.drain_timeout_s)

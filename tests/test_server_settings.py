@@ -1,0 +1,83 @@
+"""``engine serve`` settings: every flag is also an environment variable (``COCONUT_*``),
+flags win over the environment, bad values are refused with the field named, and the
+model defaults to the bundled one. No server is started here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.cli import build_parser
+from server.cli import settings_from_args
+from server.settings import ServerSettings
+
+
+def parse(*argv: str) -> ServerSettings:
+    return settings_from_args(build_parser().parse_args(["serve", *argv]))
+
+
+def test_every_field_is_a_flag_and_an_env_var(monkeypatch):
+    monkeypatch.setenv("COCONUT_PORT", "9123")
+    monkeypatch.setenv("COCONUT_API_KEY", "from-env")
+    monkeypatch.setenv("COCONUT_MAX_QUEUE", "7")
+    monkeypatch.setenv("COCONUT_MODEL", "/models/a")
+    s = parse()
+    assert (s.port, s.api_key.get_secret_value(), s.max_queue, s.model) == (9123, "from-env", 7, Path("/models/a"))
+    s = parse("--port", "9200", "--max-queue", "9", "--api-key", "from-flag", "--max-batch-size", "4",
+              "--log-level", "debug")
+    assert (s.port, s.max_queue, s.api_key.get_secret_value(), s.max_batch_size, s.log_level) == \
+        (9200, 9, "from-flag", 4, "debug")
+    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+    for name in ServerSettings.model_fields:
+        assert "--" + name.replace("_", "-") in help_text and f"COCONUT_{name.upper()}" in help_text
+
+
+def test_the_serve_log_level_does_not_clobber_the_global_one():
+    args = build_parser().parse_args(["--log-level", "ERROR", "serve", "--log-level", "debug"])
+    assert args.log_level == "ERROR" and settings_from_args(args).log_level == "debug"
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--port", "70000"], "port"),
+    (["--max-batch-size", "0"], "max_batch_size"),
+    (["--max-body-bytes", "10"], "max_body_bytes"),
+    (["--log-level", "loud"], None),  # argparse choices: exits with usage
+])
+def test_bad_settings_name_the_field(argv, field):
+    if field is None:
+        with pytest.raises(SystemExit):
+            parse(*argv)
+        return
+    with pytest.raises(ValueError, match=field):
+        parse(*argv)
+
+
+def test_an_empty_api_key_means_no_key(monkeypatch):
+    monkeypatch.setenv("COCONUT_API_KEY", "")
+    assert parse().api_key is None
+
+
+def test_model_defaults_to_the_bundled_one(monkeypatch):
+    monkeypatch.delenv("COCONUT_MODEL", raising=False)
+    from engine.models import REPO_MODELS_DIR, DEFAULT_MODEL_NAME
+    s = parse()
+    assert s.model is None
+    if (REPO_MODELS_DIR / DEFAULT_MODEL_NAME).is_dir():
+        assert s.model_dir() == REPO_MODELS_DIR / DEFAULT_MODEL_NAME
+    else:
+        with pytest.raises(FileNotFoundError, match="--model"):
+            s.model_dir()
+
+
+def test_serve_refuses_a_missing_model_dir_with_a_clear_error(tmp_path, capsys):
+    from engine.cli import main
+    assert main(["serve", "--model", str(tmp_path / "nope")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_auto_device_and_dtype():
+    s = ServerSettings(device="cpu")
+    assert (s.resolved_device(), s.resolved_dtype()) == ("cpu", "float32")
+    assert ServerSettings(device="cpu", dtype="bfloat16").resolved_dtype() == "bfloat16"
