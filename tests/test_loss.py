@@ -13,6 +13,16 @@ LATENT = 97
 VOCAB = 100
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: one thread avoids OpenMP waits on a busy 2-core machine (and the
+    trainer's num_threads setting does not leak into other tests)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_model(arch: str, seed: int = 0):
     from transformers import AutoModelForCausalLM
 

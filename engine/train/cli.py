@@ -1,9 +1,117 @@
-"""``engine train`` / ``engine eval`` / ``engine convert-reference`` (work in progress)."""
+"""``engine train``, ``engine eval`` and ``engine convert-reference``.
+
+- ``engine train CONFIG.yaml [--set key=value ...]``: the COCONUT curriculum (see
+  ``engine.train.trainer``); runs under ``torchrun`` for DDP/FSDP.
+- ``engine eval --model DIR --data FILE [--thoughts N | --latent auto|fixed|none] [--json]``:
+  exact-match accuracy (the reference's comparison), mean generated tokens and thoughts,
+  time. ``--data`` may be a file or a generator spec.
+- ``engine convert-reference CKPT --base MODEL_DIR --out DIR``: a reference checkpoint to
+  our format.
+"""
+
+from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    for name in ("train", "eval", "convert-reference"):
-        p = sub.add_parser(name, help="(not implemented yet)")
-        p.set_defaults(func=lambda args, n=name: (_ for _ in ()).throw(SystemExit(f"engine {n}: not implemented yet")))
+    p = sub.add_parser("train", help="train a COCONUT model (curriculum, checkpoints, metrics)",
+                       description="Train with the COCONUT curriculum. CONFIG is a YAML file with the reference's "
+                                   "keys (e.g. configs/reference/prosqa_coconut.yaml) plus ours.")
+    p.add_argument("config", nargs="?", default=None, help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable; nested: model.n_layer=4)")
+    p.set_defaults(func=run_train)
+
+    p = sub.add_parser("eval", help="exact-match accuracy of a checkpoint on a data file",
+                       description="Answer every question of --data with the engine and compare with its answer.")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--data", required=True, help="data file (JSON/JSONL records) or generator spec")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--thoughts", type=int, default=None, help="fixed number of thoughts")
+    group.add_argument("--latent", choices=["fixed", "auto", "none"], default=None,
+                       help="latent policy (default: the checkpoint's)")
+    p.add_argument("--max-tokens", type=int, default=128, help="answer tokens (default 128, as the reference)")
+    p.add_argument("--batch-size", type=int, default=64, help="engine batch size (default 64)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--seed", type=int, default=0, help="seed for a generator spec (default 0)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_eval)
+
+    p = sub.add_parser("convert-reference", help="convert a reference (facebookresearch/coconut) checkpoint",
+                       description="Convert a torch state dict saved by the reference implementation (keys "
+                                   "base_causallm.*) into a servable checkpoint directory.")
+    p.add_argument("checkpoint", help="the reference's checkpoint file (checkpoint_N)")
+    p.add_argument("--base", required=True, help="the base model directory it was trained from")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--num-thoughts", type=int, default=6, help="default thoughts (ProsQA: 6)")
+    p.add_argument("--c-thought", type=int, default=1)
+    p.add_argument("--max-latent-stage", type=int, default=6)
+    p.set_defaults(func=run_convert)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from engine.train.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if config.only_eval:
+        return _only_eval(config)
+    from engine.train.trainer import Trainer
+
+    summary = Trainer(config).run()
+    if summary is not None:
+        print(json.dumps(summary))
+    return 0
+
+
+def _only_eval(config) -> int:
+    config.require("load_model_path", "val_path")
+    args = argparse.Namespace(model=config.load_model_path, data=config.val_path, thoughts=None, latent=None,
+                              max_tokens=config.val_max_tokens, batch_size=config.val_batch_size, limit=None,
+                              seed=config.seed, device="cpu" if config.device == "auto" else config.device,
+                              dtype="float32", json=False)
+    return run_eval(args)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from engine.data.source import resolve_source
+    from engine.llm import Engine
+    from engine.params import LatentPolicy
+    from engine.train.evaluate import evaluate
+
+    if args.thoughts is not None and args.thoughts < 0:
+        raise ValueError(f"--thoughts={args.thoughts} is invalid: expected >= 0")
+    records = resolve_source(args.data, 0, args.seed)
+    if args.limit:
+        records = records[:args.limit]
+    latent = None
+    if args.thoughts is not None:
+        latent = LatentPolicy(mode="fixed", thoughts=args.thoughts)
+    elif args.latent is not None:
+        latent = LatentPolicy(mode=args.latent)
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                    max_batch_size=args.batch_size)
+    report = evaluate(engine, records, latent, max_tokens=args.max_tokens, progress=not args.json)
+    if args.json:
+        print(json.dumps({"model": str(args.model), "data": str(args.data), **report.to_dict()}))
+    else:
+        print(f"{args.model} on {args.data} ({report.n} questions, latent {report.latent}):")
+        print(f"  accuracy        {report.accuracy:.4f} ({report.correct}/{report.n})")
+        print(f"  mean tokens     {report.mean_tokens:.1f}")
+        print(f"  mean thoughts   {report.mean_thoughts:.2f}")
+        print(f"  time            {report.seconds:.1f} s")
+    sys.stdout.flush()
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from engine.train.convert import convert_reference
+
+    out = convert_reference(args.checkpoint, args.base, args.out, num_thoughts=args.num_thoughts,
+                            c_thought=args.c_thought, max_latent_stage=args.max_latent_stage)
+    print(f"wrote {out}")
+    return 0
