@@ -334,3 +334,23 @@ def test_non_streaming_client_disconnect_aborts_the_request(server):
     wait_for(lambda: _finished(server.url, "abort") == aborted + 1, what="the abort")
     assert _finished(server.url, "length") == completed
     assert 'status="499"' in httpx.get(server.url + "/metrics").text
+
+
+# ---------------------------------------------------------------- benchmark script
+
+
+def test_bench_serve_drives_the_server_and_the_engine(server, checkpoint, capsys):
+    """`engine bench serve` end to end on a tiny run: every request completes on both
+    sides with the same token count, and the ratio is reported (its value is not judged)."""
+    from engine.cli import main
+    argv = ["bench", "serve", "--url", server.url, "--concurrency", "1,4", "--num-prompts", "4",
+            "--max-tokens", "5", "--thoughts", "2", "--model", str(checkpoint), "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [row["concurrency"] for row in report["results"]] == [1, 4]
+    for row in report["results"]:
+        for side in ("http", "offline"):
+            r = row[side]
+            assert r["completed"] == 4 and r["failed"] == 0 and r["total_output_tokens"] == 20
+            assert r["ttft_ms"]["median"] > 0 and r["e2e_ms"]["p99"] >= r["e2e_ms"]["median"]
+        assert row["ratio"] > 0
