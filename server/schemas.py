@@ -29,7 +29,8 @@ class LatentOptions(BaseModel):
 
     mode: Literal["fixed", "auto", "none"] | None = Field(
         None, description="fixed: exactly `thoughts`; auto: the stop classifier decides, up to "
-        "`max_thoughts`; none: answer directly. Default: the checkpoint's mode")
+        "`max_thoughts`; none: answer directly. Unset: `thoughts` implies fixed, `max_thoughts` or "
+        "`threshold` imply auto, else the checkpoint's mode")
     thoughts: int | None = Field(None, ge=0, le=MAX_THOUGHTS_CEILING, description="(fixed) thought count")
     max_thoughts: int | None = Field(None, ge=1, le=MAX_THOUGHTS_CEILING, description="(auto) the cap")
     threshold: float | None = Field(None, ge=0.0, le=1.0, description="(auto) stop probability threshold")

@@ -89,7 +89,7 @@ class GenerationService:
             options = fields.latent
             top_k = fields.latent_trace_top_k if fields.return_latent_trace else 0
             if options is not None or top_k:
-                mode = (options.mode if options and options.mode else None) or self.default_latent_mode
+                mode = self._latent_mode(options)
                 latent = LatentPolicy(mode=mode, thoughts=options.thoughts if options else None,
                                       max_thoughts=options.max_thoughts if options else None,
                                       threshold=options.threshold if options else None,
@@ -97,6 +97,19 @@ class GenerationService:
         except ValueError as e:
             raise ApiError(422, str(e)) from None
         return Generation(question, sampling, latent, id_prefix)
+
+    def _latent_mode(self, options) -> str:
+        """The mode asked for; unset, the fields given imply it (``thoughts``: fixed;
+        ``max_thoughts`` / ``threshold``: auto), else the checkpoint's default."""
+        if options is None:
+            return self.default_latent_mode
+        if options.mode is not None:
+            return options.mode
+        if options.thoughts is not None:
+            return "fixed"
+        if options.max_thoughts is not None or options.threshold is not None:
+            return "auto"
+        return self.default_latent_mode
 
     # ------------------------------------------------------------ running
 

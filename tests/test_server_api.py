@@ -271,6 +271,7 @@ def test_invalid_fields_answer_422_naming_the_field(http, body, field):
     ({"question": "   "}, "non-empty"),                                        # the engine's check
     ({"question": QUESTION, "latent": {"mode": "none", "thoughts": 3}}, "only meaningful"),
     ({"question": QUESTION, "latent": {"mode": "auto"}}, "stop classifier"),   # none in this checkpoint
+    ({"question": QUESTION, "latent": {"threshold": 0.3}}, "stop classifier"),  # implies mode auto
 ])
 def test_engine_validation_errors_answer_422_with_the_message(http, body, words):
     r = http.post("/v1/reason", json=body)
