@@ -218,6 +218,23 @@ def test_health_ready_metrics_and_request_ids(http):
     assert err.json()["error"]["request_id"] == "err-1"
 
 
+def test_one_structured_log_line_per_request(server, http):
+    r = http.post("/v1/reason", json={"question": QUESTION, "max_tokens": 3}, headers={"x-request-id": "log-me-1"})
+    assert r.status_code == 200
+
+    def line_for(request_id):
+        for line in server.output().splitlines():
+            if line.startswith("{") and f'"request_id": "{request_id}"' in line:
+                return json.loads(line)
+        return None
+
+    entry = wait_for(lambda: line_for("log-me-1"), what="the access-log line")
+    assert entry["event"] == "request" and entry["status"] == 200 and entry["path"] == "/v1/reason"
+    assert entry["engine_request_id"] == r.json()["id"] and entry["completion_tokens"] == 3
+    assert entry["latent_thoughts"] == r.json()["usage"]["latent_thoughts"] and entry["duration_s"] > 0
+    assert sum(1 for line in server.output().splitlines() if '"log-me-1"' in line) == 1
+
+
 def test_32_concurrent_requests_answer_as_if_alone_and_share_forwards(server, http):
     from engine.tiny import sample_corpus
     questions = [line.split("\n")[0] for line in sample_corpus(32, seed=11)]
