@@ -154,13 +154,16 @@ class AsyncEngine:
 
     # ------------------------------------------------------------ loop thread
 
-    def _deliver(self, request_id: str, item) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            stream.put_nowait(item)
+    def _deliver(self, items: list[tuple[str, object]]) -> None:
+        for request_id, item in items:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.put_nowait(item)
 
-    def _publish(self, request_id: str, item) -> None:
-        self._loop.call_soon_threadsafe(self._deliver, request_id, item)
+    def _publish(self, items: list[tuple[str, object]]) -> None:
+        """Hand items to the event loop: one wake-up per call, however many items."""
+        if items:
+            self._loop.call_soon_threadsafe(self._deliver, items)
 
     def _admit_inbox(self) -> None:
         while True:
@@ -173,7 +176,7 @@ class AsyncEngine:
             try:
                 self.engine.add_request(request)
             except Exception as e:  # validated already; anything here is unexpected
-                self._publish(request.request_id, e)
+                self._publish([(request.request_id, e)])
 
     def _run(self) -> None:
         try:
@@ -183,8 +186,7 @@ class AsyncEngine:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
-                for out in self.engine.step():
-                    self._publish(out.request_id, out)
+                self._publish([(out.request_id, out) for out in self.engine.step()])
                 if self.on_step is not None:
                     try:
                         self.on_step(self.engine.core.last_stats)
@@ -194,5 +196,4 @@ class AsyncEngine:
             log.exception("engine loop crashed")
             self._fatal = e
             dead = EngineDeadError(f"the engine loop crashed: {type(e).__name__}: {e}")
-            for request_id in list(self._streams):
-                self._publish(request_id, dead)
+            self._publish([(request_id, dead) for request_id in list(self._streams)])

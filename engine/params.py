@@ -15,6 +15,10 @@ from typing import Literal, Sequence
 LatentMode = Literal["fixed", "auto", "none"]
 LATENT_MODES = ("fixed", "auto", "none")
 
+#: Temperatures below this are greedy: dividing logits by a smaller one overflows float32
+#: (vLLM uses the same cut-off).
+GREEDY_TEMPERATURE = 1e-5
+
 #: Hard ceilings that protect the server from absurd requests; the per-model limit
 #: (maximum sequence length) is checked separately when a request is added.
 MAX_THOUGHTS_CEILING = 1024
@@ -30,7 +34,7 @@ def _check(condition: bool, name: str, value, expected: str) -> None:
 class SamplingParams:
     """How language tokens are chosen.
 
-    ``temperature == 0`` is greedy decoding (argmax). ``top_k == 0`` and ``top_p == 1``
+    ``temperature == 0`` (or below ``GREEDY_TEMPERATURE``) is greedy decoding (argmax). ``top_k == 0`` and ``top_p == 1``
     disable those filters. A ``seed`` gives the request its own random generator, so its
     output does not depend on what else shares the batch. ``stop`` strings end the
     answer and are not part of it; ``stop_token_ids`` do the same on token ids.
@@ -72,7 +76,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 @dataclass(frozen=True)

@@ -70,3 +70,11 @@ def test_logprobs_are_of_raw_distribution():
     out = sample(logits, [SamplingParams(logprobs=True)], [None], None)
     assert out.token_ids == [2]
     assert abs(out.logprobs[0] - float(torch.log_softmax(logits[0], -1)[2])) < 1e-6
+
+
+def test_extreme_temperature_and_top_p_stay_finite():
+    """A top_p that rounds to 0 keeps the top token; a tiny temperature is greedy."""
+    logits = torch.tensor([[0.5, 3.0, 1.0], [2.0, -1.0, 0.0]])
+    params = [SamplingParams(temperature=1.0, top_p=5e-324), SamplingParams(temperature=1e-300)]
+    for _ in range(20):
+        assert sample(logits, params, [None, None], torch.Generator().manual_seed(0)).token_ids == [1, 0]

@@ -32,9 +32,11 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
     remove = ranks >= k[:, None]
     probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
-    # Remove a token when the tokens ranked above it already reach top_p (keeps the first).
+    # Remove a token when the tokens ranked above it already reach top_p. The top-ranked
+    # token always stays, whatever rounding does to a tiny top_p.
     mass_before = probs.cumsum(dim=-1) - probs
     remove |= mass_before >= top_p[:, None]
+    remove[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
 
