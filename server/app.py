@@ -24,7 +24,7 @@ from engine.llm import Engine
 from server import errors
 from server.metrics import ServerMetrics
 from server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
-from server.routes import openai, ops, reason
+from server.routes import openai, ops, playground, reason
 from server.service import GenerationService
 from server.settings import ServerSettings
 
@@ -71,7 +71,7 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
     app.state.engine = None
     app.state.service = None
     errors.install(app)
-    routers = (ops.router, reason.router, openai.router)
+    routers = (ops.router, reason.router, openai.router, playground.router)
     for router in routers:
         app.include_router(router)
     routes = frozenset(r.path for router in routers for r in router.routes) | {"/openapi.json", "/docs"}

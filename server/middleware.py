@@ -29,8 +29,10 @@ from server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
-#: Paths that never need the API key (probes and scrapers carry no credentials).
-PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics"})
+#: Paths that never need the API key (probes and scrapers carry no credentials; the
+#: playground page and its assets hold no secret and ask for the key themselves).
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/", "/playground/examples",
+                          "/static/playground.css", "/static/playground.js", "/static/favicon.svg"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 

@@ -1,0 +1,85 @@
+"""The playground page: ``GET /`` and its assets, for a person to try the model in a browser.
+
+The page (``server/static/``: plain HTML, CSS and JavaScript, no build step, nothing
+fetched from outside this server) asks ``POST /v1/reason`` for a streamed answer with
+the latent trace, and draws each thought's top tokens as a heatmap.
+
+- ``GET /``: the page (HTML).
+- ``GET /static/{name}``: its assets, each with an explicit content type (the system's
+  ``mimetypes`` table varies between machines, e.g. for ``.js``).
+- ``GET /playground/examples``: a few ProsQA-style example questions (the default
+  model's domain), generated once from a fixed seed.
+
+All three are public (``server.middleware.PUBLIC_PATHS``): the page holds no secret and
+asks the person for the API key only when ``/v1/reason`` answers 401. A Content
+Security Policy keeps the page to this origin, so a stray external resource fails
+loudly in a browser instead of leaking a request.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from server.errors import ApiError
+
+router = APIRouter(tags=["playground"])
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+#: The assets the page uses, with their content types; anything else under /static is 404.
+ASSETS = {"playground.css": "text/css; charset=utf-8",
+          "playground.js": "text/javascript; charset=utf-8",
+          "favicon.svg": "image/svg+xml"}
+#: Paths served without the API key (merged into PUBLIC_PATHS by the middleware).
+PAGE_PATHS = frozenset({"/", "/playground/examples", *(f"/static/{name}" for name in ASSETS)})
+
+_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'")
+_HEADERS = {"Content-Security-Policy": _CSP, "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "no-cache"}
+
+N_EXAMPLES = 4
+EXAMPLES_SEED = 7
+
+
+@functools.lru_cache(maxsize=None)
+def _read(name: str) -> bytes:
+    return (STATIC_DIR / name).read_bytes()
+
+
+@functools.lru_cache(maxsize=1)
+def example_questions() -> list[dict]:
+    """ProsQA-style questions ("mini" size: short enough to read on the page), each with
+    a short label: its last sentence ("Is Rex a nulpus or vorpus?")."""
+    from engine.data.prosqa import generate  # pure Python, no torch; imported when first asked
+
+    out = []
+    for sample in generate(N_EXAMPLES, EXAMPLES_SEED, size="mini"):
+        question = sample["question"]
+        asked = re.search(r"Is [^.?]+\?\s*$", question)
+        out.append({"question": question, "label": asked.group(0).strip() if asked else question[:40],
+                    "answer": sample["answer"]})
+    return out
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> Response:
+    return Response(_read("index.html"), media_type="text/html; charset=utf-8", headers=_HEADERS)
+
+
+@router.get("/static/{name}", include_in_schema=False)
+async def asset(name: str) -> Response:
+    if name not in ASSETS:
+        raise ApiError(404, f"no such asset: {name!r}", "not_found_error")
+    return Response(_read(name), media_type=ASSETS[name], headers=_HEADERS)
+
+
+@router.get("/playground/examples", include_in_schema=False)
+async def examples() -> dict:
+    """``{"examples": [{"question", "label", "answer"}]}``; ``answer`` is the generator's
+    ground truth, shown on the page beside the model's answer."""
+    return {"examples": example_questions()}

@@ -1,0 +1,400 @@
+"""The playground page (issue 7): ``GET /`` and its assets over plain HTTP, then the page
+itself in headless Chromium driven by Playwright, against the real server (``engine
+serve`` on 127.0.0.1, a tiny random GPT-2, started with an API key).
+
+The oracle is the API itself: the non-streamed ``POST /v1/reason`` with the same fields
+(greedy, so deterministic) gives the answer text, usage and latent trace the page must
+show; the streamed reply gives the number of answer deltas; the ProsQA generator's own
+graph gives the concepts the page must find in the question. Failures the real server
+cannot be made to produce on demand (503 overloaded, an error mid-stream, a dropped
+connection) are served to the page by Playwright's request routing, in the server's own
+error shapes (``server.errors.error_body``, ``server.sse.encode``).
+
+Browser tests skip, saying why, where the ``playwright`` package or Chromium is missing
+(``.ci/run`` installs Debian's ``chromium``; Playwright never downloads a browser here).
+The main test saves a screenshot under pytest's tmp dir and prints its path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from html.parser import HTMLParser
+
+import httpx
+import pytest
+
+from server.errors import error_body
+from server.middleware import PUBLIC_PATHS
+from server.routes.playground import ASSETS, EXAMPLES_SEED, N_EXAMPLES, PAGE_PATHS, STATIC_DIR, example_questions
+from server.sse import DONE, encode
+from tests.live_server import LiveServer
+
+KEY = "playground-s3cret"
+KEY_STORAGE = "coconut-serve.api-key"  # the page's sessionStorage entry
+QUESTION = "Every wumpus is a yumpus. Tom is a wumpus. Is Tom a yumpus or a zumpus?"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 60_000
+# Content types by extension, written out here rather than taken from the route's table.
+CONTENT_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    with LiveServer(tiny_checkpoint("gpt2"), "--api-key", KEY, "--device", "cpu", "--dtype", "float32",
+                    "--torch-threads", "1") as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def api(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as client:
+        yield client
+
+
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.refs += [v for k, v in attrs if k in ("src", "href") and v]
+
+
+def asset_refs(html: str) -> list[str]:
+    parser = _Refs()
+    parser.feed(html)
+    return parser.refs
+
+
+# ---------------------------------------------------------------- plain HTTP
+
+
+def test_page_and_assets_are_public_and_typed_while_the_api_needs_the_key(server, api):
+    with httpx.Client(base_url=server.url, timeout=30) as anon:  # no API key
+        page = anon.get("/")
+        assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
+        assert "default-src 'none'" in page.headers["content-security-policy"]
+        assert page.headers["x-content-type-options"] == "nosniff"
+        assert page.text == (STATIC_DIR / "index.html").read_text()
+        refs = asset_refs(page.text)
+        assert sorted(refs) == sorted(f"/static/{name}" for name in ASSETS), "every asset, only ours"
+        for ref in refs:
+            r = anon.get(ref)
+            expected = CONTENT_TYPES[os.path.splitext(ref)[1]]
+            assert r.status_code == 200 and r.headers["content-type"].split(";")[0] == expected, ref
+            assert r.content == (STATIC_DIR / ref.rsplit("/", 1)[1]).read_bytes()
+        for text in (page.text, anon.get("/static/playground.js").text, anon.get("/static/playground.css").text):
+            assert not re.search(r"https?://|url\(", text), "the page must not load anything from elsewhere"
+
+        examples = anon.get("/playground/examples")
+        assert examples.status_code == 200 and examples.json() == {"examples": example_questions()}
+        assert len(example_questions()) == N_EXAMPLES
+        for ex in example_questions():
+            assert ex["question"].endswith(ex["label"]) and re.fullmatch(r"Is \w+ a \w+ or \w+\?", ex["label"])
+
+        assert anon.post("/v1/reason", json={"question": QUESTION}).status_code == 401
+        assert anon.get("/static/app.py").status_code == 401  # only the page's own paths are public
+    assert api.get("/static/app.py").status_code == 404
+    assert api.post("/v1/reason", json={"question": QUESTION, "max_tokens": 2}).status_code == 200
+
+
+def test_every_page_path_is_public_and_every_static_file_is_served():
+    assert PAGE_PATHS <= PUBLIC_PATHS
+    assert {p.name for p in STATIC_DIR.iterdir()} == {"index.html", *ASSETS}
+
+
+# ---------------------------------------------------------------- the browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
+                                   "(pip install -e '.[test]')")
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        pytest.skip("Chromium is not installed (apt-get install chromium; .ci/run does it as root)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    """A fresh browser context (its own sessionStorage) on the page. Afterwards: no
+    uncaught script error, and no request left 127.0.0.1."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    context.set_default_timeout(TIMEOUT_MS)
+    urls: list[str] = []
+    context.on("request", lambda r: urls.append(r.url))
+    page = context.new_page()
+    script_errors: list[str] = []
+    page.on("pageerror", lambda e: script_errors.append(str(e)))
+    yield page
+    context.close()
+    assert not script_errors, script_errors
+    assert urls and all(u.startswith(server.url + "/") for u in urls), urls
+
+
+def open_page(page, server, key: str | None = None):
+    """Load the page; with ``key``, as if the person had entered it earlier in this tab."""
+    if key is not None:
+        page.context.add_init_script(f"sessionStorage.setItem({json.dumps(KEY_STORAGE)}, {json.dumps(key)})")
+    page.goto(server.url + "/")
+    page.wait_for_selector("button.example")
+
+
+def fill_form(page, question, *, mode="fixed", thoughts="4", max_tokens="12", temperature="0", top_k="6"):
+    page.fill("#question", question)
+    page.select_option("#mode", mode)
+    if mode == "fixed":
+        page.fill("#thoughts", thoughts or "")  # empty: the checkpoint's thought count
+    page.fill("#max_tokens", max_tokens)
+    page.fill("#temperature", temperature)
+    page.fill("#top_k", top_k)
+
+
+def wait_done(page):
+    page.wait_for_function("() => /^(done|failed)/.test(document.getElementById('status').textContent)")
+    status = page.text_content("#status")
+    assert status.startswith("done"), f"{status}: {page.text_content('#error')}"
+
+
+def stream_deltas(api, body) -> list[str]:
+    """The non-empty deltas of the streamed reply to ``body``."""
+    deltas = []
+    with api.stream("POST", "/v1/reason", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                deltas += [d for d in [json.loads(line[6:])["delta"]] if d]
+    return deltas
+
+
+def concept_cell(text: str, nodes: set[str]) -> tuple[bool, bool]:
+    """(highlighted, partial) for a trace token, by the page's documented rule: the token
+    (stripped) is a node's name, or begins one and has at least 3 characters."""
+    t = text.strip().lower()
+    names = {n.lower() for n in nodes}
+    if t in names:
+        return True, False
+    if len(t) >= 3 and any(n.startswith(t) for n in names):
+        return True, True
+    return False, False
+
+
+def shown(text: str) -> str:
+    return "∅" if text == "" else text.replace(" ", "␣").replace("\n", "⏎")
+
+
+def test_streamed_answer_matches_the_api_and_draws_one_column_per_thought(page, server, api, tmp_path):
+    from engine.data.prosqa import generate
+
+    open_page(page, server, key=KEY)
+    sample = generate(N_EXAMPLES, EXAMPLES_SEED, size="mini")[0]
+    page.locator("button.example").first.click()
+    assert page.input_value("#question") == sample["question"]
+    fill_form(page, sample["question"], thoughts="4", max_tokens="12", temperature="0", top_k="6")
+    page.focus("#question")
+    page.keyboard.press("Control+Enter")  # keyboard submit
+    wait_done(page)
+
+    body = {"question": sample["question"], "max_tokens": 12, "temperature": 0, "return_latent_trace": True,
+            "latent_trace_top_k": 6, "latent": {"mode": "fixed", "thoughts": 4}}
+    expected = api.post("/v1/reason", json=body).json()
+    assert page.text_content("#answer") == expected["text"]
+    deltas = stream_deltas(api, body)
+    assert "".join(deltas) == expected["text"]
+    assert page.evaluate("document.getElementById('answer').childNodes.length") == len(deltas), \
+        "one text node per streamed delta: the page appends events as they come"
+
+    nodes = set(sample["idx_to_symbol"])
+    marks = page.locator("#asked mark")
+    assert {marks.nth(i).text_content() for i in range(marks.count())} == nodes
+    symbol = sample["idx_to_symbol"]
+    options = page.locator("#asked mark.option")
+    assert {options.nth(i).text_content() for i in range(options.count())} == \
+        {symbol[sample["target"]], symbol[sample["neg_target"]]}
+    assert page.locator("#asked mark.subject").first.text_content() == symbol[sample["root"]]
+    assert page.text_content("#expected").endswith(sample["answer"])
+
+    columns = page.locator("#trace .thought")
+    assert columns.count() == 4 == expected["usage"]["latent_thoughts"] == len(expected["latent_trace"])
+    for i, thought in enumerate(expected["latent_trace"]):
+        column = columns.nth(i)
+        assert column.locator("h3").text_content() == f"Thought {i + 1}"
+        cells = column.locator(".cell")
+        assert cells.count() == len(thought["tokens"]) == 6
+        shades = []
+        for j, tok in enumerate(thought["tokens"]):
+            cell = cells.nth(j)
+            assert cell.locator(".tok").text_content() == shown(tok["text"])
+            assert cell.locator(".p").text_content() == f"{tok['prob'] * 100:.1f}%"
+            classes = cell.get_attribute("class").split()
+            assert ("concept" in classes, "partial" in classes) == concept_cell(tok["text"], nodes), tok
+            rgb = cell.evaluate("el => getComputedStyle(el).backgroundColor")
+            shades.append(sum(int(v) for v in re.findall(r"\d+", rgb)[:3]))
+        assert shades == sorted(shades), "more probable tokens are darker (probabilities come sorted)"
+
+    usage = expected["usage"]
+    assert page.text_content("#usage-prompt") == str(usage["prompt_tokens"])
+    assert page.text_content("#usage-thoughts") == "4"
+    assert page.text_content("#usage-completion") == str(usage["completion_tokens"])
+    assert page.text_content("#finish-reason") == expected["finish_reason"]
+    for phase in ("queue", "prefill", "latent", "decode"):
+        assert re.fullmatch(r"\d+\.\d ms", page.text_content(f"#t-{phase}")), phase
+    assert page.is_hidden("#error") and page.is_hidden("#key-panel")
+
+    shot = tmp_path / "playground.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"playground screenshot: {shot}")
+
+
+def test_field_errors_are_listed_and_the_form_recovers(page, server, api):
+    open_page(page, server, key=KEY)
+    fill_form(page, QUESTION, max_tokens="0", thoughts="2")
+    page.click("#submit")
+    page.wait_for_selector("#error:not([hidden])")
+    refused = api.post("/v1/reason", json={"question": QUESTION, "max_tokens": 0, "temperature": 0,
+                                           "latent": {"mode": "fixed", "thoughts": 2}})
+    assert refused.status_code == 422
+    shown_error = page.text_content("#error")
+    assert "HTTP 422" in shown_error and refused.json()["error"]["message"] in shown_error
+    items = page.locator("#error li")
+    assert [items.nth(i).text_content() for i in range(items.count())] == \
+        [f"max_tokens: {f['msg']} (you sent 0)" for f in refused.json()["detail"]]
+    assert page.get_attribute("#max_tokens", "aria-invalid") == "true"
+    assert page.text_content("#answer") == "" and page.is_hidden("#trace-section")
+
+    page.fill("#max_tokens", "4")
+    page.click("#submit")
+    wait_done(page)
+    assert page.get_attribute("#max_tokens", "aria-invalid") is None and page.is_hidden("#error")
+    assert page.locator("#trace .thought").count() == 2
+
+
+def test_the_page_asks_for_the_api_key_and_retries(page, server, api):
+    open_page(page, server)  # no key yet
+    fill_form(page, QUESTION, thoughts=None, max_tokens="6")
+    page.click("#submit")
+    page.wait_for_selector("#key-panel:not([hidden])")
+    assert "missing API key" in page.text_content("#key-message")
+    assert page.get_attribute("#api-key", "type") == "password"
+    assert page.text_content("#answer") == ""
+
+    page.fill("#api-key", "not-the-key")
+    page.press("#api-key", "Enter")
+    page.wait_for_function("() => document.getElementById('key-message').textContent.includes('wrong API key')")
+    page.wait_for_selector("#key-panel:not([hidden])")
+
+    page.fill("#api-key", KEY)
+    page.press("#api-key", "Enter")
+    wait_done(page)
+    expected = api.post("/v1/reason", json={"question": QUESTION, "max_tokens": 6, "temperature": 0,
+                                            "latent": {"mode": "fixed"}}).json()
+    assert page.text_content("#answer") == expected["text"]
+    # thoughts left empty: the checkpoint's own count (the tiny checkpoint's is 4)
+    assert page.locator("#trace .thought").count() == expected["usage"]["latent_thoughts"] == 4
+    assert page.evaluate(f"sessionStorage.getItem({json.dumps(KEY_STORAGE)})") == KEY
+    assert page.evaluate("localStorage.length") == 0, "the key stays in this tab's session only"
+
+
+def _sse(*payloads, done=True) -> str:
+    return (b"".join(encode(p) for p in payloads) + (DONE if done else b"")).decode()
+
+
+def test_trace_highlights_and_failures_in_words(page, server):
+    """Canned replies in the server's shapes: a trace with known tokens, then 503,
+    a mid-stream error, a stream cut short, a refused connection; then "Try again"
+    reaches the real server."""
+    open_page(page, server, key=KEY)
+    fill_form(page, QUESTION, thoughts="2", max_tokens="4")
+    replies: list[dict] = []
+    page.route("**/v1/reason", lambda route: route.fulfill(**replies.pop(0)) if replies else route.fallback())
+    sse = {"status": 200, "headers": {"content-type": "text/event-stream"}}
+
+    def token(i, text, prob):
+        return {"id": i, "text": text, "prob": prob}
+
+    final = {"id": "r1", "model": "m", "delta": " zumpus.", "finish_reason": "stop", "answer": "Tom is a zumpus.",
+             "usage": {"prompt_tokens": 20, "latent_thoughts": 2, "completion_tokens": 5},
+             "timings": {"queue": 0.001, "prefill": 0.01, "latent": 0.02, "decode": 0.03},
+             "latent_trace": [{"thought": 1, "tokens": [token(1, " wumpus", 0.6), token(2, "yum", 0.3),
+                                                         token(3, " is", 0.1)]},
+                              {"thought": 2, "tokens": [token(4, " Tom", 0.5), token(5, "zumpus", 0.5)]}]}
+    replies.append({**sse, "body": _sse({"id": "r1", "model": "m", "delta": "### Tom is a"}, final)})
+    page.click("#submit")
+    wait_done(page)
+    assert page.text_content("#answer") == "### Tom is a zumpus."
+    cells = page.locator("#trace .cell")
+    assert [cells.nth(i).get_attribute("class").split()[1:] for i in range(cells.count())] == \
+        [["dark", "concept"], ["concept", "option", "partial"], [], ["dark", "concept", "subject"],
+         ["dark", "concept", "option"]]
+
+    overloaded = error_body(503, "waiting queue full (8 requests); retry later", "overloaded_error", "rid-503")
+    replies.append({"status": 503, "headers": {"Retry-After": "7"}, "json": overloaded})
+    page.click("#submit")
+    page.wait_for_selector("#error:not([hidden])")
+    text = page.text_content("#error")
+    assert all(s in text for s in ("HTTP 503", "waiting queue full", "retry after 7 s", "rid-503")), text
+
+    failed = error_body(500, "the engine failed this request", "engine_error", "rid-500")
+    replies.append({**sse, "body": _sse({"id": "r2", "model": "m", "delta": "Tom is"}, failed, done=False)})
+    page.click("#submit")
+    page.wait_for_function("() => document.getElementById('status').textContent === 'failed'")
+    text = page.text_content("#error")
+    assert all(s in text for s in ("stream failed", "the engine failed this request", "after 6 characters",
+                                   "rid-500")), text
+    assert page.text_content("#answer") == "Tom is", "the partial answer stays visible"
+
+    replies.append({**sse, "body": _sse({"id": "r3", "model": "m", "delta": "Tom"}, done=False)})
+    page.click("#submit")
+    page.wait_for_function("() => document.getElementById('status').textContent === 'failed'")
+    assert "closed before the answer was complete" in page.text_content("#error")
+
+    page.unroute("**/v1/reason")
+    page.route("**/v1/reason", lambda route: route.abort("connectionrefused"))
+    page.click("#submit")
+    page.wait_for_function("() => document.getElementById('status').textContent === 'failed'")
+    assert "Could not reach the server" in page.text_content("#error")
+
+    page.unroute("**/v1/reason")
+    page.click("#error button")  # "Try again", now with the real server behind it
+    wait_done(page)
+    assert page.locator("#trace .thought").count() == 2 and page.is_hidden("#error")
+
+
+# ---------------------------------------------------------------- the README's screenshot
+
+
+def take_screenshot(model_dir: str, out: str, example: int = 0) -> None:
+    """The page after answering one example question, trace shown, saved as a small PNG
+    (a 128-colour palette keeps it well under 300 KB). Run:
+    ``python -m tests.test_playground models/prosqa-mini-coconut docs/playground.png``."""
+    from playwright.sync_api import sync_playwright
+
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    with LiveServer(model_dir, "--device", "cpu") as live, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.set_default_timeout(TIMEOUT_MS)
+        open_page(page, live)
+        page.locator("button.example").nth(example).click()
+        page.click("#submit")
+        wait_done(page)
+        page.screenshot(path=out, full_page=True)
+        browser.close()
+    from PIL import Image
+
+    Image.open(out).convert("RGB").quantize(colors=128).save(out, optimize=True)
+    print(f"{out}: {os.path.getsize(out) // 1024} KB")
+
+
+if __name__ == "__main__":
+    import sys
+
+    take_screenshot(*sys.argv[1:3], *map(int, sys.argv[3:4]))
