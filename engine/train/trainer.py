@@ -61,14 +61,21 @@ class Trainer:
             records = self._file_cache[1]
         else:
             records = resolve_source(path, epoch, self.config.seed)
-        return records[:5000] if self.config.debug else records
+        return self._render(records[:5000] if self.config.debug else records)
 
     def val_records(self) -> list:
         from engine.data.source import resolve_source
 
         records = resolve_source(self.config.val_path, 0, self.config.seed + 1)
         limit = 32 if self.config.debug else self.config.max_val_samples
-        return records[:limit] if limit else records
+        return self._render(records[:limit] if limit else records)
+
+    def _render(self, records: list) -> list:
+        if self.config.text_format == "compact":
+            from engine.train.compact import compact_record
+
+            return [compact_record(r, i) for i, r in enumerate(records)]
+        return records
 
     # ------------------------------------------------------------------ setup
 

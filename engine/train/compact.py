@@ -1,0 +1,54 @@
+"""A compact rendering of ProsQA-style records: one word per node, ``s t |`` per fact.
+
+Zhu et al. (2025, "Reasoning by Superposition") encode a graph with one token per node
+and ``s t |`` per edge: a third of ProsQA's words, and the look-up a step needs becomes
+a plain induction pattern (the token after the previous occurrence of the current node).
+``compact_record`` rewrites the reference sentences::
+
+    "Every wumpus is a yumpus."   -> "wumpus yumpus |"
+    "Tom is a wumpus."            -> "Tom wumpus |"
+    "Is Tom a yumpus or zumpus?"  -> "? Tom yumpus zumpus"
+    answer "Tom is a yumpus."     -> "Tom yumpus"
+
+A model trained on compact records must be asked compact questions
+(``compact_question``). Sentences of any other shape raise ``ValueError`` naming the
+record and the sentence. This module knows the ProsQA sentence shapes, nothing else.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+_FACT = re.compile(r"^(?:Every (\S+)|(\S+)) is an? (\S+)\.$")
+_QUESTION = re.compile(r"^Is (\S+) an? (\S+) or (\S+)\?$")
+
+
+def _fact(sentence: str, where: str) -> str:
+    m = _FACT.match(sentence.strip())
+    if not m:
+        raise ValueError(f"{where}: {sentence!r} is not a ProsQA fact ('Every A is a B.' or 'X is a A.')")
+    return f"{m.group(1) or m.group(2)} {m.group(3)} |"
+
+
+def compact_question(question: str, where: str = "question") -> str:
+    parts = re.findall(r"[^.?]+[.?]", question)
+    if not parts or not parts[-1].strip().endswith("?"):
+        raise ValueError(f"{where}: expected facts then 'Is X a A or B?', got {question[-80:]!r}")
+    m = _QUESTION.match(parts[-1].strip())
+    if not m:
+        raise ValueError(f"{where}: {parts[-1].strip()!r} is not 'Is X a A or B?'")
+    facts = [_fact(p, where) for p in parts[:-1]]
+    return " ".join(facts + [f"? {m.group(1)} {m.group(2)} {m.group(3)}"])
+
+
+def compact_answer(answer: str, where: str = "answer") -> str:
+    return _fact(answer, where)[:-2]
+
+
+def compact_record(record, index: int = 0):
+    """A copy of ``record`` (an ``engine.data.records.Record``) in the compact rendering."""
+    where = f"record {index}"
+    return replace(record, question=compact_question(record.question, where),
+                   steps=[_fact(s, f"{where} step {i}") for i, s in enumerate(record.steps)],
+                   answer=compact_answer(record.answer, where))
