@@ -8,7 +8,8 @@ so only side-by-side ratios mean something), through:
 3. ``engine b=N``: the engine with N requests submitted at once;
 4. ``bare b=1`` / ``bare b=N``: a bare loop of model forwards of the same shapes (one
    left-padded prefill, then one position per row per step through the decoder and the
-   LM head, greedy), the floor any engine on this model pays.
+   LM head, greedy), the floor any engine on this model pays. It runs in lockstep with
+   the engine: one engine step, one bare step, and so on.
 
 Reports medians of per-request latency, throughput and time per step, and the ratios the issue
 sets targets for: reference / engine at batch 1 (>= 7x) and engine step / bare step at
@@ -73,51 +74,71 @@ def make_questions(tokenizer, n: int, target_tokens: int, seed: int) -> list[str
     return questions
 
 
-def _timed_steps(engine) -> tuple[float, list[float], float]:
-    """Drive ``engine`` to completion; return (total s, durations of steps without a
-    prefill, prefill step s)."""
-    steps, prefill = [], 0.0
+class BareDecoder:
+    """The floor: the same forwards without an engine. A left-padded prefill of the
+    prompts, then one position per row per ``step()`` through the decoder and the LM
+    head of every row (greedy), on a plain ``DynamicCache``."""
+
+    def __init__(self, model, prompts: list[list[int]], pad_id: int):
+        import torch
+
+        self.torch = torch
+        self.decoder = model.get_decoder()
+        self.head, self.embed = model.get_output_embeddings(), model.get_input_embeddings()
+        width = max(len(p) for p in prompts)
+        self.ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+        self.mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+    def _forward(self, embeds, positions):
+        return self.decoder(inputs_embeds=embeds, attention_mask=self.mask, position_ids=positions,
+                            cache=self.cache, use_cache=True).last_hidden_state[:, -1]
+
+    def prefill(self) -> None:
+        from transformers import DynamicCache
+
+        with self.torch.inference_mode():
+            self.cache = DynamicCache()
+            positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+            self.token = self.head(self._forward(self.embed(self.ids), positions)).argmax(-1)
+            self.next_position = self.mask.sum(-1, keepdim=True)
+
+    def step(self) -> None:
+        torch = self.torch
+        with torch.inference_mode():
+            self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+            hidden = self._forward(self.embed(self.token)[:, None], self.next_position)
+            self.token = self.head(hidden).argmax(-1)
+            self.next_position = self.next_position + 1
+
+
+def lockstep(engine, questions, prompts, sampling, latent) -> dict:
+    """Run the engine on ``questions`` and a ``BareDecoder`` on the same prompts, one
+    step of each in turn, so that both see the same machine load. Returns total
+    seconds, prefill seconds and per-step seconds of the steps where every request ran."""
+    bare = BareDecoder(engine.checkpoint.model, prompts, engine.checkpoint.markers.pad)
+    result = {"engine_steps": [], "bare_steps": []}
     start = time.perf_counter()
+    for q in questions:
+        engine.add_request(q, sampling, latent)
+    engine.step()
+    result["engine_prefill"] = time.perf_counter() - start
+    t0 = time.perf_counter()
+    bare.prefill()
+    result["bare_prefill"] = time.perf_counter() - t0
+    engine_total, bare_total = result["engine_prefill"], result["bare_prefill"]
     while engine.has_unfinished():
         t0 = time.perf_counter()
         engine.step()
-        dt = time.perf_counter() - t0
-        if engine.core.last_stats.num_prefilled:
-            prefill += dt
-        else:
-            steps.append(dt)
-    return time.perf_counter() - start, steps, prefill
-
-
-def bare_loop(model, prompts: list[list[int]], steps: int, pad_id: int) -> tuple[float, list[float], float]:
-    """The floor: left-padded prefill, then ``steps`` forwards of one position per row
-    through the decoder and the LM head (greedy). Returns (total, step times, prefill)."""
-    import torch
-    from transformers import DynamicCache
-
-    decoder, head, embed = model.get_decoder(), model.get_output_embeddings(), model.get_input_embeddings()
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
-    times = []
-    with torch.inference_mode():
-        start = time.perf_counter()
-        h = decoder(inputs_embeds=embed(ids), attention_mask=mask, position_ids=positions, cache=cache,
-                    use_cache=True).last_hidden_state[:, -1]
-        token = head(h).argmax(-1)
-        prefill = time.perf_counter() - start
-        next_pos = mask.sum(-1, keepdim=True)
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            h = decoder(inputs_embeds=embed(token)[:, None], attention_mask=mask, position_ids=next_pos,
-                        cache=cache, use_cache=True).last_hidden_state[:, -1]
-            token = head(h).argmax(-1)
-            next_pos = next_pos + 1
-            times.append(time.perf_counter() - t0)
-    return time.perf_counter() - start, times, prefill
+        t1 = time.perf_counter()
+        engine_total += t1 - t0
+        if engine.core.last_stats.batch_size == len(questions):
+            bare.step()
+            t2 = time.perf_counter()
+            bare_total += t2 - t1
+            result["engine_steps"].append(t1 - t0)
+            result["bare_steps"].append(t2 - t1)
+    result["engine_total"], result["bare_total"] = engine_total, bare_total
+    return result
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,8 +157,9 @@ def run(args: argparse.Namespace) -> int:
             model_dir = make_checkpoint(Path(tmp) / "model", "gpt2", hidden=args.hidden, layers=args.layers,
                                         heads=args.heads, max_positions=1024, init_std=0.02,
                                         model_vocab_size=args.vocab, seed=args.seed)
-        engine = Engine.from_pretrained(model_dir, device=args.device, dtype=args.dtype,
-                                        max_batch_size=args.batch, seed=args.seed)
+        # The whole burst is prefilled in one step, as the bare forward does it.
+        engine = Engine.from_pretrained(model_dir, device=args.device, dtype=args.dtype, max_batch_size=args.batch,
+                                        max_prefill_tokens=args.batch * 4 * args.prompt_tokens, seed=args.seed)
         results = measure(engine, args, reference_generate, LatentPolicy, SamplingParams)
     report(results, args)
     return 0
@@ -154,10 +176,11 @@ def measure(engine, args, reference_generate, LatentPolicy, SamplingParams) -> d
     out: dict = {"config": {k: v for k, v in vars(args).items() if k not in ("func",)},
                  "prompt_tokens_mean": statistics.mean(len(p) for p in prompts)}
 
-    # Each measurement runs right next to the one it is compared with, and ratios are
-    # taken per pair, so that load from other processes hits both sides alike.
-    _log(f"batch 1: {n_ref} questions, each through reference, engine and bare forward in turn")
-    ref_times, ref_tokens, b1_times, b1_steps, bare1_times, bare1_steps = [], [], [], [], [], []
+    # Each measurement runs right next to the one it is compared with (the engine and
+    # the bare forward alternate step by step), and ratios are taken per pair, so that
+    # load from other processes hits both sides alike.
+    _log(f"batch 1: {n_ref} questions, each through the reference, then engine and bare in lockstep")
+    ref_times, ref_tokens, singles = [], [], []
     for q, prompt in zip(questions[:n_ref], prompts):
         t0 = time.perf_counter()
         r = reference_generate(ck.model, ck.tokenizer, q, question_suffix=ck.config.question_suffix,
@@ -165,44 +188,34 @@ def measure(engine, args, reference_generate, LatentPolicy, SamplingParams) -> d
                                thoughts=args.thoughts, max_tokens=args.max_tokens, ignore_eos=True)
         ref_times.append(time.perf_counter() - t0)
         ref_tokens.append(r.token_ids)
-        engine.add_request(q, sampling, latent)
-        total, steps, _ = _timed_steps(engine)
-        b1_times.append(total)
-        b1_steps.append(statistics.mean(steps))
-        total, steps, _ = bare_loop(ck.model, [prompt], len(steps), ck.markers.pad)
-        bare1_times.append(total)
-        bare1_steps.append(statistics.mean(steps))
-
+        singles.append(lockstep(engine, [q], [prompt], sampling, latent))
     rounds = []
     for i in range(args.rounds):
-        _log(f"batch {args.batch}, round {i + 1}/{args.rounds}: engine, then bare forward")
-        for q in questions:
-            engine.add_request(q, sampling, latent)
-        total, steps, prefill = _timed_steps(engine)
-        bare_total, bare_steps, bare_prefill = bare_loop(ck.model, prompts, len(steps), ck.markers.pad)
-        rounds.append({"engine": (total, statistics.mean(steps), prefill),
-                       "bare": (bare_total, statistics.mean(bare_steps), bare_prefill)})
+        _log(f"batch {args.batch}, round {i + 1}/{args.rounds}: engine and bare forward in lockstep")
+        rounds.append(lockstep(engine, questions, prompts, sampling, latent))
 
     med = statistics.median
+    mean = statistics.mean
     check = engine.generate(questions[:n_ref], sampling, latent)
     out["engine_matches_reference"] = all(c.token_ids == t for c, t in zip(check, ref_tokens))
-    out["rows"] = {
-        "reference b=1": {"requests": 1, "latency_s": med(ref_times)},
-        "engine b=1": {"requests": 1, "latency_s": med(b1_times), "step_ms": 1000 * med(b1_steps)},
-        "bare b=1": {"requests": 1, "latency_s": med(bare1_times), "step_ms": 1000 * med(bare1_steps)},
-    }
-    for side in ("engine", "bare"):
-        out["rows"][f"{side} b={args.batch}"] = {
-            "requests": args.batch, "latency_s": med(r[side][0] for r in rounds),
-            "step_ms": 1000 * med(r[side][1] for r in rounds), "prefill_s": med(r[side][2] for r in rounds)}
+    out["rows"] = {"reference b=1": {"requests": 1, "latency_s": med(ref_times)}}
+    for name, runs, n in (("b=1", singles, 1), (f"b={args.batch}", rounds, args.batch)):
+        for side in ("engine", "bare"):
+            out["rows"][f"{side} {name}"] = {
+                "requests": n, "latency_s": med(r[f"{side}_total"] for r in runs),
+                "step_ms": 1000 * med(mean(r[f"{side}_steps"]) for r in runs),
+                "prefill_s": med(r[f"{side}_prefill"] for r in runs)}
     for row in out["rows"].values():
         row["throughput_req_s"] = row["requests"] / row["latency_s"]
         row["tokens_per_s"] = row["throughput_req_s"] * args.max_tokens
     rows = out["rows"]
+    def step_ratio(runs):
+        return med(sum(r["engine_steps"]) / sum(r["bare_steps"]) for r in runs)
+
     out["ratios"] = {
-        "reference_over_engine_b1": med(r / e for r, e in zip(ref_times, b1_times)),
-        "engine_step_over_bare_b1": med(e / b for e, b in zip(b1_steps, bare1_steps)),
-        f"engine_step_over_bare_b{args.batch}": med(r["engine"][1] / r["bare"][1] for r in rounds),
+        "reference_over_engine_b1": med(r / e["engine_total"] for r, e in zip(ref_times, singles)),
+        "engine_step_over_bare_b1": step_ratio(singles),
+        f"engine_step_over_bare_b{args.batch}": step_ratio(rounds),
         f"throughput_b{args.batch}_over_b1": rows[f"engine b={args.batch}"]["throughput_req_s"]
         / rows["engine b=1"]["throughput_req_s"],
     }
