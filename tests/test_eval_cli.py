@@ -67,3 +67,19 @@ def test_eval_cli_text_output_and_errors(tmp_path, tiny_checkpoint, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["eval", "--model", str(directory), "--data", str(data), "--latent", "auto"]) == 2
     assert "stop classifier" in capsys.readouterr().err
+
+
+def test_only_eval_config_runs_the_evaluation(tmp_path, tiny_checkpoint, capsys):
+    """The reference's *_eval.yaml use: only_eval with load_model_path (here our checkpoint)."""
+    from engine.cli import main
+
+    data = save_records([{"question": "Is Tom a wumpus?", "steps": [], "answer": "yes"}], tmp_path / "v.json")
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"only_eval: true\nload_model_path: {tiny_checkpoint('gpt2')}\nval_path: {data}\n"
+                      f"val_max_tokens: 4\n")
+    assert main(["train", str(config)]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    config.write_text(f"only_eval: true\nload_model_path: {tmp_path / 'checkpoint_40'}\nval_path: {data}\n")
+    (tmp_path / "checkpoint_40").write_bytes(b"")
+    assert main(["train", str(config)]) == 2
+    assert "convert-reference" in capsys.readouterr().err

@@ -69,7 +69,13 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _only_eval(config) -> int:
+    from pathlib import Path
+
     config.require("load_model_path", "val_path")
+    if not Path(config.load_model_path).is_dir():
+        raise ValueError(f"only_eval: load_model_path={config.load_model_path!r} must be a checkpoint directory; "
+                         f"convert a reference checkpoint first with `engine convert-reference CKPT --base "
+                         f"MODEL_DIR --out DIR`")
     args = argparse.Namespace(model=config.load_model_path, data=config.val_path, thoughts=None, latent=None,
                               max_tokens=config.val_max_tokens, batch_size=config.val_batch_size, limit=None,
                               seed=config.seed, device="cpu" if config.device == "auto" else config.device,

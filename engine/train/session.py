@@ -76,7 +76,7 @@ class EvalSession:
         t, cfg = self.t, self.config
         sharded = t.dist.enabled and cfg.parallel == "fsdp"
         full = D.full_state_dict(t.objective, t.dist, cfg.parallel) if sharded else None
-        optimizer_state = t._optimizer_state() if self.t.saving else None
+        optimizer_state = t.optimizer_state() if self.t.saving else None
         if t.dist.main:
             self._main_end_of_epoch(epoch, stage, train_loss, seconds, samples, full, optimizer_state)
         D.barrier(t.dist)
@@ -116,8 +116,7 @@ class EvalSession:
                 "steps_since_reset": t.steps_since_reset, "best_accuracy": t.best[0], "best_epoch": t.best[1],
                 "method": cfg.method, "world": t.dist.world})
             if optimizer_state is not None:
-                torch.save({"optimizer": optimizer_state, "rng": torch.get_rng_state()},
-                           S.optimizer_file(directory, 0, sharded=False))
+                S.save_optimizer(directory, optimizer_state)
             if improved:
                 S.copy_as_best(directory, t.run_dir)
             S.prune(t.run_dir, cfg.keep_last_checkpoints)

@@ -4,8 +4,8 @@ Layout (``run_dir = save_path[/name]``)::
 
     checkpoint_<E>/     servable checkpoint after epoch E (1-based, the reference's name)
         trainer_state.json    epoch, stage, optimizer step, best accuracy, metrics so far
-        optimizer.pt          torch.save({"optimizer": state_dict, "rng": cpu rng state})
-                              (optimizer_rank<R>.pt per rank under FSDP)
+        optimizer.pt          torch.save({"optimizer": state_dict, "rng": cpu rng state});
+                              under FSDP the full (gathered) optimizer state
     best/               a copy of the best checkpoint by validation accuracy (no state)
     metrics.jsonl, metrics.png, config.yaml
 
@@ -56,9 +56,9 @@ def save_training_state(directory: Path, state: dict) -> None:
     (directory / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
 
 
-def save_optimizer(directory: Path, optimizer: torch.optim.Optimizer, rank: int, sharded: bool) -> None:
-    payload = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
-    torch.save(payload, optimizer_file(directory, rank, sharded))
+def save_optimizer(directory: Path, optimizer_state: dict) -> None:
+    """The optimizer's (full) state dict and the CPU RNG state, for ``load_optimizer``."""
+    torch.save({"optimizer": optimizer_state, "rng": torch.get_rng_state()}, optimizer_file(directory, 0, False))
 
 
 def load_training_state(directory: Path) -> dict:

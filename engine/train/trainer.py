@@ -137,7 +137,7 @@ class Trainer:
             lr *= min(1.0, (self.steps_since_reset + 1) / cfg.warmup_steps)
         return lr
 
-    def _optimizer_state(self) -> dict:
+    def optimizer_state(self) -> dict:
         if self.dist.enabled and self.config.parallel == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -145,7 +145,7 @@ class Trainer:
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return self.optimizer.state_dict()
 
-    def _load_optimizer_state(self, state: dict) -> None:
+    def load_optimizer_state(self, state: dict) -> None:
         if self.dist.enabled and self.config.parallel == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -178,7 +178,7 @@ class Trainer:
                 truncate_after(self.log.path, start)
             payload = S.load_optimizer(resume_dir, 0, sharded=False)
             if payload is not None and not self._resets(start):
-                self._load_optimizer_state(payload["optimizer"])
+                self.load_optimizer_state(payload["optimizer"])
                 torch.set_rng_state(payload["rng"])
         for epoch in range(start, cfg.num_epochs):
             if epoch > start and self._resets(epoch):
