@@ -154,3 +154,15 @@ def test_stop_classifier_is_trained_saved_and_used(tmp_path):
     engine = Engine.from_pretrained(directory)
     out = engine.generate(["What is Tom?"], SamplingParams(max_tokens=8), LatentPolicy(mode="auto"))[0]
     assert 1 <= out.num_thoughts <= 3
+
+
+def test_prune_keeps_the_newest_and_every_nth(tmp_path):
+    from engine.train.state import TRAINER_STATE, list_checkpoints, prune
+
+    for epoch in range(1, 8):
+        (tmp_path / f"checkpoint_{epoch}").mkdir()
+        (tmp_path / f"checkpoint_{epoch}" / TRAINER_STATE).write_text("{}")
+    prune(tmp_path, keep=2, keep_every=3)
+    assert [e for e, _ in list_checkpoints(tmp_path)] == [3, 6, 7]
+    prune(tmp_path, keep=0)
+    assert len(list_checkpoints(tmp_path)) == 3

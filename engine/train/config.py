@@ -108,6 +108,7 @@ class TrainConfig(BaseModel):
     val_batch_size: int = Field(64, ge=1, description="engine batch size at evaluation")
     max_val_samples: int | None = Field(None, ge=1, description="evaluate on the first N validation records")
     keep_last_checkpoints: int = Field(0, ge=0, description="keep only the newest N epoch checkpoints (0: all)")
+    keep_every: int = Field(0, ge=0, description="with keep_last_checkpoints: also keep every N-th epoch's")
     plot: bool = Field(True, description="write metrics.png after every epoch")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (null: torch's default)")

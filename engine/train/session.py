@@ -119,7 +119,7 @@ class EvalSession:
                 S.save_optimizer(directory, optimizer_state)
             if improved:
                 S.copy_as_best(directory, t.run_dir)
-            S.prune(t.run_dir, cfg.keep_last_checkpoints)
+            S.prune(t.run_dir, cfg.keep_last_checkpoints, cfg.keep_every)
         t.log.write("epoch", **row)
         if cfg.plot:
             from engine.train.trainer import plot_run

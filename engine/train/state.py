@@ -89,9 +89,12 @@ def copy_as_best(source: Path, run_dir: Path) -> Path:
     return best
 
 
-def prune(run_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` epoch checkpoints (0: keep all)."""
+def prune(run_dir: Path, keep: int, keep_every: int = 0) -> None:
+    """Keep the newest ``keep`` epoch checkpoints (0: keep all) and every epoch that is a
+    multiple of ``keep_every`` (0: none of them specially)."""
     if keep <= 0:
         return
-    for _, path in list_checkpoints(run_dir)[:-keep]:
+    for epoch, path in list_checkpoints(run_dir)[:-keep]:
+        if keep_every and epoch % keep_every == 0:
+            continue
         shutil.rmtree(path, ignore_errors=True)
