@@ -9,6 +9,10 @@ already, so the prefill's logits give the first answer token:
 - zero thoughts: ``... <bot> <eot>``;
 - ``pause_as_thought`` models: ``... <bot> <latent>*N <eot>`` (their thoughts are the
   latent token's embedding, fixed inputs that need no feedback).
+
+A checkpoint with ``text_format: compact`` was trained on ProsQA facts written as
+``s t |``; a question in the reference sentences ("Every A is a B. ... Is X a A or B?")
+is rewritten to that form first, and one already compact is used as it is.
 """
 
 from __future__ import annotations
@@ -26,7 +30,22 @@ class PromptFormat:
     def question_ids(self, question: str) -> list[int]:
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string")
+        if self.config.text_format == "compact":
+            question = self.compact(question)
         return list(self.tokenizer(question + self.config.question_suffix)["input_ids"])
+
+    @staticmethod
+    def compact(question: str) -> str:
+        from engine.train.compact import compact_question
+
+        text = question.strip()
+        if " | " in text and "? " in text:   # already in the compact rendering
+            return text
+        try:
+            return compact_question(text)
+        except ValueError as e:
+            raise ValueError(f"this model reads ProsQA-style questions (facts such as 'Every wumpus is "
+                             f"a yumpus.' or 'Tom is a wumpus.', then 'Is Tom a yumpus or zumpus?'): {e}") from None
 
     def build(self, question: str, latent: ResolvedLatent) -> tuple[list[int], bool]:
         """Returns (prompt ids, whether the prompt already ends in language mode)."""

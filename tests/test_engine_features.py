@@ -207,3 +207,26 @@ def test_bfloat16_runs_and_tracks_the_bf16_reference(gpt2_checkpoint):
     results = engine.generate(QUESTIONS[:8], SamplingParams(max_tokens=6), LatentPolicy(mode="fixed", thoughts=3))
     agree = sum(r.token_ids[:3] == reference(engine, q, 3, 6).token_ids[:3] for q, r in zip(QUESTIONS, results))
     assert agree >= 6
+
+
+def test_compact_text_format_rewrites_reference_questions(tiny_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    from engine.train.compact import compact_question
+
+    directory = tmp_path / "compact"
+    shutil.copytree(tiny_checkpoint("gpt2"), directory)
+    config = json.loads((directory / "coconut.json").read_text())
+    (directory / "coconut.json").write_text(json.dumps({**config, "text_format": "compact"}))
+    engine = Engine.from_pretrained(directory)
+    question = "Every wumpus is a yumpus. Tom is a wumpus. Is Tom a yumpus or zumpus?"
+    compact = "wumpus yumpus | Tom wumpus | ? Tom yumpus zumpus"
+    assert compact_question(question) == compact
+    expected = engine.tokenizer(compact + "\n")["input_ids"]
+    assert engine.prompt_format.question_ids(question) == expected
+    assert engine.prompt_format.question_ids(compact) == expected
+    [a, b] = engine.generate([question, compact], SamplingParams(max_tokens=5), LatentPolicy(thoughts=2))
+    assert a.token_ids == b.token_ids == reference(engine, compact, 2, 5).token_ids
+    with pytest.raises(ValueError, match="reads ProsQA-style questions"):
+        engine.make_request("What is the capital of France?")
