@@ -398,3 +398,26 @@ if __name__ == "__main__":
     import sys
 
     take_screenshot(*sys.argv[1:3], *map(int, sys.argv[3:4]))
+
+
+def test_examples_come_from_the_models_held_out_split(tmp_path):
+    from engine.data.prosqa import generate
+    from engine.data.records import load_records, save_records
+
+    samples = generate(6, 123, size="linear")
+    save_records(load_records_from(samples, tmp_path), tmp_path / "test.json")
+    shown = example_questions(tmp_path)
+    expected = load_records(tmp_path / "test.json")[:N_EXAMPLES]
+    assert [e["question"] for e in shown] == [r.question for r in expected]
+    assert [e["answer"] for e in shown] == [r.answer for r in expected]
+    assert all(e["label"].startswith("Is ") and e["label"].endswith("?") for e in shown)
+
+
+def load_records_from(samples, directory):
+    import json
+
+    from engine.data.records import load_records
+
+    path = directory / "raw.json"
+    path.write_text(json.dumps(samples))
+    return load_records(path)

@@ -7,8 +7,10 @@ the latent trace, and draws each thought's top tokens as a heatmap.
 - ``GET /``: the page (HTML).
 - ``GET /static/{name}``: its assets, each with an explicit content type (the system's
   ``mimetypes`` table varies between machines, e.g. for ``.js``).
-- ``GET /playground/examples``: a few ProsQA-style example questions (the default
-  model's domain), generated once from a fixed seed.
+- ``GET /playground/examples``: a few example questions in the served model's domain:
+  the first questions of the held-out split (``test.json``) beside the checkpoint when
+  it has one (the bundled model does), else ProsQA-style questions generated once from a
+  fixed seed.
 
 All three are public (``server.middleware.PUBLIC_PATHS``): the page holds no secret and
 asks the person for the API key only when ``/v1/reason`` answers 401. A Content
@@ -22,7 +24,7 @@ import functools
 import re
 from pathlib import Path
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from server.errors import ApiError
@@ -51,14 +53,26 @@ def _read(name: str) -> bytes:
     return (STATIC_DIR / name).read_bytes()
 
 
-@functools.lru_cache(maxsize=1)
-def example_questions() -> list[dict]:
-    """ProsQA-style questions ("mini" size: short enough to read on the page), each with
-    a short label: its last sentence ("Is Rex a nulpus or vorpus?")."""
-    from engine.data.prosqa import generate  # pure Python, no torch; imported when first asked
+@functools.lru_cache(maxsize=4)
+def example_questions(model_dir: Path | None = None) -> list[dict]:
+    """Questions from ``model_dir/test.json`` when there is one, else ProsQA-style
+    questions ("mini" size: short enough to read on the page); each with a short label,
+    its last sentence ("Is Rex a nulpus or vorpus?"), and the expected answer."""
+    samples = None
+    if model_dir is not None and (model_dir / "test.json").is_file():
+        from engine.data.records import load_records
 
+        try:
+            samples = [{"question": r.question, "answer": r.answer}
+                       for r in load_records(model_dir / "test.json")[:N_EXAMPLES]]
+        except ValueError:
+            samples = None  # not a records file: fall back to generated questions
+    if not samples:
+        from engine.data.prosqa import generate  # pure Python, no torch; imported when first asked
+
+        samples = generate(N_EXAMPLES, EXAMPLES_SEED, size="mini")
     out = []
-    for sample in generate(N_EXAMPLES, EXAMPLES_SEED, size="mini"):
+    for sample in samples:
         question = sample["question"]
         asked = re.search(r"Is [^.?]+\?\s*$", question)
         out.append({"question": question, "label": asked.group(0).strip() if asked else question[:40],
@@ -79,7 +93,9 @@ async def asset(name: str) -> Response:
 
 
 @router.get("/playground/examples", include_in_schema=False)
-async def examples() -> dict:
-    """``{"examples": [{"question", "label", "answer"}]}``; ``answer`` is the generator's
-    ground truth, shown on the page beside the model's answer."""
-    return {"examples": example_questions()}
+async def examples(request: Request) -> dict:
+    """``{"examples": [{"question", "label", "answer"}]}``; ``answer`` is the ground
+    truth, shown on the page beside the model's answer."""
+    engine = getattr(request.app.state, "engine", None)
+    model_dir = engine.engine.checkpoint.path if engine is not None else None
+    return {"examples": example_questions(model_dir)}
