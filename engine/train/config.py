@@ -92,6 +92,9 @@ class TrainConfig(BaseModel):
     tokenizer_vocab_size: int = Field(512, ge=64, description="init scratch: BPE vocabulary size")
     tokenizer_bos: bool = Field(False, description="init scratch: prepend <s> to every text (like Llama)")
     marker_init_token: str = Field("<<", description="new marker embeddings copy this token's (falls back to EOS)")
+    rescale_thoughts: bool = Field(
+        False, description="entering the first latent stage, scale the final norm so thoughts are as large as "
+                           "token embeddings, and the untied LM head inversely (logits unchanged)")
     text_format: Literal["reference", "compact"] = Field(
         "reference", description="compact: ProsQA facts as 's t |', one word per node (engine.train.compact); "
                                  "the model must then be asked compact questions")

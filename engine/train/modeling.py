@@ -134,3 +134,46 @@ def build_model(config, train_records, coconut: CoconutConfig, tokenizer=None):
         log.warning("loaded %s: missing keys %s, unexpected keys %s", load, result.missing_keys,
                     result.unexpected_keys)
     return model, tokenizer, markers
+
+
+_FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
+
+
+def final_norm(model) -> torch.nn.Module:
+    decoder = model.get_decoder()
+    for name in _FINAL_NORMS:
+        module = getattr(decoder, name, None)
+        if isinstance(module, torch.nn.Module) and getattr(module, "weight", None) is not None:
+            return module
+    raise ValueError(f"{type(model).__name__}: no final norm with a weight found (looked for {_FINAL_NORMS})")
+
+
+@torch.no_grad()
+def rescale_thoughts(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:
+    """Make continuous thoughts as large as token embeddings, without changing the logits.
+
+    A thought is the last hidden state after the final norm, whose norm is about
+    sqrt(d) * |norm weight| (20x a token embedding in a small model trained from scratch):
+    fed back as an input it swamps the residual stream and the next pass cannot change it.
+    The final norm's weight (and bias) is multiplied by alpha = mean |embedding| / mean
+    |last hidden state| over the real positions of ``input_ids`` and the (untied) LM head
+    divided by alpha, so every logit is unchanged. Returns alpha."""
+    head = model.get_output_embeddings()
+    embedding = model.get_input_embeddings()
+    if head is None or head.weight is embedding.weight or getattr(model.config, "tie_word_embeddings", False):
+        raise ValueError("rescale_thoughts needs an untied LM head (tie_word_embeddings: false): with tied "
+                         "weights, scaling the head would scale the input embeddings too")
+    norm = final_norm(model)
+    if "gemma" in type(norm).__name__.lower():
+        raise ValueError(f"rescale_thoughts does not support {type(norm).__name__} (weight stored as 1 + w)")
+    was_training = model.training
+    model.eval()
+    mask = attention_mask.bool()
+    hidden = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[-1]
+    model.train(was_training)
+    alpha = float(embedding(input_ids)[mask].norm(dim=-1).mean() / hidden[mask].norm(dim=-1).mean())
+    norm.weight.mul_(alpha)
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.mul_(alpha)
+    head.weight.div_(alpha)
+    return alpha

@@ -99,7 +99,8 @@ class EvalSession:
         coconut = t.coconut.model_copy(update={
             "num_thoughts": t.curriculum.eval_thoughts(stage),
             "training": {"epoch": done, "stage": stage, "num_epochs": cfg.num_epochs, "method": cfg.method,
-                         "train_loss": train_loss, "config": cfg.model_dump(mode="json")}})
+                         "train_loss": train_loss, "thought_scale": t.thought_scale,
+                         "config": cfg.model_dump(mode="json")}})
         if done % cfg.val_every == 0 or done == cfg.num_epochs:
             report = evaluate(self.engine(model, coconut), val, max_tokens=cfg.val_max_tokens)
             row.update(val_accuracy=report.accuracy, val_mean_tokens=report.mean_tokens,
@@ -114,6 +115,7 @@ class EvalSession:
             S.save_training_state(directory, {
                 "epoch": done, "stage": stage, "global_step": t.global_step,
                 "steps_since_reset": t.steps_since_reset, "best_accuracy": t.best[0], "best_epoch": t.best[1],
+                "thought_scale": t.thought_scale,
                 "method": cfg.method, "world": t.dist.world})
             if optimizer_state is not None:
                 S.save_optimizer(directory, optimizer_state)

@@ -180,9 +180,13 @@ class Trainer:
             if payload is not None and not self._resets(start):
                 self.load_optimizer_state(payload["optimizer"])
                 torch.set_rng_state(payload["rng"])
+        self.thought_scale = (resumed or {}).get("thought_scale", self._loaded_thought_scale())
         for epoch in range(start, cfg.num_epochs):
             if epoch > start and self._resets(epoch):
                 self.optimizer = self._new_optimizer()
+            if (cfg.rescale_thoughts and self.curriculum.feeds_thoughts and self.thought_scale is None
+                    and self.curriculum.stage(epoch) >= 1):
+                self._rescale_thoughts(epoch)
             self._train_epoch(epoch)
         summary = {"epochs": cfg.num_epochs, "best_accuracy": self.best[0], "best_epoch": self.best[1],
                    "method": cfg.method, "run_dir": str(self.run_dir)}
@@ -194,6 +198,29 @@ class Trainer:
         D.barrier(self.dist)
         D.cleanup(self.dist)
         return summary if self.dist.main else None
+
+    def _loaded_thought_scale(self) -> float | None:
+        """The scale already applied to a checkpoint we start from (its coconut.json)."""
+        load = self.config.load_model_path
+        if not load or not Path(load).is_dir() or not (Path(load) / "coconut.json").is_file():
+            return None
+        return (CoconutConfig.read(load).training or {}).get("thought_scale")
+
+    def _rescale_thoughts(self, epoch: int) -> None:
+        from engine.train.modeling import rescale_thoughts
+
+        if self.dist.enabled and self.config.parallel == "fsdp":
+            raise ValueError("rescale_thoughts is not supported with parallel: fsdp (use ddp)")
+        sample = tokenize_records(self.tokenizer, self.records(epoch)[:64], self.markers.eos,
+                                  self.config.question_suffix, self.config.step_suffix, self.config.answer_prefix)
+        batch = collate([self.curriculum.build(t, 0, self.markers) for t in sample], self.markers.pad)
+        model = D.unwrap(self.objective).model
+        self.thought_scale = rescale_thoughts(model, batch["input_ids"].to(self.dist.device),
+                                              batch["attention_mask"].to(self.dist.device))
+        self.optimizer = self._new_optimizer()
+        self.log.write("rescale_thoughts", epoch=epoch + 1, thought_scale=self.thought_scale)
+        log.info("epoch %d: continuous thoughts rescaled by %.4f (final norm x alpha, LM head / alpha)",
+                 epoch + 1, self.thought_scale)
 
     def _rank_checksums(self) -> list[float]:
         """Every rank's sum of its parameters: DDP replicas must agree exactly."""
