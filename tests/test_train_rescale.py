@@ -41,3 +41,20 @@ def test_rescale_refuses_tied_heads():
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match="untied LM head"):
         rescale_thoughts(model, torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))
+
+
+def test_scratch_init_sets_embedding_std_and_final_norm():
+    from types import SimpleNamespace
+
+    from engine.train.config import load_config
+    from engine.train.modeling import build_scratch, final_norm
+
+    config = load_config(None, ["init=scratch", "model.model_type=llama", "model.hidden_size=64",
+                                "model.num_hidden_layers=1", "model.num_attention_heads=2",
+                                "model.intermediate_size=64", "init_embedding_std=0.5", "init_final_norm=0.25",
+                                "tokenizer_vocab_size=300"])
+    records = [SimpleNamespace(question=f"Is Tom a wumpus{i}?", steps=["Tom is a wumpus."], answer="Tom is a wumpus.")
+               for i in range(20)]
+    model, _ = build_scratch(config, records)
+    assert float(model.get_input_embeddings().weight.std()) == pytest.approx(0.5, rel=0.1)
+    assert torch.all(final_norm(model).weight == 0.25)

@@ -90,6 +90,11 @@ class TrainConfig(BaseModel):
     model: dict[str, Any] | None = Field(
         None, description="init scratch: transformers config fields, with model_type (e.g. gpt2)")
     tokenizer_vocab_size: int = Field(512, ge=64, description="init scratch: BPE vocabulary size")
+    init_embedding_std: float | None = Field(
+        None, gt=0, description="init scratch: std of the input embeddings (null: the model's initializer_range)")
+    init_final_norm: float | None = Field(
+        None, gt=0, description="init scratch: initial weight of the final norm; with init_embedding_std it sets "
+                                "how large a continuous thought is relative to a token embedding")
     tokenizer_bos: bool = Field(False, description="init scratch: prepend <s> to every text (like Llama)")
     marker_init_token: str = Field("<<", description="new marker embeddings copy this token's (falls back to EOS)")
     rescale_thoughts: bool = Field(

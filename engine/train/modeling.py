@@ -50,6 +50,11 @@ def build_scratch(config, records, tokenizer=None):
                                      **fields)
     torch.manual_seed(config.seed)
     model = AutoModelForCausalLM.from_config(model_cfg)
+    with torch.no_grad():
+        if config.init_embedding_std is not None:
+            model.get_input_embeddings().weight.normal_(0.0, config.init_embedding_std)
+        if config.init_final_norm is not None:
+            final_norm(model).weight.fill_(config.init_final_norm)
     return model, tokenizer
 
 
