@@ -65,7 +65,7 @@ class CoconutConfig(BaseModel):
     max_latent_stage: int = Field(6, ge=0)
     method: Literal[METHODS] = "coconut"  # type: ignore[valid-type]
     text_format: Literal["reference", "compact"] = Field(
-        "reference", description="compact: the model reads ProsQA facts as 's t |' (engine.train.compact); "
+        "reference", description="compact: the model reads ProsQA facts as 's t |' (engine.data.compact); "
                                  "questions in the reference sentences are rewritten before tokenizing")
     stop_classifier: StopClassifierSpec | None = None
     training: dict[str, Any] | None = Field(None, description="how the trainer produced it")

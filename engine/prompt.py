@@ -36,7 +36,7 @@ class PromptFormat:
 
     @staticmethod
     def compact(question: str) -> str:
-        from engine.train.compact import compact_question
+        from engine.data.compact import compact_question
 
         text = question.strip()
         if " | " in text and "? " in text:   # already in the compact rendering

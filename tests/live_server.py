@@ -3,7 +3,7 @@
     with LiveServer(model_dir, "--max-batch-size", "8") as server:
         httpx.get(server.url + "/ready")
 
-The server gets a free port, its output goes to a log file (shown when it fails to
+``model_dir=None`` leaves ``--model`` out (the bundled default model). The server gets a free port, its output goes to a log file (shown when it fails to
 start), and leaving the block sends SIGTERM and waits for a clean exit. Extra
 environment variables can be passed with ``env``.
 """
@@ -29,9 +29,9 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, model_dir: str | Path, *args: str, env: dict[str, str] | None = None,
+    def __init__(self, model_dir: str | Path | None, *args: str, env: dict[str, str] | None = None,
                  startup_timeout: float = 120.0):
-        self.model_dir = Path(model_dir)
+        self.model_dir = None if model_dir is None else Path(model_dir)  # None: the server's default
         self.args = list(args)
         self.env = env or {}
         self.startup_timeout = startup_timeout
@@ -41,7 +41,8 @@ class LiveServer:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="server-", suffix=".log", delete=False)
 
     def __enter__(self) -> "LiveServer":
-        cmd = [sys.executable, "-m", "engine.cli", "serve", "--model", str(self.model_dir),
+        model = [] if self.model_dir is None else ["--model", str(self.model_dir)]
+        cmd = [sys.executable, "-m", "engine.cli", "serve", *model,
                "--host", "127.0.0.1", "--port", str(self.port), *self.args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)

@@ -213,7 +213,7 @@ def test_compact_text_format_rewrites_reference_questions(tiny_checkpoint, tmp_p
     import json
     import shutil
 
-    from engine.train.compact import compact_question
+    from engine.data.compact import compact_question
 
     directory = tmp_path / "compact"
     shutil.copytree(tiny_checkpoint("gpt2"), directory)

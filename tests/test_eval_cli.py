@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.data.records import save_records
-from engine.train.evaluate import extract_answer, is_correct
+from engine.train.evaluate import extract_answer, gold_answer, is_correct
 
 
 @pytest.fixture(autouse=True)
@@ -28,6 +28,15 @@ def test_reference_comparison():
     # no '#' in the output: the reference's text still holds the question, so it never matches
     assert not is_correct(q, "Tom is a wumpus.", "Tom is a wumpus.")
     assert not is_correct(q, "### Tom is a yumpus.", "Tom is a wumpus.")
+
+
+def test_compact_models_are_scored_against_the_compact_gold():
+    assert gold_answer("Tom is a wumpus.", "compact") == "Tom wumpus"
+    assert gold_answer("Tom wumpus", "compact") == "Tom wumpus"          # already compact
+    assert gold_answer("Tom is a wumpus.", "reference") == "Tom is a wumpus."
+    q = "Every rompus is a wumpus. Tom is a rompus. Is Tom a wumpus or yumpus?"
+    assert is_correct(q, "rompus wumpus | ### Tom wumpus", gold_answer("Tom is a wumpus.", "compact"))
+    assert not is_correct(q, "### Tom yumpus", gold_answer("Tom is a wumpus.", "compact"))
 
 
 def test_eval_cli_json_counts_correct_answers(tmp_path, tiny_checkpoint, capsys):

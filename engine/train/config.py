@@ -101,7 +101,7 @@ class TrainConfig(BaseModel):
         False, description="entering the first latent stage, scale the final norm so thoughts are as large as "
                            "token embeddings, and the untied LM head inversely (logits unchanged)")
     text_format: Literal["reference", "compact"] = Field(
-        "reference", description="compact: ProsQA facts as 's t |', one word per node (engine.train.compact); "
+        "reference", description="compact: ProsQA facts as 's t |', one word per node (engine.data.compact); "
                                  "the model must then be asked compact questions")
     question_suffix: str = "\n"
     step_suffix: str = "\n"

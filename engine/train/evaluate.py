@@ -7,6 +7,11 @@ returns the generated text alone, so the question text (``question + question_su
 is put back in front before splitting, which keeps the reference's behaviour when the
 model writes no ``#`` at all (the whole text then never equals the answer).
 
+A checkpoint whose ``coconut.json`` says ``text_format: compact`` answers in the compact
+rendering (``Tom yumpus``); a reference-style gold answer (``Tom is a yumpus.``) is
+rewritten the same way before the comparison, so ``engine eval`` takes the natural
+data file for either kind of model.
+
 ``evaluate`` reports accuracy, mean generated tokens (EOS excluded), mean thoughts and
 wall time. It knows nothing of training.
 """
@@ -24,6 +29,18 @@ def extract_answer(question: str, generated: str, question_suffix: str = "\n") -
 
 def is_correct(question: str, generated: str, gold: str, question_suffix: str = "\n") -> bool:
     return extract_answer(question, generated, question_suffix) == gold.replace(",", "").strip()
+
+
+def gold_answer(answer: str, text_format: str) -> str:
+    """The answer as a model of ``text_format`` writes it (compact answers pass unchanged)."""
+    if text_format != "compact":
+        return answer
+    from engine.data.compact import compact_answer
+
+    try:
+        return compact_answer(answer)
+    except ValueError:   # already compact ("Tom yumpus")
+        return answer
 
 
 @dataclass
@@ -49,6 +66,7 @@ def evaluate(engine, records, latent=None, max_tokens: int = 128, progress: bool
     if not records:
         raise ValueError("no records to evaluate")
     suffix = engine.coconut.question_suffix
+    text_format = engine.coconut.text_format
     start = time.perf_counter()
     outputs = engine.generate([r.question for r in records], SamplingParams(max_tokens=max_tokens, temperature=0.0),
                               latent, progress=progress)
@@ -56,10 +74,11 @@ def evaluate(engine, records, latent=None, max_tokens: int = 128, progress: bool
     correct = 0
     shown = []
     for record, out in zip(records, outputs):
-        ok = is_correct(record.question, out.text, record.answer, suffix)
+        gold = gold_answer(record.answer, text_format)
+        ok = is_correct(record.question, out.text, gold, suffix)
         correct += ok
         if len(shown) < examples:
-            shown.append({"question": record.question[-120:], "answer": record.answer, "output": out.text,
+            shown.append({"question": record.question[-120:], "answer": gold, "output": out.text,
                           "correct": ok, "thoughts": out.num_thoughts})
     n = len(records)
     resolved = engine.coconut.resolve(latent)

@@ -72,7 +72,7 @@ class Trainer:
 
     def _render(self, records: list) -> list:
         if self.config.text_format == "compact":
-            from engine.train.compact import compact_record
+            from engine.data.compact import compact_record
 
             return [compact_record(r, i) for i, r in enumerate(records)]
         return records

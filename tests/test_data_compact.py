@@ -7,7 +7,7 @@ import re
 import pytest
 
 from engine.data.records import Record
-from engine.train.compact import compact_question, compact_record
+from engine.data.compact import compact_question, compact_record
 
 
 def test_compact_rendering_by_hand():
