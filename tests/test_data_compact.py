@@ -20,6 +20,11 @@ def test_compact_rendering_by_hand():
     assert out.steps == ["Tom wumpus |", "wumpus yumpus |", "yumpus zumpus |"]
     assert out.answer == "Tom zumpus" and out.extra == {"root": 0}
     assert record.question.startswith("Every")          # the original is untouched
+    path = compact_record(record, steps="path")
+    assert path.steps == [" wumpus", " yumpus", " zumpus"]
+    assert (path.question, path.answer) == (out.question, out.answer)
+    with pytest.raises(ValueError, match="'facts' or 'path'"):
+        compact_record(record, steps="nodes")
 
 
 def test_generated_samples_all_compact():

@@ -166,3 +166,23 @@ def test_prune_keeps_the_newest_and_every_nth(tmp_path):
     assert [e for e, _ in list_checkpoints(tmp_path)] == [3, 6, 7]
     prune(tmp_path, keep=0)
     assert len(list_checkpoints(tmp_path)) == 3
+
+
+def test_compact_run_declares_its_text_format_and_serves_natural_questions(tmp_path):
+    """A model trained on the compact rendering must say so in coconut.json, or the engine
+    would feed it natural-language questions it never saw."""
+    from engine import Engine, SamplingParams
+    from engine.data.source import resolve_source
+
+    config = write_config(tmp_path, train_path="prosqa:linear?n=64", val_path="prosqa:linear?n=4&fresh=0",
+                          text_format="compact", compact_steps="path", step_suffix="", answer_prefix=" ### ",
+                          num_epochs=1, tokenizer_vocab_size=600)
+    config["model"]["n_positions"] = 256
+    assert run_train(config, tmp_path) == 0
+    coconut = json.loads((tmp_path / "run" / "checkpoint_1" / "coconut.json").read_text())
+    assert coconut["text_format"] == "compact" and coconut["step_suffix"] == ""
+    engine = Engine.from_pretrained(tmp_path / "run" / "checkpoint_1")
+    natural = resolve_source("prosqa:linear?n=1&seed=9&fresh=0", 0, 0)[0].question
+    assert natural.startswith(("Every", *NAMES)) or " is a" in natural
+    out = engine.generate([natural], SamplingParams(max_tokens=4))[0]
+    assert out.finish_reason in ("stop", "length")

@@ -103,6 +103,9 @@ class TrainConfig(BaseModel):
     text_format: Literal["reference", "compact"] = Field(
         "reference", description="compact: ProsQA facts as 's t |', one word per node (engine.data.compact); "
                                  "the model must then be asked compact questions")
+    compact_steps: Literal["facts", "path"] = Field(
+        "facts", description="text_format compact: a reasoning step as its fact ('s t |') or as the one node "
+                             "it reaches (' t': the steps spell the path, one node per step)")
     question_suffix: str = "\n"
     step_suffix: str = "\n"
     answer_prefix: str = "### "

@@ -74,7 +74,7 @@ class Trainer:
         if self.config.text_format == "compact":
             from engine.data.compact import compact_record
 
-            return [compact_record(r, i) for i, r in enumerate(records)]
+            return [compact_record(r, i, steps=self.config.compact_steps) for i, r in enumerate(records)]
         return records
 
     # ------------------------------------------------------------------ setup
@@ -99,7 +99,8 @@ class Trainer:
         built_cfg = cfg.model_copy(update={"load_model_path": load})
         self.coconut = CoconutConfig(question_suffix=cfg.question_suffix, step_suffix=cfg.step_suffix,
                                      answer_prefix=cfg.answer_prefix, c_thought=max(1, cfg.c_thought),
-                                     max_latent_stage=cfg.max_latent_stage, method=cfg.method)
+                                     max_latent_stage=cfg.max_latent_stage, method=cfg.method,
+                                     text_format=cfg.text_format)
         model, self.tokenizer, self.markers = build_model(built_cfg, first_records, self.coconut,
                                                           tokenizer=scratch_tokenizer)
         self.model = model.to(self.dist.device)
