@@ -97,6 +97,10 @@ class TrainConfig(BaseModel):
                                 "how large a continuous thought is relative to a token embedding")
     tokenizer_bos: bool = Field(False, description="init scratch: prepend <s> to every text (like Llama)")
     marker_init_token: str = Field("<<", description="new marker embeddings copy this token's (falls back to EOS)")
+    reinit_markers: bool = Field(
+        False, description="copy marker_init_token's embedding into all three markers when the model is built, "
+                           "even if they exist (a curriculum starting from a CoT checkpoint of a scratch "
+                           "tokenizer, whose markers were never trained)")
     rescale_thoughts: bool = Field(
         False, description="entering the first latent stage, scale the final norm so thoughts are as large as "
                            "token embeddings, and the untied LM head inversely (logits unchanged)")

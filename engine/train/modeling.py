@@ -88,9 +88,10 @@ def load_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {(k[len(REFERENCE_PREFIX):] if k.startswith(REFERENCE_PREFIX) else k): v for k, v in state.items()}
 
 
-def add_markers(model, tokenizer, coconut: CoconutConfig, init_token: str = "<<") -> Markers:
+def add_markers(model, tokenizer, coconut: CoconutConfig, init_token: str = "<<", reinit: bool = False) -> Markers:
     """Make sure the three markers are single tokens of the vocabulary (adding them in the
-    reference's order: start, end, latent) and return all special ids."""
+    reference's order: start, end, latent) and return all special ids. New markers (or all
+    three with ``reinit``) get ``init_token``'s embedding (EOS's when it is not one token)."""
     names = [coconut.bot_token, coconut.eot_token, coconut.latent_token]
     vocab = tokenizer.get_vocab()
     missing = [t for t in names if t not in vocab]
@@ -100,6 +101,8 @@ def add_markers(model, tokenizer, coconut: CoconutConfig, init_token: str = "<<"
     embeddings = model.get_input_embeddings()
     if max(ids) >= embeddings.weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
+    if reinit:
+        missing = names
     if missing:
         init_ids = tokenizer(init_token, add_special_tokens=False)["input_ids"] if init_token else []
         source = init_ids[0] if len(init_ids) == 1 else tokenizer.eos_token_id
@@ -132,7 +135,7 @@ def build_model(config, train_records, coconut: CoconutConfig, tokenizer=None):
         if not config.model_id:
             raise ValueError("config key 'model_id' must name a local model directory (or use init: scratch)")
         model, tokenizer = load_pretrained(config.model_id)
-    markers = add_markers(model, tokenizer, coconut, config.marker_init_token)
+    markers = add_markers(model, tokenizer, coconut, config.marker_init_token, reinit=config.reinit_markers)
     if load and not Path(load).is_dir():
         state = load_reference_state_dict(load)
         result = model.load_state_dict(state, strict=False)

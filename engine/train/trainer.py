@@ -96,7 +96,9 @@ class Trainer:
         scratch_tokenizer = None
         if cfg.init == "scratch" and not load and self.dist.enabled:
             scratch_tokenizer = self._shared_scratch_tokenizer(first_records)
-        built_cfg = cfg.model_copy(update={"load_model_path": load})
+        # reinit_markers applies to the starting weights, never to this run's own checkpoint
+        built_cfg = cfg.model_copy(update={"load_model_path": load,
+                                           "reinit_markers": cfg.reinit_markers and resume_dir is None})
         self.coconut = CoconutConfig(question_suffix=cfg.question_suffix, step_suffix=cfg.step_suffix,
                                      answer_prefix=cfg.answer_prefix, c_thought=max(1, cfg.c_thought),
                                      max_latent_stage=cfg.max_latent_stage, method=cfg.method,
