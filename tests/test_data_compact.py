@@ -20,6 +20,7 @@ def test_compact_rendering_by_hand():
     assert out.steps == ["Tom wumpus |", "wumpus yumpus |", "yumpus zumpus |"]
     assert out.answer == "Tom zumpus" and out.extra == {"root": 0}
     assert record.question.startswith("Every")          # the original is untouched
+    assert compact_question("Tom is a wumpus. Is Tom a wumpus or an impus?") == "Tom wumpus | ? Tom wumpus impus"
     path = compact_record(record, steps="path")
     assert path.steps == [" wumpus", " yumpus", " zumpus"]
     assert (path.question, path.answer) == (out.question, out.answer)

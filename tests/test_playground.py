@@ -374,7 +374,7 @@ def test_trace_highlights_and_failures_in_words(page, server):
 def take_screenshot(model_dir: str, out: str, example: int = 0) -> None:
     """The page after answering one example question, trace shown, saved as a small PNG
     (a 128-colour palette keeps it well under 300 KB). Run:
-    ``python -m tests.test_playground models/prosqa-mini-coconut docs/playground.png``."""
+    ``python -m tests.test_playground models/prosqa-linear-coconut docs/playground.png``."""
     from playwright.sync_api import sync_playwright
 
     path = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"

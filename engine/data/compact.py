@@ -21,7 +21,7 @@ import re
 from dataclasses import replace
 
 _FACT = re.compile(r"^(?:Every (\S+)|(\S+)) is an? (\S+)\.$")
-_QUESTION = re.compile(r"^Is (\S+) an? (\S+) or (\S+)\?$")
+_QUESTION = re.compile(r"^Is (\S+) an? (\S+) or (?:an? )?(\S+)\?$")
 
 
 def _fact(sentence: str, where: str) -> str:
