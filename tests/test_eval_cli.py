@@ -61,7 +61,7 @@ def test_eval_cli_json_counts_correct_answers(tmp_path, tiny_checkpoint, capsys)
     assert report["n"] == 3 and report["correct"] == (1 if first else 0)
     assert report["mean_thoughts"] == 2.0
     assert report["mean_tokens"] == pytest.approx(sum(len(o.token_ids) for o in outputs) / 3)
-    assert report["latent"] == "fixed:2" and report["seconds"] > 0
+    assert report["latent"] == "fixed:2" and report["seconds"] > 0 and report["max_tokens"] == 12
 
 
 def test_eval_cli_text_output_and_errors(tmp_path, tiny_checkpoint, capsys):

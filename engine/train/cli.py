@@ -103,7 +103,8 @@ def run_eval(args: argparse.Namespace) -> int:
                                     max_batch_size=args.batch_size)
     report = evaluate(engine, records, latent, max_tokens=args.max_tokens, progress=not args.json)
     if args.json:
-        print(json.dumps({"model": str(args.model), "data": str(args.data), **report.to_dict()}))
+        print(json.dumps({"model": str(args.model), "data": str(args.data), "max_tokens": args.max_tokens,
+                          **report.to_dict()}))
     else:
         print(f"{args.model} on {args.data} ({report.n} questions, latent {report.latent}):")
         print(f"  accuracy        {report.accuracy:.4f} ({report.correct}/{report.n})")
