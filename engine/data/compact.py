@@ -6,7 +6,7 @@ a plain induction pattern (the token after the previous occurrence of the curren
 ``compact_record`` rewrites the reference sentences::
 
     "Every wumpus is a yumpus."   -> "wumpus yumpus |"
-    "Tom is a wumpus."            -> "Tom wumpus |"   (a step: the same, or " wumpus")
+    "Tom is a wumpus."            -> "Tom wumpus |"   (a step: the same, or " Tom wumpus")
     "Is Tom a yumpus or zumpus?"  -> "? Tom yumpus zumpus"
     answer "Tom is a yumpus."     -> "Tom yumpus"
 
@@ -46,21 +46,28 @@ def compact_answer(answer: str, where: str = "answer") -> str:
     return _fact(answer, where)[:-2]
 
 
-def _path_step(sentence: str, where: str) -> str:
-    return " " + _fact(sentence, where)[:-2].split(" ")[1]
+def _path_step(sentence: str, where: str, first: bool) -> str:
+    source, target = _fact(sentence, where)[:-2].split(" ")
+    return f" {source} {target}" if first else f" {target}"
 
 
 def compact_record(record, index: int = 0, steps: str = "facts"):
     """A copy of ``record`` (an ``engine.data.records.Record``) in the compact rendering.
 
     ``steps="facts"`` writes each step as its fact (``"wumpus yumpus |"``); ``steps="path"``
-    as the node it reaches with a leading space (``" yumpus"``), so the steps spell the
-    path one node (one token, for a tokenizer trained on such text) per step.
+    as the node it reaches with a leading space (``" yumpus"``), the first step also naming
+    where the path starts (``" Tom wumpus"``), so the steps spell the path one node (one
+    token, for a tokenizer trained on such text) per step and every node is one look-up
+    from the token before it.
     """
     if steps not in ("facts", "path"):
         raise ValueError(f"steps must be 'facts' or 'path', got {steps!r}")
     where = f"record {index}"
-    render = _fact if steps == "facts" else _path_step
+
+    def render(i: int, sentence: str) -> str:
+        at = f"{where} step {i}"
+        return _fact(sentence, at) if steps == "facts" else _path_step(sentence, at, first=i == 0)
+
     return replace(record, question=compact_question(record.question, where),
-                   steps=[render(s, f"{where} step {i}") for i, s in enumerate(record.steps)],
+                   steps=[render(i, s) for i, s in enumerate(record.steps)],
                    answer=compact_answer(record.answer, where))
