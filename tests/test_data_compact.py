@@ -22,7 +22,7 @@ def test_compact_rendering_by_hand():
     assert record.question.startswith("Every")          # the original is untouched
     assert compact_question("Tom is a wumpus. Is Tom a wumpus or an impus?") == "Tom wumpus | ? Tom wumpus impus"
     path = compact_record(record, steps="path")
-    assert path.steps == [" Tom wumpus", " yumpus", " zumpus"]
+    assert path.steps == [" Tom", " wumpus", " yumpus", " zumpus"]
     assert (path.question, path.answer) == (out.question, out.answer)
     with pytest.raises(ValueError, match="'facts' or 'path'"):
         compact_record(record, steps="nodes")

@@ -6,7 +6,7 @@ a plain induction pattern (the token after the previous occurrence of the curren
 ``compact_record`` rewrites the reference sentences::
 
     "Every wumpus is a yumpus."   -> "wumpus yumpus |"
-    "Tom is a wumpus."            -> "Tom wumpus |"   (a step: the same, or " Tom wumpus")
+    "Tom is a wumpus."            -> "Tom wumpus |"   (a step: the same, or the path " Tom", " wumpus")
     "Is Tom a yumpus or zumpus?"  -> "? Tom yumpus zumpus"
     answer "Tom is a yumpus."     -> "Tom yumpus"
 
@@ -46,28 +46,27 @@ def compact_answer(answer: str, where: str = "answer") -> str:
     return _fact(answer, where)[:-2]
 
 
-def _path_step(sentence: str, where: str, first: bool) -> str:
+def _path_nodes(sentence: str, where: str) -> tuple[str, str]:
     source, target = _fact(sentence, where)[:-2].split(" ")
-    return f" {source} {target}" if first else f" {target}"
+    return source, target
 
 
 def compact_record(record, index: int = 0, steps: str = "facts"):
     """A copy of ``record`` (an ``engine.data.records.Record``) in the compact rendering.
 
-    ``steps="facts"`` writes each step as its fact (``"wumpus yumpus |"``); ``steps="path"``
-    as the node it reaches with a leading space (``" yumpus"``), the first step also naming
-    where the path starts (``" Tom wumpus"``), so the steps spell the path one node (one
-    token, for a tokenizer trained on such text) per step and every node is one look-up
-    from the token before it.
+    ``steps="facts"`` writes each step as its fact (``"wumpus yumpus |"``). ``steps="path"``
+    writes the path node by node, each with a leading space: the start node, then the node
+    each fact reaches (``" Tom", " wumpus", " yumpus"``: one step more than facts). Each
+    node is then one token (for a tokenizer trained on such text) and one look-up from the
+    token before it, and a continuous thought can stand for exactly one token of the chain.
     """
     if steps not in ("facts", "path"):
         raise ValueError(f"steps must be 'facts' or 'path', got {steps!r}")
     where = f"record {index}"
-
-    def render(i: int, sentence: str) -> str:
-        at = f"{where} step {i}"
-        return _fact(sentence, at) if steps == "facts" else _path_step(sentence, at, first=i == 0)
-
-    return replace(record, question=compact_question(record.question, where),
-                   steps=[render(i, s) for i, s in enumerate(record.steps)],
+    if steps == "facts":
+        rendered = [_fact(s, f"{where} step {i}") for i, s in enumerate(record.steps)]
+    else:
+        nodes = [_path_nodes(s, f"{where} step {i}") for i, s in enumerate(record.steps)]
+        rendered = [f" {nodes[0][0]}"] + [f" {target}" for _, target in nodes] if nodes else []
+    return replace(record, question=compact_question(record.question, where), steps=rendered,
                    answer=compact_answer(record.answer, where))
