@@ -36,8 +36,8 @@ def test_bundled_model_directory_is_complete():
     assert size < 20 * 2**20, f"the bundled model takes {size / 2**20:.1f} MiB; keep it to a few MB"
     report = json.loads((MODEL_DIR / "eval.json").read_text())
     # eval.json is what `engine eval --model . --data test.json --json` printed (models/*/README.md)
-    for key, kind in (("accuracy", float), ("data", str), ("mean_thoughts", float), ("mean_tokens", float),
-                      ("latent", str), ("max_tokens", int)):
+    for key, kind in (("accuracy", float), ("data", str), ("thoughts", int), ("mean_generated_tokens", float),
+                      ("mean_thoughts", float), ("latent", str), ("max_tokens", int)):
         assert isinstance(report.get(key), kind), f"eval.json field {key!r} must be a {kind.__name__}"
     assert report["data"] == "test.json" and report["latent"].startswith("fixed:")
     records = json.loads((MODEL_DIR / "test.json").read_text())
@@ -50,7 +50,7 @@ def test_eval_json_accuracy_holds_over_http():
     coconut = json.loads((MODEL_DIR / "coconut.json").read_text())
     records = json.loads((MODEL_DIR / "test.json").read_text())
     gold = _gold_answers(records, coconut.get("text_format", "reference"))
-    thoughts = int(report["latent"].split(":")[1])
+    thoughts = report["thoughts"]
 
     async def ask_all(url: str) -> list[dict]:
         limits = httpx.Limits(max_connections=64)
@@ -72,5 +72,5 @@ def test_eval_json_accuracy_holds_over_http():
     accuracy = correct / len(records)
     mean_tokens = sum(a["usage"]["completion_tokens"] for a in answers) / len(records)
     assert abs(accuracy - report["accuracy"]) <= 0.01, (accuracy, report["accuracy"])
-    assert abs(mean_tokens - report["mean_tokens"]) <= 0.5
+    assert abs(mean_tokens - report["mean_generated_tokens"]) <= 0.5
     assert all(a["usage"]["latent_thoughts"] == thoughts for a in answers)

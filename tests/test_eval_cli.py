@@ -60,7 +60,8 @@ def test_eval_cli_json_counts_correct_answers(tmp_path, tiny_checkpoint, capsys)
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["n"] == 3 and report["correct"] == (1 if first else 0)
     assert report["mean_thoughts"] == 2.0
-    assert report["mean_tokens"] == pytest.approx(sum(len(o.token_ids) for o in outputs) / 3)
+    assert report["thoughts"] == 2
+    assert report["mean_generated_tokens"] == pytest.approx(sum(len(o.token_ids) for o in outputs) / 3)
     assert report["latent"] == "fixed:2" and report["seconds"] > 0 and report["max_tokens"] == 12
 
 

@@ -108,7 +108,7 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         print(f"{args.model} on {args.data} ({report.n} questions, latent {report.latent}):")
         print(f"  accuracy        {report.accuracy:.4f} ({report.correct}/{report.n})")
-        print(f"  mean tokens     {report.mean_tokens:.1f}")
+        print(f"  mean tokens     {report.mean_generated_tokens:.1f}")
         print(f"  mean thoughts   {report.mean_thoughts:.2f}")
         print(f"  time            {report.seconds:.1f} s")
     sys.stdout.flush()

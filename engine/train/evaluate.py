@@ -48,7 +48,8 @@ class EvalReport:
     n: int
     correct: int
     accuracy: float
-    mean_tokens: float
+    mean_generated_tokens: float
+    thoughts: int                  # the policy's thoughts: the fixed count, or auto's cap
     mean_thoughts: float
     seconds: float
     latent: str
@@ -87,6 +88,6 @@ def evaluate(engine, records, latent=None, max_tokens: int = 128, progress: bool
                 else sum(o.num_thoughts for o in outputs))
     return EvalReport(
         n=n, correct=correct, accuracy=correct / n,
-        mean_tokens=sum(len(o.token_ids) for o in outputs) / n,
-        mean_thoughts=thoughts / n,
+        mean_generated_tokens=sum(len(o.token_ids) for o in outputs) / n,
+        thoughts=resolved.thoughts, mean_thoughts=thoughts / n,
         seconds=seconds, latent=f"{resolved.mode}:{resolved.thoughts}", examples=shown)

@@ -103,7 +103,7 @@ class EvalSession:
                          "config": cfg.model_dump(mode="json")}})
         if done % cfg.val_every == 0 or done == cfg.num_epochs:
             report = evaluate(self.engine(model, coconut), val, max_tokens=cfg.val_max_tokens)
-            row.update(val_accuracy=report.accuracy, val_mean_tokens=report.mean_tokens,
+            row.update(val_accuracy=report.accuracy, val_mean_tokens=report.mean_generated_tokens,
                        val_mean_thoughts=report.mean_thoughts, val_seconds=round(report.seconds, 2),
                        val_examples=report.examples[:2])
             coconut.training["val_accuracy"] = report.accuracy
