@@ -56,5 +56,5 @@ def test_scratch_init_sets_embedding_std_and_final_norm():
     records = [SimpleNamespace(question=f"Is Tom a wumpus{i}?", steps=["Tom is a wumpus."], answer="Tom is a wumpus.")
                for i in range(20)]
     model, _ = build_scratch(config, records)
-    assert float(model.get_input_embeddings().weight.std()) == pytest.approx(0.5, rel=0.1)
+    assert float(model.get_input_embeddings().weight.detach().std()) == pytest.approx(0.5, rel=0.1)
     assert torch.all(final_norm(model).weight == 0.25)
