@@ -78,6 +78,10 @@ def test_tiny_run_learns_and_the_checkpoint_serves(tmp_path):
     assert all(0.0 <= r["val_accuracy"] <= 1.0 and r["samples_per_s"] > 0 for r in rows)
     assert (run_dir / "metrics.png").stat().st_size > 1000
     assert (run_dir / "best" / "coconut.json").is_file()
+    # best/ is the best epoch of the last stage reached, however well stage 0 scored
+    best = json.loads((run_dir / "best" / "coconut.json").read_text())["training"]
+    last_stage = [r for r in rows if r["stage"] == 1]
+    assert best["stage"] == 1 and best["val_accuracy"] == max(r["val_accuracy"] for r in last_stage)
     coconut = json.loads((run_dir / "checkpoint_4" / "coconut.json").read_text())
     assert coconut["method"] == "coconut" and coconut["num_thoughts"] == 1
     assert coconut["training"]["epoch"] == 4 and coconut["training"]["stage"] == 1

@@ -107,15 +107,19 @@ class EvalSession:
                        val_mean_thoughts=report.mean_thoughts, val_seconds=round(report.seconds, 2),
                        val_examples=report.examples[:2])
             coconut.training["val_accuracy"] = report.accuracy
-        improved = row.get("val_accuracy") is not None and row["val_accuracy"] > t.best[0]
+        # best/ stands for the finished curriculum: an epoch of a later stage (more thoughts,
+        # less language) replaces the best of an earlier one whatever its accuracy
+        stage_reached = min(stage, cfg.max_latent_stage)
+        improved = row.get("val_accuracy") is not None and (
+            stage_reached > t.best_stage or row["val_accuracy"] > t.best[0])
         if improved:
-            t.best = (row["val_accuracy"], done)
+            t.best, t.best_stage = (row["val_accuracy"], done), stage_reached
         if t.saving and (improved or not cfg.save_only_improve):
             directory = save_checkpoint(S.checkpoint_dir(t.run_dir, done), model, t.tokenizer, coconut)
             S.save_training_state(directory, {
                 "epoch": done, "stage": stage, "global_step": t.global_step,
                 "steps_since_reset": t.steps_since_reset, "best_accuracy": t.best[0], "best_epoch": t.best[1],
-                "thought_scale": t.thought_scale,
+                "best_stage": t.best_stage, "thought_scale": t.thought_scale,
                 "method": cfg.method, "world": t.dist.world})
             if optimizer_state is not None:
                 S.save_optimizer(directory, optimizer_state)

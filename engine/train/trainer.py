@@ -174,8 +174,10 @@ class Trainer:
         self.optimizer = self._new_optimizer()
         self.global_step = 0
         self.best = (-1.0, 0)
+        self.best_stage = 0         # best/ is the best of the latest stage reached
         if resumed:
             self.global_step, self.best = resumed["global_step"], (resumed["best_accuracy"], resumed["best_epoch"])
+            self.best_stage = resumed.get("best_stage", 0)
             self.steps_since_reset = resumed.get("steps_since_reset", 0)
             if self.dist.main:
                 truncate_after(self.log.path, start)
