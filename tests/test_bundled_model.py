@@ -21,12 +21,6 @@ from tests.live_server import LiveServer
 MODEL_DIR = REPO_MODELS_DIR / DEFAULT_MODEL_NAME
 
 
-def _gold_answers(records, text_format: str) -> list[str]:
-    from engine.train.evaluate import gold_answer
-
-    return [gold_answer(r["answer"], text_format) for r in records]
-
-
 def test_bundled_model_directory_is_complete():
     assert MODEL_DIR.is_dir(), f"the bundled model is missing: {MODEL_DIR}"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "coconut.json", "test.json",
@@ -49,7 +43,9 @@ def test_eval_json_accuracy_holds_over_http():
     report = json.loads((MODEL_DIR / "eval.json").read_text())
     coconut = json.loads((MODEL_DIR / "coconut.json").read_text())
     records = json.loads((MODEL_DIR / "test.json").read_text())
-    gold = _gold_answers(records, coconut.get("text_format", "reference"))
+    from engine.train.evaluate import gold_answer
+
+    gold = [gold_answer(r["answer"], coconut.get("text_format", "reference")) for r in records]
     thoughts = report["thoughts"]
 
     async def ask_all(url: str) -> list[dict]:

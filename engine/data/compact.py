@@ -24,11 +24,17 @@ _FACT = re.compile(r"^(?:Every (\S+)|(\S+)) is an? (\S+)\.$")
 _QUESTION = re.compile(r"^Is (\S+) an? (\S+) or (?:an? )?(\S+)\?$")
 
 
-def _fact(sentence: str, where: str) -> str:
+def _fact_nodes(sentence: str, where: str) -> tuple[str, str]:
+    """(source, target) of a ProsQA fact sentence."""
     m = _FACT.match(sentence.strip())
     if not m:
         raise ValueError(f"{where}: {sentence!r} is not a ProsQA fact ('Every A is a B.' or 'X is a A.')")
-    return f"{m.group(1) or m.group(2)} {m.group(3)} |"
+    return m.group(1) or m.group(2), m.group(3)
+
+
+def _fact(sentence: str, where: str) -> str:
+    source, target = _fact_nodes(sentence, where)
+    return f"{source} {target} |"
 
 
 def compact_question(question: str, where: str = "question") -> str:
@@ -43,12 +49,7 @@ def compact_question(question: str, where: str = "question") -> str:
 
 
 def compact_answer(answer: str, where: str = "answer") -> str:
-    return _fact(answer, where)[:-2]
-
-
-def _path_nodes(sentence: str, where: str) -> tuple[str, str]:
-    source, target = _fact(sentence, where)[:-2].split(" ")
-    return source, target
+    return " ".join(_fact_nodes(answer, where))
 
 
 def compact_record(record, index: int = 0, steps: str = "facts"):
@@ -66,7 +67,7 @@ def compact_record(record, index: int = 0, steps: str = "facts"):
     if steps == "facts":
         rendered = [_fact(s, f"{where} step {i}") for i, s in enumerate(record.steps)]
     else:
-        nodes = [_path_nodes(s, f"{where} step {i}") for i, s in enumerate(record.steps)]
+        nodes = [_fact_nodes(s, f"{where} step {i}") for i, s in enumerate(record.steps)]
         rendered = [f" {nodes[0][0]}"] + [f" {target}" for _, target in nodes] if nodes else []
     return replace(record, question=compact_question(record.question, where), steps=rendered,
                    answer=compact_answer(record.answer, where))
