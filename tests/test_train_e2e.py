@@ -172,6 +172,17 @@ def test_prune_keeps_the_newest_and_every_nth(tmp_path):
     assert len(list_checkpoints(tmp_path)) == 3
 
 
+def test_best_is_the_best_of_the_latest_stage():
+    from engine.train.state import is_new_best
+
+    assert is_new_best(0.2, 0, -1.0, 0)                 # the first evaluation
+    assert is_new_best(0.5, 1, 0.9, 0)                  # a later stage wins, even when worse
+    assert not is_new_best(0.8, 1, 0.9, 1)              # within a stage, the higher accuracy
+    assert is_new_best(0.95, 1, 0.9, 1)
+    assert not is_new_best(0.9, 1, 0.9, 1)              # a tie keeps the earlier epoch
+    assert not is_new_best(None, 2, 0.9, 1)             # an epoch without validation
+
+
 def test_compact_run_declares_its_text_format_and_serves_natural_questions(tmp_path):
     """A model trained on the compact rendering must say so in coconut.json, or the engine
     would feed it natural-language questions it never saw."""

@@ -107,11 +107,8 @@ class EvalSession:
                        val_mean_thoughts=report.mean_thoughts, val_seconds=round(report.seconds, 2),
                        val_examples=report.examples[:2])
             coconut.training["val_accuracy"] = report.accuracy
-        # best/ stands for the finished curriculum: an epoch of a later stage (more thoughts,
-        # less language) replaces the best of an earlier one whatever its accuracy
         stage_reached = min(stage, cfg.max_latent_stage)
-        improved = row.get("val_accuracy") is not None and (
-            stage_reached > t.best_stage or row["val_accuracy"] > t.best[0])
+        improved = S.is_new_best(row.get("val_accuracy"), stage_reached, t.best[0], t.best_stage)
         if improved:
             t.best, t.best_stage = (row["val_accuracy"], done), stage_reached
         if t.saving and (improved or not cfg.save_only_improve):

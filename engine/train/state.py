@@ -89,6 +89,14 @@ def copy_as_best(source: Path, run_dir: Path) -> Path:
     return best
 
 
+def is_new_best(accuracy: float | None, stage: int, best_accuracy: float, best_stage: int) -> bool:
+    """Whether an epoch's validation accuracy at curriculum ``stage`` (capped at the last
+    stage) replaces ``best/``: ``best/`` stands for the finished curriculum, so an epoch of
+    a later stage (more thoughts, less language) wins whatever its accuracy; within a stage
+    the higher accuracy wins."""
+    return accuracy is not None and (stage, accuracy) > (best_stage, best_accuracy)
+
+
 def prune(run_dir: Path, keep: int, keep_every: int = 0) -> None:
     """Keep the newest ``keep`` epoch checkpoints (0: keep all) and every epoch that is a
     multiple of ``keep_every`` (0: none of them specially)."""
