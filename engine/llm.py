@@ -70,10 +70,11 @@ class Engine:
         """Validate and tokenize; raises ``ValueError`` with the reason for bad input."""
         sampling = sampling or SamplingParams()
         resolved = self.coconut.resolve(latent)
-        prompt, in_language = self.prompt_format.build(question, resolved)
+        prompt = self.prompt_format.build(question, resolved)
         request_id = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-        return Request(request_id, prompt, sampling, resolved, self.checkpoint.markers.eot,
-                       starts_in_language=in_language)
+        watch = self.prompt_format.node_token_ids(prompt.graph) if prompt.graph and resolved.trace_top_k else None
+        return Request(request_id, prompt.ids, sampling, resolved, self.checkpoint.markers.eot,
+                       starts_in_language=prompt.in_language, watch_token_ids=watch, graph=prompt.graph)
 
     def add_request(self, question: str | Request, sampling: SamplingParams | None = None,
                     latent: LatentPolicy | None = None, request_id: str | None = None) -> str:

@@ -115,7 +115,7 @@ class OutputProcessor:
                   finish_reason: str | None, finished: bool) -> RequestOutput:
         trace = None
         if request.latent.trace_top_k > 0:
-            trace = [self.trace_entry(e) for e in request.trace]
+            trace = [self.trace_entry(e, request, k) for k, e in enumerate(request.trace, 1)]
         return RequestOutput(
             request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
             token_ids=list(request.output_token_ids), text=state.text,
@@ -126,7 +126,16 @@ class OutputProcessor:
             latent_trace=trace, stop_probs=list(request.stop_probs),
             timings=request.times.phases(), error=out.error)
 
-    def trace_entry(self, entry: TraceEntry) -> dict:
+    def trace_entry(self, entry: TraceEntry, request: Request | None = None, thought: int = 1) -> dict:
+        """One thought's top tokens; for a graph question also its frontier view
+        (``engine.frontier.thought_frontier``: the mass on the nodes within ``thought`` hops)."""
         tokens = self.tokenizer.convert_ids_to_tokens(entry.token_ids)
         texts = [self.tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in entry.token_ids]
-        return {"token_ids": entry.token_ids, "tokens": tokens, "texts": texts, "probs": entry.probs}
+        out = {"token_ids": entry.token_ids, "tokens": tokens, "texts": texts, "probs": entry.probs}
+        if request is not None and request.graph is not None and entry.watch_probs is not None:
+            from engine.data.question import hop_distances
+            from engine.frontier import thought_frontier
+
+            graph = request.graph
+            out["frontier"] = thought_frontier(thought, hop_distances(graph), dict(zip(graph.nodes, entry.watch_probs)))
+        return out

@@ -12,13 +12,27 @@ already, so the prefill's logits give the first answer token:
 
 A checkpoint with ``text_format: compact`` was trained on ProsQA facts written as
 ``s t |``; a question in the reference sentences ("Every A is a B. ... Is X a A or B?")
-is rewritten to that form first, and one already compact is used as it is.
+or already compact is parsed into its graph (``engine.data.question``) and rendered
+compactly. Such a model reads nothing else: a question without facts or without
+"Is X a A or B?", a word it has no single token for, a non-ASCII name or a control
+character raises ``ValueError`` that says what the model reads (the server's 422). Its
+answer (``Tom yumpus``) is given back in the question's wording (``Tom is a yumpus.``).
+A control character (a NUL byte, say) is refused for every model.
 """
 
 from __future__ import annotations
 
+import unicodedata
+from typing import NamedTuple
+
 from engine.checkpoint import CoconutConfig, MarkerIds
 from engine.params import ResolvedLatent
+
+
+class Prompt(NamedTuple):
+    ids: list[int]
+    in_language: bool          # the prompt already ends in language mode
+    graph: object | None       # the question's QuestionGraph (compact models), else None
 
 
 class PromptFormat:
@@ -28,42 +42,70 @@ class PromptFormat:
         self.markers = markers
 
     def question_ids(self, question: str) -> list[int]:
+        return self._encode(question)[0]
+
+    def graph(self, question: str):
+        """The question's graph for a compact model (``ValueError`` if it cannot read it), else None."""
+        return self._encode(question)[1]
+
+    def _encode(self, question: str):
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string")
+        _refuse_control_characters(question)
+        graph = None
         if self.config.text_format == "compact":
-            question = self.compact(question)
-        return list(self.tokenizer(question + self.config.question_suffix)["input_ids"])
+            graph = self.read_graph(question)
+            question = graph.compact()
+        return list(self.tokenizer(question + self.config.question_suffix)["input_ids"]), graph
 
-    @staticmethod
-    def compact(question: str) -> str:
-        from engine.data.compact import compact_question
+    def read_graph(self, question: str):
+        from engine.data.question import parse_question, unreadable_words
 
-        text = question.strip()
-        if " | " in text and "? " in text:   # already in the compact rendering
-            return text
         try:
-            return compact_question(text)
+            graph = parse_question(question)
         except ValueError as e:
-            raise ValueError(f"this model reads ProsQA-style questions (facts such as 'Every wumpus is "
-                             f"a yumpus.' or 'Tom is a wumpus.', then 'Is Tom a yumpus or zumpus?'): {e}") from None
+            raise ValueError(f"this model reads ProsQA questions only: {e}") from None
+        unknown = unreadable_words(graph, self.tokenizer)
+        if unknown:
+            raise ValueError(f"this model has no token for {', '.join(repr(w) for w in unknown)}: it reads "
+                             f"the person names and '-pus' concept words of ProsQA (e.g. 'Tom', 'wumpus'), "
+                             f"one token each")
+        return graph
 
-    def build(self, question: str, latent: ResolvedLatent) -> tuple[list[int], bool]:
-        """Returns (prompt ids, whether the prompt already ends in language mode)."""
-        ids = self.question_ids(question)
+    def build(self, question: str, latent: ResolvedLatent) -> Prompt:
+        """The prompt ids, whether they already end in language mode, and the graph."""
+        ids, graph = self._encode(question)
         m = self.markers
         if latent.mode == "none":
-            return ids, True
+            return Prompt(ids, True, graph)
         if latent.feed == "pause":
-            return ids + [m.bot] + [m.latent] * latent.thoughts + [m.eot], True
+            return Prompt(ids + [m.bot] + [m.latent] * latent.thoughts + [m.eot], True, graph)
         if latent.mode == "fixed" and latent.thoughts == 0:
-            return ids + [m.bot, m.eot], True
-        return ids + [m.bot], False
+            return Prompt(ids + [m.bot, m.eot], True, graph)
+        return Prompt(ids + [m.bot], False, graph)
+
+    def node_token_ids(self, graph) -> list[int]:
+        """One token id per graph node (``graph.nodes`` order): what a trace watches."""
+        return [self.tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in graph.nodes]
 
     def answer(self, text: str) -> str:
-        """The answer inside generated text: what follows the last answer prefix, stripped."""
+        """The answer inside generated text: what follows the last answer prefix, stripped;
+        a compact model's ``Tom yumpus`` in the question's wording, ``Tom is a yumpus.``."""
         marker = self.config.answer_prefix.strip()
+        answer = text.strip()
         if marker:
             at = text.rfind(marker)
             if at >= 0:
-                return text[at + len(marker):].strip()
-        return text.strip()
+                answer = text[at + len(marker):].strip()
+        if self.config.text_format == "compact":
+            words = answer.split()
+            if len(words) == 2 and all(w.isascii() and w.isalpha() for w in words):
+                return f"{words[0]} is a {words[1]}."
+        return answer
+
+
+def _refuse_control_characters(question: str) -> None:
+    for i, ch in enumerate(question):
+        if ch not in "\n\r\t" and unicodedata.category(ch) == "Cc":
+            raise ValueError(f"the question contains a control character (U+{ord(ch):04X} at position {i}); "
+                             f"remove it")

@@ -45,6 +45,7 @@ class TraceEntry:
 
     token_ids: list[int]
     probs: list[float]
+    watch_probs: list[float] | None = None   # the probabilities of Request.watch_token_ids
 
 
 @dataclass
@@ -71,7 +72,8 @@ class RequestTimes:
 
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                 latent: ResolvedLatent, eot_token_id: int, *, starts_in_language: bool):
+                 latent: ResolvedLatent, eot_token_id: int, *, starts_in_language: bool,
+                 watch_token_ids: list[int] | None = None, graph=None):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling = sampling
@@ -80,6 +82,10 @@ class Request:
         # True when the prompt already ends in language mode (mode none, pause thoughts,
         # or zero thoughts): the prefill's logits give the first answer token.
         self.starts_in_language = starts_in_language
+        # tokens whose probability every traced thought reports (a graph question's nodes),
+        # and that graph (an engine.data.question.QuestionGraph) for the trace's frontier view
+        self.watch_token_ids = list(watch_token_ids or [])
+        self.graph = graph
         self.status = RequestStatus.WAITING
         self.thoughts_done = 0
         self.output_token_ids: list[int] = []

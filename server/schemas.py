@@ -83,11 +83,29 @@ class TraceToken(BaseModel):
     prob: float
 
 
+class FrontierNode(BaseModel):
+    concept: str = Field(description="a node of the question's graph (a person or a concept)")
+    hops: int | None = Field(description="breadth-first hops from the asked name; null: unreachable")
+    prob: float = Field(description="the thought's probability on this node's token")
+
+
+class Frontier(BaseModel):
+    """For a graph question: the thought's mass on the nodes within `hops` hops of the asked name."""
+
+    hops: int = Field(description="the frontier's radius: thought k covers the nodes within k hops")
+    frontier_mass: float = Field(description="total probability on the frontier's nodes")
+    next_mass: float = Field(description="total probability on the nodes exactly one hop past it")
+    rest_mass: float = Field(description="everything else (other tokens, unreachable nodes)")
+    nodes: list[FrontierNode] = Field(description="every node of the graph, in order of first mention")
+
+
 class LatentThought(BaseModel):
-    """One continuous thought projected onto the vocabulary: its top-k tokens."""
+    """One continuous thought projected onto the vocabulary: its top-k tokens, and for a
+    graph question read by a compact model, how its mass spreads over the graph."""
 
     thought: int = Field(description="1-based index of the thought")
     tokens: list[TraceToken]
+    frontier: Frontier | None = None
 
 
 FinishReason = Literal["stop", "length", "abort", "error"]

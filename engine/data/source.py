@@ -24,6 +24,11 @@ Spec syntax (the whole string; no spaces)::
           prosqa:mini?n=6000&n_nodes=14&max_hops=5
           prosqa:linear?n=500&seed=99&fresh=0        (a fixed validation set)
 
+A mixture joins specs with ``+`` (``prosqa?n=16000+prosqa?n=4000&n_nodes=10&min_hops=1``):
+each part is generated as above from its own seed (derived from the run's seed and the
+part's position, unless the part sets ``seed``) and the parts' records are concatenated in
+order (the trainer shuffles them).
+
 A string is a spec when it starts with a known generator name followed by ``:`` or ``?``
 (or is the bare name); anything else is a path. This module knows sources, not what a
 trainer does with the records (shuffling and batching are the trainer's).
@@ -94,11 +99,20 @@ def apply_overrides(settings: ProsQASettings, overrides: dict[str, str]) -> Pros
     return dataclasses.replace(settings, **changes)
 
 
+def _is_single_spec(source: str) -> bool:
+    m = _SPEC.match(source)
+    return m is not None and m["name"] in GENERATORS
+
+
+def mixture_parts(source: str) -> list[str]:
+    """The specs a ``+``-joined mixture is made of (one part for a plain spec)."""
+    return source.split("+")
+
+
 def is_generator_spec(source: str | os.PathLike) -> bool:
     if not isinstance(source, str):
         return False
-    m = _SPEC.match(source)
-    return m is not None and m["name"] in GENERATORS
+    return all(_is_single_spec(part) for part in mixture_parts(source))
 
 
 def parse_spec(spec: str) -> GeneratorSpec:
@@ -138,6 +152,10 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+def _part_seed(seed: int, part: int) -> int:
+    return seed if part == 0 else epoch_seed(seed, -1 - part)
+
+
 def resolve_source(spec_or_path: str | os.PathLike, epoch: int, seed: int) -> list[Record]:
     """The records of ``spec_or_path`` for ``epoch`` (see the module docstring)."""
     if not is_generator_spec(spec_or_path):
@@ -147,6 +165,9 @@ def resolve_source(spec_or_path: str | os.PathLike, epoch: int, seed: int) -> li
             raise ValueError(f"unknown generator {m['name']!r} in {str(spec_or_path)!r} "
                              f"(known: {', '.join(GENERATORS)}), and no such file")
         return load_records(path)
+    parts = mixture_parts(spec_or_path)
+    if len(parts) > 1:
+        return [r for i, part in enumerate(parts) for r in resolve_source(part, epoch, _part_seed(seed, i))]
     spec = parse_spec(spec_or_path)
     base = spec.seed if spec.seed is not None else seed
     samples = generate(spec.n, epoch_seed(base, epoch if spec.fresh else 0), spec.settings)

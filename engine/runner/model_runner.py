@@ -165,7 +165,10 @@ class ModelRunner:
             values, indices = top.values.tolist(), top.indices.tolist()
             for j, i in enumerate(traced):
                 kk = rows[i].latent.trace_top_k
-                out[rows[i].request_id].trace = TraceEntry(token_ids=indices[j][:kk], probs=values[j][:kk])
+                watch = rows[i].watch_token_ids
+                watched = probs[j, watch].tolist() if watch else None
+                out[rows[i].request_id].trace = TraceEntry(token_ids=indices[j][:kk], probs=values[j][:kk],
+                                                           watch_probs=watched)
         asking = [i for i, r in enumerate(rows) if after_thought[i] and r.latent.mode == "auto"]
         if asking:
             if self.stop_classifier is None:

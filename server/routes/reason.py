@@ -42,7 +42,8 @@ def trace_of(out: RequestOutput, asked: bool) -> list[LatentThought] | None:
     if not asked:
         return None
     return [LatentThought(thought=i, tokens=[TraceToken(id=t, text=x, prob=p) for t, x, p in
-                                             zip(e["token_ids"], e["texts"], e["probs"])])
+                                             zip(e["token_ids"], e["texts"], e["probs"])],
+                          frontier=e.get("frontier"))
             for i, e in enumerate(out.latent_trace or [], 1)]
 
 
