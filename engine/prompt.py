@@ -51,11 +51,12 @@ class PromptFormat:
     def _encode(self, question: str):
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string")
-        _refuse_control_characters(question)
         graph = None
         if self.config.text_format == "compact":
-            graph = self.read_graph(question)
+            graph = self.read_graph(question)      # refuses control characters too
             question = graph.compact()
+        else:
+            _refuse_control_characters(question)
         return list(self.tokenizer(question + self.config.question_suffix)["input_ids"]), graph
 
     def read_graph(self, question: str):

@@ -22,6 +22,7 @@ class ReferenceResult:
     positions_fed: int
     thought_hiddens: list[torch.Tensor] = field(default_factory=list)  # state after each thought (auto/record)
     trace: list[list[int]] = field(default_factory=list)               # argsorted top ids per thought
+    trace_probs: list[torch.Tensor] = field(default_factory=list)      # softmax(W h) per thought [V]
 
 
 @torch.inference_mode()
@@ -56,6 +57,7 @@ def reference_generate(model, tokenizer, question: str, *, question_suffix: str,
                 if trace_top_k:
                     probs = out.logits[0, -1].float().softmax(-1)
                     result.trace.append(probs.topk(trace_top_k).indices.tolist())
+                    result.trace_probs.append(probs)
             seq = torch.cat([seq, thought], dim=1)
             result.num_thoughts += 1
             if mode == "auto" or record_hiddens:

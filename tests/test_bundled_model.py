@@ -4,7 +4,9 @@ The accuracy ``eval.json`` claims (measured by ``engine eval`` on the held-out
 ``test.json``) is measured again here over HTTP: the real server, started without
 ``--model`` (so on the bundled default), answers every held-out question, all of them
 in flight at once, and the answers are compared with the gold answers as the reference
-compares them (the text after the last ``#``, commas removed, stripped).
+compares them (the text after the last ``#``, commas removed, stripped), and ``answer``
+reads as the gold answer itself (``Tom is a yumpus.``, the question's wording). Questions
+outside the model's language get a 422 that says what it reads, not a made-up answer.
 """
 
 from __future__ import annotations
@@ -38,8 +40,15 @@ def test_bundled_model_directory_is_complete():
     assert report["n"] == len(records) >= 200
 
 
+@pytest.fixture(scope="module")
+def server():
+    # No --model: the server must pick the bundled default by itself.
+    with LiveServer(None, "--max-batch-size", "64", "--torch-threads", "1") as live:
+        yield live
+
+
 @pytest.mark.slow
-def test_eval_json_accuracy_holds_over_http():
+def test_eval_json_accuracy_holds_over_http(server):
     report = json.loads((MODEL_DIR / "eval.json").read_text())
     coconut = json.loads((MODEL_DIR / "coconut.json").read_text())
     records = json.loads((MODEL_DIR / "test.json").read_text())
@@ -59,14 +68,50 @@ def test_eval_json_accuracy_holds_over_http():
                 return r.json()
             return await asyncio.gather(*(ask(r) for r in records))
 
-    # No --model: the server must pick the bundled default by itself.
-    with LiveServer(None, "--max-batch-size", "64", "--torch-threads", "1") as server:
-        assert httpx.get(server.url + "/v1/models").json()["data"][0]["id"] == DEFAULT_MODEL_NAME
-        answers = asyncio.run(ask_all(server.url))
+    assert httpx.get(server.url + "/v1/models").json()["data"][0]["id"] == DEFAULT_MODEL_NAME
+    answers = asyncio.run(ask_all(server.url))
+    in_wording = sum(a["answer"] == r["answer"] for a, r in zip(answers, records)) / len(records)
     correct = sum(a["text"].split("#")[-1].replace(",", "").strip() == g.replace(",", "").strip()
                   for a, g in zip(answers, gold))
     accuracy = correct / len(records)
     mean_tokens = sum(a["usage"]["completion_tokens"] for a in answers) / len(records)
     assert abs(accuracy - report["accuracy"]) <= 0.01, (accuracy, report["accuracy"])
+    assert in_wording == accuracy    # a right answer is the gold sentence itself
     assert abs(mean_tokens - report["mean_generated_tokens"]) <= 0.5
     assert all(a["usage"]["latent_thoughts"] == thoughts for a in answers)
+
+
+@pytest.mark.parametrize("question, says", [
+    ("Is Tom a yumpus or a zumpus?", "states no facts"),
+    ("Every wumpus is a yumpus. Tom is a wumpus.", "must end with 'Is X a A or B?'"),
+    ("What is the capital of France?", "must end with 'Is X a A or B?'"),
+    ("Zoë is a wumpus. Is Zoë a wumpus or zumpus?", "not a plain ASCII word"),
+    ("Sam is a wumpus.\u0000 Is Sam a wumpus or zumpus?", "control character (U+0000"),
+    ("Tom is a wumpus. Is Tom a zorblaxpus or wumpus?", "no token for 'zorblaxpus'"),
+    ("Tom is a wumpus. Is Sam a wumpus or zumpus?", "no fact mentions 'Sam'"),
+])
+def test_questions_the_model_cannot_read_get_a_422_that_says_what_it_reads(server, question, says):
+    for route, body in (("/v1/reason", {"question": question}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": question}]})):
+        r = httpx.post(server.url + route, json=body, timeout=60)
+        assert r.status_code == 422, (route, r.status_code, r.text)
+        message = r.json()["error"]["message"]
+        assert says in message, message
+        assert "Tom" in message or "ProsQA" in message   # it says what the model reads
+
+
+def test_a_hand_written_question_gets_a_reasoned_answer_and_frontier_trace(server):
+    r = httpx.post(server.url + "/v1/reason", timeout=60, json={
+        "question": "Every wumpus is a yumpus. Tom is a wumpus. Is Tom a yumpus or a zumpus?",
+        "return_latent_trace": True, "latent_trace_top_k": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["answer"] in ("Tom is a yumpus.", "Tom is a zumpus.")
+    assert body["text"].split("#")[-1].split() == body["answer"].rstrip(".").replace(" is a", "").split()
+    for k, thought in enumerate(body["latent_trace"], 1):
+        f = thought["frontier"]
+        assert f["hops"] == k
+        hops = {n["concept"]: n["hops"] for n in f["nodes"]}
+        assert hops == {"wumpus": 1, "yumpus": 2, "Tom": 0, "zumpus": None}
+        assert f["frontier_mass"] == pytest.approx(sum(n["prob"] for n in f["nodes"]
+                                                       if n["hops"] is not None and n["hops"] <= k))

@@ -228,5 +228,5 @@ def test_compact_text_format_rewrites_reference_questions(tiny_checkpoint, tmp_p
     assert engine.prompt_format.question_ids(compact) == expected
     [a, b] = engine.generate([question, compact], SamplingParams(max_tokens=5), LatentPolicy(thoughts=2))
     assert a.token_ids == b.token_ids == reference(engine, compact, 2, 5).token_ids
-    with pytest.raises(ValueError, match="reads ProsQA-style questions"):
+    with pytest.raises(ValueError, match="reads ProsQA questions"):
         engine.make_request("What is the capital of France?")

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("eval", help="exact-match accuracy of a checkpoint on a data file",
                        description="Answer every question of --data with the engine and compare with its answer.")
-    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
     p.add_argument("--data", required=True, help="data file (JSON/JSONL records) or generator spec")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--thoughts", type=int, default=None, help="fixed number of thoughts")
@@ -37,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="engine batch size (default 64)")
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument("--seed", type=int, default=0, help="seed for a generator spec (default 0)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_eval)
 
@@ -99,6 +99,10 @@ def run_eval(args: argparse.Namespace) -> int:
         latent = LatentPolicy(mode="fixed", thoughts=args.thoughts)
     elif args.latent is not None:
         latent = LatentPolicy(mode=args.latent)
+    if args.model is None:
+        from engine.models import default_model_dir
+
+        args.model = str(default_model_dir())
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                     max_batch_size=args.batch_size)
     report = evaluate(engine, records, latent, max_tokens=args.max_tokens, progress=not args.json)
@@ -111,6 +115,14 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"  mean tokens     {report.mean_generated_tokens:.1f}")
         print(f"  mean thoughts   {report.mean_thoughts:.2f}")
         print(f"  time            {report.seconds:.1f} s")
+        if report.per_hops:
+            print("  per hop count   " + ", ".join(f"{h}: {v['accuracy']:.3f} ({v['n']})"
+                                                 for h, v in report.per_hops.items()))
+        if report.neither_option is not None:
+            print(f"  neither option  {report.neither_option:.3f}")
+        for f in report.frontier or []:
+            print(f"  thought {f['thought']}: mass on frontier {f['frontier_mass']:.3f}, "
+                  f"one hop past {f['next_mass']:.3f}, rest {f['rest_mass']:.3f}")
     sys.stdout.flush()
     return 0
 

@@ -30,8 +30,15 @@ REFERENCE_PREFIX = "base_causallm."
 
 
 def record_texts(records, config) -> list[str]:
-    return [r.question + config.question_suffix + "".join(s + config.step_suffix for s in r.steps)
-            + config.answer_prefix + r.answer for r in records]
+    """The texts a scratch tokenizer is trained on: the records, and for compact models every
+    ProsQA name and concept word too, so that each is one token even if no record used it."""
+    texts = [r.question + config.question_suffix + "".join(s + config.step_suffix for s in r.steps)
+             + config.answer_prefix + r.answer for r in records]
+    if config.text_format == "compact":
+        from engine.data.vocab import PERSON_NAMES, concept_words
+
+        texts += [" " + " ".join(PERSON_NAMES + concept_words())] * 4
+    return texts
 
 
 def build_scratch(config, records, tokenizer=None):
@@ -49,7 +56,8 @@ def build_scratch(config, records, tokenizer=None):
                                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                                      **fields)
     torch.manual_seed(config.seed)
-    model = AutoModelForCausalLM.from_config(model_cfg)
+    extra = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
+    model = AutoModelForCausalLM.from_config(model_cfg, **extra)
     with torch.no_grad():
         if config.init_embedding_std is not None:
             model.get_input_embeddings().weight.normal_(0.0, config.init_embedding_std)
@@ -58,7 +66,7 @@ def build_scratch(config, records, tokenizer=None):
     return model, tokenizer
 
 
-def load_pretrained(directory: str | Path):
+def load_pretrained(directory: str | Path, attn_implementation: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(directory)
@@ -66,7 +74,8 @@ def load_pretrained(directory: str | Path):
         raise FileNotFoundError(f"model directory not found: {directory} (model_id/load_model_path must be a "
                                 f"local directory; nothing is downloaded)")
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, **extra)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token       # as the reference
     return model, tokenizer
@@ -128,13 +137,13 @@ def build_model(config, train_records, coconut: CoconutConfig, tokenizer=None):
     ready scratch tokenizer, e.g. the one rank 0 trained)."""
     load = config.load_model_path
     if load and Path(load).is_dir():
-        model, tokenizer = load_pretrained(load)                # our checkpoint: model + tokenizer
+        model, tokenizer = load_pretrained(load, config.attn_implementation)   # our checkpoint: model + tokenizer
     elif config.init == "scratch":
         model, tokenizer = build_scratch(config, train_records, tokenizer)
     else:
         if not config.model_id:
             raise ValueError("config key 'model_id' must name a local model directory (or use init: scratch)")
-        model, tokenizer = load_pretrained(config.model_id)
+        model, tokenizer = load_pretrained(config.model_id, config.attn_implementation)
     markers = add_markers(model, tokenizer, coconut, config.marker_init_token, reinit=config.reinit_markers)
     if load and not Path(load).is_dir():
         state = load_reference_state_dict(load)
