@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Train the ProsQA CPU recipe: COCONUT, CoT and no-CoT from scratch, one CPU core each
-# (configs/prosqa_{coconut,cot,no_cot}.yaml). Runs resume exactly from their last
-# checkpoint_<E> when interrupted: rerun the same command.
+# Train the ProsQA CPU recipe (configs/prosqa_{cot,coconut,no_cot}.yaml), one run after the
+# other: CoT from scratch, COCONUT's latent stages on CoT's epoch 8, no-CoT from scratch.
+# A run resumes exactly from its last checkpoint_<E> when interrupted: rerun the same command
+# (a finished run is not trained again). Extra --set options apply to every run named.
 # Usage: scripts/train_prosqa.sh [coconut|cot|no_cot ...] [-- --set key=value ...]
 # Model selection uses the official ProsQA validation split when ../shared/data holds it,
 # else the configs' generator split (seed 4242).
@@ -12,7 +13,7 @@ engine=.venv/bin/engine
 methods=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do methods+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
-[ ${#methods[@]} -gt 0 ] || methods=(coconut cot no_cot)
+[ ${#methods[@]} -gt 0 ] || methods=(cot coconut no_cot)   # COCONUT starts from CoT's epoch 8
 extra=()
 official=../shared/data/prosqa_valid.json
 [ -f "$official" ] && extra+=(--set "val_path=$official")

@@ -20,6 +20,7 @@ engine not running / shutting down  503     ``unavailable_error`` + ``Retry-Afte
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -99,8 +100,10 @@ def _field_errors(exc: RequestValidationError) -> list[dict]:
     out = []
     for e in exc.errors():
         item = {"loc": _clean_loc(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-        if "input" in e and isinstance(e["input"], (str, int, float, bool, type(None))):
-            item["input"] = e["input"]
+        value = e.get("input")
+        if "input" in e and isinstance(value, (str, int, float, bool, type(None))) and \
+                not (isinstance(value, float) and not math.isfinite(value)):   # NaN/inf are not JSON
+            item["input"] = value
         out.append(item)
     return out
 

@@ -23,7 +23,7 @@ class StreamOptions(BaseModel):
 
 
 class _OpenAIBase(SamplingFields):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = Field(None, description="must name the served model when given")
     stream: bool = False

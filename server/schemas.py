@@ -25,7 +25,7 @@ StopList = Annotated[list[StopString], Field(max_length=16)]
 class LatentOptions(BaseModel):
     """How many continuous thoughts to spend; unset fields take the checkpoint's defaults."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     mode: Literal["fixed", "auto", "none"] | None = Field(
         None, description="fixed: exactly `thoughts`; auto: the stop classifier decides, up to "
@@ -38,6 +38,8 @@ class LatentOptions(BaseModel):
 
 class SamplingFields(BaseModel):
     """Sampling fields shared by /v1/reason and the OpenAI-compatible routes."""
+
+    model_config = ConfigDict(allow_inf_nan=False)    # 1e400, NaN, Infinity: 422
 
     max_tokens: int | None = Field(None, ge=1, description="most answer tokens (default 64)")
     temperature: float | None = Field(None, ge=0.0, le=100.0, description="0 = greedy")
@@ -53,7 +55,7 @@ class SamplingFields(BaseModel):
 
 
 class ReasonRequest(SamplingFields):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={
         "examples": [{"question": "Every wumpus is a yumpus. Tom is a wumpus. Is Tom a yumpus or a "
                       "zumpus?", "max_tokens": 32, "latent": {"mode": "fixed", "thoughts": 4}}]})
 

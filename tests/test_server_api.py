@@ -372,3 +372,23 @@ def test_bench_serve_drives_the_server_and_the_engine(server, checkpoint, capsys
             assert r["completed"] == 4 and r["failed"] == 0 and r["total_output_tokens"] == 20
             assert r["ttft_ms"]["median"] > 0 and r["e2e_ms"]["p99"] >= r["e2e_ms"]["median"]
         assert row["ratio"] > 0
+
+
+@pytest.mark.parametrize("route", ["/v1/reason", "/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("field, value", [("temperature", "1e400"), ("temperature", "NaN"), ("top_p", "Infinity"),
+                                          ("top_p", "-Infinity"), ("latent.threshold", "NaN"),
+                                          ("latent.threshold", "1e400")])
+def test_non_finite_numbers_are_422_naming_the_field(http, route, field, value):
+    """JSON allows neither NaN nor Infinity, but Python's parser reads them (and 1e400 is inf):
+    each float field must refuse them with a 422 (before: 500, the error body failed to encode)."""
+    question = {"/v1/reason": '"question": "Tom is a wumpus. Is Tom a wumpus or zumpus?"',
+                "/v1/chat/completions": '"messages": [{"role": "user", "content": "Is Tom a wumpus?"}]',
+                "/v1/completions": '"prompt": "Is Tom a wumpus?"'}[route]
+    if field == "latent.threshold":
+        extra = f'"latent": {{"mode": "auto", "threshold": {value}}}'
+    else:
+        extra = f'"{field}": {value}'
+    r = http.post(route, content=f"{{{question}, {extra}}}", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["error"]["param"] == field and "finite" in body["error"]["message"]
