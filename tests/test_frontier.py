@@ -84,3 +84,14 @@ def test_eval_reports_mean_frontier_masses_per_hop_accuracy_and_neither(engine, 
     assert {h: v["n"] for h, v in report.per_hops.items()} == dict(hops)
     assert sum(v["correct"] for v in report.per_hops.values()) == report.correct
     assert 0.0 <= report.neither_option <= 1 - report.accuracy + 1e-9
+
+
+def test_eval_plot_draws_reports_side_by_side(engine, records, tmp_path):
+    from engine.train.eval_plot import main
+
+    report = evaluate(engine, parse_records(records, "test.json"), max_tokens=16).to_dict()
+    no_trace = {**report, "frontier": None}
+    (tmp_path / "a.json").write_text(json.dumps(report))
+    (tmp_path / "b.json").write_text(json.dumps(no_trace))
+    assert main([str(tmp_path / "plot.png"), f"COCONUT={tmp_path / 'a.json'}", f"CoT={tmp_path / 'b.json'}"]) == 0
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
