@@ -10,6 +10,11 @@ cannot be made to produce on demand (503 overloaded, an error mid-stream, a drop
 connection) are served to the page by Playwright's request routing, in the server's own
 error shapes (``server.errors.error_body``, ``server.sse.encode``).
 
+The graph view needs traces that report each thought's frontier, which only a compact
+model gives: those tests ask a second server, on the bundled model, and check the drawn
+graph against the question text read here (nodes, edges, hop distances) and each
+thought's masses, outlines and fills against that server's own ``/v1/reason`` reply.
+
 Browser tests skip, saying why, where the ``playwright`` package or Chromium is missing
 (``.ci/run`` installs Debian's ``chromium``; Playwright never downloads a browser here).
 The main test saves a screenshot under pytest's tmp dir and prints its path.
@@ -123,10 +128,10 @@ def browser():
         browser.close()
 
 
-@pytest.fixture
-def page(browser, server):
-    """A fresh browser context (its own sessionStorage) on the page. Afterwards: no
-    uncaught script error, and no request left 127.0.0.1."""
+def _fresh_page(browser, live):
+    """A fresh browser context (its own sessionStorage) for a page of ``live``. Afterwards:
+    no uncaught script error, no console error (a CSP violation is one), and no request
+    left that server."""
     context = browser.new_context(viewport={"width": 1280, "height": 1000})
     context.set_default_timeout(TIMEOUT_MS)
     urls: list[str] = []
@@ -134,10 +139,18 @@ def page(browser, server):
     page = context.new_page()
     script_errors: list[str] = []
     page.on("pageerror", lambda e: script_errors.append(str(e)))
+    page.on("console", lambda m: script_errors.append(f"console: {m.text}") if m.type == "error" else None)
     yield page
     context.close()
+    # The failure tests make requests fail on purpose, and Chromium logs each as a console error.
+    script_errors = [e for e in script_errors if not e.startswith("console: Failed to load resource")]
     assert not script_errors, script_errors
-    assert urls and all(u.startswith(server.url + "/") for u in urls), urls
+    assert urls and all(u.startswith(live.url + "/") for u in urls), urls
+
+
+@pytest.fixture
+def page(browser, server):
+    yield from _fresh_page(browser, server)
 
 
 def open_page(page, server, key: str | None = None):
@@ -248,6 +261,7 @@ def test_streamed_answer_matches_the_api_and_draws_one_column_per_thought(page, 
     for phase in ("queue", "prefill", "latent", "decode"):
         assert re.fullmatch(r"\d+\.\d ms", page.text_content(f"#t-{phase}")), phase
     assert page.is_hidden("#error") and page.is_hidden("#key-panel")
+    assert page.is_hidden("#graph-section"), "no frontier in this model's trace: no graph view"
 
     shot = tmp_path / "playground.png"
     page.screenshot(path=str(shot), full_page=True)
@@ -334,6 +348,7 @@ def test_trace_highlights_and_failures_in_words(page, server):
     assert [cells.nth(i).get_attribute("class").split()[1:] for i in range(cells.count())] == \
         [["dark", "concept"], ["concept", "option", "partial"], [], ["dark", "concept", "subject"],
          ["dark", "concept", "option"]]
+    assert page.is_hidden("#graph-section"), "a trace without frontiers draws no graph"
 
     overloaded = error_body(503, "waiting queue full (8 requests); retry later", "overloaded_error", "rid-503")
     replies.append({"status": 503, "headers": {"Retry-After": "7"}, "json": overloaded})
@@ -366,6 +381,163 @@ def test_trace_highlights_and_failures_in_words(page, server):
     page.click("#error button")  # "Try again", now with the real server behind it
     wait_done(page)
     assert page.locator("#trace .thought").count() == 2 and page.is_hidden("#error")
+
+
+# ---------------------------------------------------------------- the graph view (bundled model)
+
+# Compact wording, with what a reference-sentence example lacks: a node reached by two
+# paths (grulpus), an edge within one hop column (pilpus -> zhelpus, both 1 hop), a fact
+# from an unreachable node into a reachable one (Sally -> pilpus) and an unreachable chain.
+COMPACT_QUESTION = ("Sally kirpus | kirpus sumpus | Gabriel pilpus | Gabriel zhelpus | pilpus zhelpus | "
+                    "pilpus grulpus | zhelpus grulpus | grulpus screrpus | Sally pilpus | ? Gabriel sumpus screrpus")
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    """The server on the bundled model (no --model): a compact model, so its traces carry
+    each thought's frontier. No API key."""
+    with LiveServer(None, "--torch-threads", "1") as live:
+        yield live
+
+
+@pytest.fixture
+def graph_page(browser, bundled):
+    yield from _fresh_page(browser, bundled)
+
+
+def read_graph(question: str) -> tuple[str, tuple[str, str], list[tuple[str, str]]]:
+    """(asked name, options, edges) of a question, read here by the rules the page states:
+    "Every A is a B." / "X is a B." are A->B / X->B, "s t |" is s->t, and the last sentence
+    "Is X a A or B?" (or "? X A B") asks."""
+    text = " ".join(question.split())
+    if "|" in text:
+        *facts, ask = (p.strip() for p in text.split("|"))
+        _, name, a, b = ask.split(" ")
+        edges = [tuple(f.split(" ")) for f in facts]
+    else:
+        *facts, ask = (s.strip() for s in re.findall(r"[^.?]+[.?]", text))
+        name, a, b = re.fullmatch(r"Is (\w+) an? (\w+) or (?:an? )?(\w+)\?", ask).groups()
+        edges = [re.fullmatch(r"(?:Every )?(\w+) is an? (\w+)\.", f).groups() for f in facts]
+    assert edges and all(len(e) == 2 for e in edges), question
+    return name, (a, b), [tuple(e) for e in edges]
+
+
+def graph_nodes(name, options, edges) -> list[str]:
+    return list(dict.fromkeys([w for e in edges for w in e] + [name, *options]))
+
+
+def hops_from(name, edges) -> dict[str, int]:
+    """Breadth-first hop counts from the asked name (unreachable nodes absent)."""
+    dist, queue = {name: 0}, [name]
+    for s in queue:
+        for a, t in edges:
+            if a == s and t not in dist:
+                dist[t] = dist[s] + 1
+                queue.append(t)
+    return dist
+
+
+def node_classes(page) -> dict[str, set[str]]:
+    return page.eval_on_selector_all("#graph svg g.node", "els => Object.fromEntries(els.map(g => "
+                                     "[g.dataset.concept, g.getAttribute('class').split(' ')]))")
+
+
+@pytest.mark.parametrize("which", ["example", "compact"])
+def test_graph_view_draws_the_question_and_follows_the_selected_thought(graph_page, bundled, which):
+    page = graph_page
+    open_page(page, bundled)
+    if which == "example":  # the bundled model's first held-out question, reference sentences
+        page.locator("button.example").first.click()
+        question = page.input_value("#question")
+    else:
+        question = COMPACT_QUESTION
+    fill_form(page, question, thoughts="", max_tokens="12", top_k="3")
+    page.click("#submit")
+    wait_done(page)
+
+    body = {"question": question, "max_tokens": 12, "temperature": 0, "return_latent_trace": True,
+            "latent_trace_top_k": 3, "latent": {"mode": "fixed"}}
+    r = httpx.post(bundled.url + "/v1/reason", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    trace = r.json()["latent_trace"]
+    assert len(trace) >= 2 and all("frontier" in t for t in trace)
+
+    name, options, edges = read_graph(question)
+    nodes = graph_nodes(name, options, edges)
+    hops = hops_from(name, edges)
+    if which == "compact":
+        assert hops == {"Gabriel": 0, "pilpus": 1, "zhelpus": 1, "grulpus": 2, "screrpus": 3}
+    served = [(n["concept"], n.get("hops")) for n in trace[0]["frontier"]["nodes"]]
+    assert served == [(n, hops.get(n)) for n in nodes], "the server reads the same graph"
+
+    assert page.is_visible("#graph-section")
+    drawn = page.locator("#graph svg g.node")
+    assert drawn.count() == len(nodes)
+    assert [drawn.nth(i).get_attribute("data-concept") for i in range(drawn.count())] == nodes
+    assert page.eval_on_selector_all("#graph svg g.edge", "ps => ps.map(p => [p.dataset.source, "
+                                     "p.dataset.target])") == [list(e) for e in edges]
+    assert page.locator("#graph g.node.asked").get_attribute("data-concept") == name
+    assert {o.get_attribute("data-concept") for o in page.locator("#graph g.node.option").all()} == set(options)
+
+    # Layout: columns by hop distance, the unreachable ones last; no two nodes overlap;
+    # the SVG holds every node.
+    boxes = {n: drawn.nth(i).locator("rect.base").bounding_box() for i, n in enumerate(nodes)}
+    reachable = [n for n in nodes if n in hops]
+    lost = [n for n in nodes if n not in hops]
+    assert lost, "both questions have unreachable nodes"
+    for a in reachable:
+        for b in reachable:
+            if hops[a] < hops[b]:
+                assert boxes[a]["x"] + boxes[a]["width"] < boxes[b]["x"], (a, b)
+            elif hops[a] == hops[b]:
+                assert boxes[a]["x"] == boxes[b]["x"], (a, b)
+    right = max(boxes[n]["x"] + boxes[n]["width"] for n in reachable)
+    assert len({boxes[n]["x"] for n in lost}) == 1, "unreachable nodes: one column"
+    lost_x = boxes[lost[0]]["x"]
+    column_x = sorted({boxes[n]["x"] for n in reachable})
+    hop_gaps = [b - a - boxes[reachable[0]]["width"] for a, b in zip(column_x, column_x[1:])]
+    assert lost_x - right > max(hop_gaps) + 20, "the unreachable column stands apart, past a wider gap"
+    line = page.locator("#graph svg line.apart").bounding_box()
+    assert right < line["x"] < lost_x, "with a dashed line between"
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            A, B = boxes[a], boxes[b]
+            assert (A["x"] + A["width"] <= B["x"] or B["x"] + B["width"] <= A["x"]
+                    or A["y"] + A["height"] <= B["y"] or B["y"] + B["height"] <= A["y"]), (a, b)
+    svg = page.locator("#graph svg").bounding_box()
+    for box in boxes.values():
+        assert svg["x"] <= box["x"] and box["x"] + box["width"] <= svg["x"] + svg["width"]
+        assert svg["y"] <= box["y"] and box["y"] + box["height"] <= svg["y"] + svg["height"]
+
+    buttons = page.locator("#graph-thoughts button")
+    assert buttons.count() == len(trace)
+    assert page.text_content("#graph-masses") == masses(trace[0]["frontier"]), "thought 1 first"
+    texts = []
+    for k in [2, 1, *range(3, len(trace) + 1)]:  # to thought 2 and back, then the rest
+        buttons.nth(k - 1).click()
+        f = trace[k - 1]["frontier"]
+        assert f["hops"] == k
+        texts.append(page.text_content("#graph-masses"))
+        assert texts[-1] == masses(f), k
+        assert [b.get_attribute("aria-pressed") for b in buttons.all()] == \
+            ["true" if j == k - 1 else "false" for j in range(len(trace))]
+        classes = node_classes(page)
+        assert {n for n, c in classes.items() if "frontier" in c} == \
+            {n for n in nodes if n in hops and hops[n] <= k} == \
+            {n["concept"] for n in f["nodes"] if n.get("hops") is not None and n["hops"] <= k}, k
+        assert {n for n, c in classes.items() if "next" in c} == {n for n in nodes if hops.get(n) == k + 1}, k
+        probs = {n["concept"]: n["prob"] for n in f["nodes"]}
+        for i, n in enumerate(nodes):
+            g = drawn.nth(i)
+            assert float(g.locator("rect.heat").get_attribute("fill-opacity")) == pytest.approx(probs[n], abs=1e-4)
+            shown_p = float(re.match(rf"{n}: p = (\S+) at thought {k} ", g.locator("title").text_content()).group(1))
+            assert shown_p == pytest.approx(probs[n], rel=1e-2, abs=1e-12)
+        assert f"within {k} hop" in page.text_content("#graph-legend")
+    assert len(set(texts)) > 1, "the masses differ between thoughts (else this test could not tell them apart)"
+
+
+def masses(f: dict) -> str:
+    return f"frontier {f['frontier_mass']:.2f} · next hop {f['next_mass']:.2f} · rest {f['rest_mass']:.2f}"
 
 
 # ---------------------------------------------------------------- the README's screenshot

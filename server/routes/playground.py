@@ -2,7 +2,13 @@
 
 The page (``server/static/``: plain HTML, CSS and JavaScript, no build step, nothing
 fetched from outside this server) asks ``POST /v1/reason`` for a streamed answer with
-the latent trace, and draws each thought's top tokens as a heatmap.
+the latent trace, and draws each thought's top tokens as a heatmap. When the trace
+reports each thought's frontier (a graph question read by a compact model, such as the
+bundled one), it also draws the question's graph (SVG; the edges read from the question
+text, the nodes in columns by hop distance from the asked name, unreachable ones apart)
+with a thought selector: the chosen thought's probability on each node as its fill, the
+frontier (within k hops) and the next hop outlined, and the frontier / next-hop / rest
+masses in words.
 
 - ``GET /``: the page (HTML).
 - ``GET /static/{name}``: its assets, each with an explicit content type (the system's
