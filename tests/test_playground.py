@@ -593,3 +593,19 @@ def load_records_from(samples, directory):
     path = directory / "raw.json"
     path.write_text(json.dumps(samples))
     return load_records(path)
+
+
+def test_the_bundled_models_examples_are_ones_it_answers_right(bundled):
+    """The page's examples come from the served model's held-out split and are ones it answers
+    right (asked here again through /v1/reason, with the gold answer from test.json)."""
+    from engine.data.records import load_records
+    from engine.models import default_model_dir
+
+    gold = {r.question: r.answer for r in load_records(default_model_dir() / "test.json")}
+    with httpx.Client(base_url=bundled.url, timeout=60) as http:
+        shown = http.get("/playground/examples").json()["examples"]
+        assert len(shown) == N_EXAMPLES
+        for ex in shown:
+            assert gold[ex["question"]] == ex["answer"]
+            r = http.post("/v1/reason", json={"question": ex["question"], "max_tokens": 32})
+            assert r.status_code == 200 and r.json()["answer"] == ex["answer"], r.text

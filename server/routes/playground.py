@@ -14,9 +14,10 @@ masses in words.
 - ``GET /static/{name}``: its assets, each with an explicit content type (the system's
   ``mimetypes`` table varies between machines, e.g. for ``.js``).
 - ``GET /playground/examples``: a few example questions in the served model's domain:
-  the first questions of the held-out split (``test.json``) beside the checkpoint when
-  it has one (the bundled model does), else ProsQA-style questions generated once from a
-  fixed seed.
+  questions of the held-out split (``test.json``) beside the checkpoint when it has one
+  (the bundled model does), else ProsQA-style questions generated once from a fixed seed;
+  of the first 16, the served model is asked once and the first four it answers right are
+  shown (all candidates if it answers none right).
 
 All three are public (``server.middleware.PUBLIC_PATHS``): the page holds no secret and
 asks the person for the API key only when ``/v1/reason`` answers 401. A Content
@@ -60,7 +61,7 @@ def _read(name: str) -> bytes:
 
 
 @functools.lru_cache(maxsize=4)
-def example_questions(model_dir: Path | None = None) -> list[dict]:
+def example_questions(model_dir: Path | None = None, limit: int = N_EXAMPLES) -> list[dict]:
     """Questions from ``model_dir/test.json`` when there is one, else ProsQA-style
     questions ("mini" size: short enough to read on the page); each with a short label,
     its last sentence ("Is Rex a nulpus or vorpus?"), and the expected answer."""
@@ -70,13 +71,13 @@ def example_questions(model_dir: Path | None = None) -> list[dict]:
 
         try:
             samples = [{"question": r.question, "answer": r.answer}
-                       for r in load_records(model_dir / "test.json")[:N_EXAMPLES]]
+                       for r in load_records(model_dir / "test.json")[:limit]]
         except ValueError:
             samples = None  # not a records file: fall back to generated questions
     if not samples:
         from engine.data.prosqa import generate  # pure Python, no torch; imported when first asked
 
-        samples = generate(N_EXAMPLES, EXAMPLES_SEED, size="mini")
+        samples = generate(limit, EXAMPLES_SEED, size="mini")
     out = []
     for sample in samples:
         question = sample["question"]
@@ -103,5 +104,34 @@ async def examples(request: Request) -> dict:
     """``{"examples": [{"question", "label", "answer"}]}``; ``answer`` is the ground
     truth, shown on the page beside the model's answer."""
     engine = getattr(request.app.state, "engine", None)
-    model_dir = engine.engine.checkpoint.path if engine is not None else None
-    return {"examples": example_questions(model_dir)}
+    if engine is None:
+        return {"examples": example_questions(None)}
+    model_dir = engine.engine.checkpoint.path
+    if model_dir not in _CHECKED:
+        _CHECKED[model_dir] = await _answered_right(engine, example_questions(model_dir, CANDIDATES))
+    return {"examples": _CHECKED[model_dir] or example_questions(model_dir)}
+
+
+#: Candidates asked once per served model; the page shows the first N_EXAMPLES it answers right.
+CANDIDATES = 16
+_CHECKED: dict[Path, list[dict]] = {}
+
+
+async def _answered_right(engine, candidates: list[dict]) -> list[dict]:
+    """The candidates the served model answers exactly right (greedy, its default thoughts),
+    so that every example on the page shows the model at its best, not a lucky draw."""
+    from engine.params import SamplingParams
+
+    async def answer(example: dict) -> str | None:
+        try:
+            final = None
+            async for out in engine.generate(example["question"], SamplingParams(max_tokens=32, temperature=0.0)):
+                final = out
+            return final.answer if final is not None else None
+        except Exception:       # a question the model cannot read, overload, ...: not an example
+            return None
+
+    import asyncio
+
+    answers = await asyncio.gather(*(answer(e) for e in candidates))
+    return [e for e, a in zip(candidates, answers) if a == e["answer"]][:N_EXAMPLES]

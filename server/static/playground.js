@@ -588,6 +588,10 @@ async function loadExamples() {
     });
     $("examples").append(b);
   });
+  if (examples.length && !$("question").value.trim()) {   // never an empty box that looks filled
+    $("question").value = examples[0].question;
+    showConceptPreview();
+  }
 }
 
 async function loadModelName() {
