@@ -278,3 +278,19 @@ def test_cli_entry_point_end_to_end(tmp_path):
     stats = subprocess.run([sys.executable, "-m", "engine.cli", "data", "stats", "--json", str(out)],
                            capture_output=True, text=True, timeout=120)
     assert json.loads(stats.stdout)[str(out)]["steps"]["min"] >= 3
+
+
+def test_a_mixture_concatenates_its_parts_each_from_its_own_stream():
+    from engine.data.source import is_generator_spec
+
+    spec = "prosqa:mini?n=6+prosqa:full?n=4&n_nodes=10&min_hops=1&max_hops=3+prosqa:mini?n=3&seed=77"
+    assert is_generator_spec(spec) and not is_generator_spec("prosqa:mini?n=6+data/x.json")
+    mixed = resolve_source(spec, epoch=2, seed=5)
+    assert len(mixed) == 13
+    assert mixed[:6] == resolve_source("prosqa:mini?n=6", epoch=2, seed=5)      # the first part: the run's seed
+    small = mixed[6:10]
+    assert all(1 <= len(r.steps) <= 3 for r in small)
+    assert small != resolve_source("prosqa:full?n=4&n_nodes=10&min_hops=1&max_hops=3", epoch=2, seed=5)
+    assert mixed[10:] == resolve_source("prosqa:mini?n=3&seed=77", epoch=2, seed=123)   # its own seed
+    assert mixed == resolve_source(spec, epoch=2, seed=5)
+    assert mixed != resolve_source(spec, epoch=3, seed=5)
