@@ -44,10 +44,6 @@ class PromptFormat:
     def question_ids(self, question: str) -> list[int]:
         return self._encode(question)[0]
 
-    def graph(self, question: str):
-        """The question's graph for a compact model (``ValueError`` if it cannot read it), else None."""
-        return self._encode(question)[1]
-
     def _encode(self, question: str):
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string")

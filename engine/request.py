@@ -86,6 +86,11 @@ class Request:
         # and that graph (an engine.data.question.QuestionGraph) for the trace's frontier view
         self.watch_token_ids = list(watch_token_ids or [])
         self.graph = graph
+        self.graph_hops: dict[str, int] | None = None
+        if graph is not None:
+            from engine.data.question import hop_distances
+
+            self.graph_hops = hop_distances(graph)
         self.status = RequestStatus.WAITING
         self.thoughts_done = 0
         self.output_token_ids: list[int] = []
