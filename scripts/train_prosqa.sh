@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train the ProsQA CPU recipe (configs/prosqa_{cot,coconut,no_cot}.yaml), one run after the
-# other: CoT from scratch, COCONUT's latent stages on CoT's epoch 8, no-CoT from scratch.
+# other, each from the bundled linear-chain model (a curriculum of graph sizes).
 # A run resumes exactly from its last checkpoint_<E> when interrupted: rerun the same command
 # (a finished run is not trained again). Extra --set options apply to every run named.
 # Usage: scripts/train_prosqa.sh [coconut|cot|no_cot ...] [-- --set key=value ...]
@@ -13,7 +13,20 @@ engine=.venv/bin/engine
 methods=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do methods+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
-[ ${#methods[@]} -gt 0 ] || methods=(cot coconut no_cot)   # COCONUT starts from CoT's epoch 8
+[ ${#methods[@]} -gt 0 ] || methods=(coconut cot no_cot)
+# Every method starts from the bundled linear-chain model, with room for longer prompts
+# (max_position_embeddings 512; rotary positions, so nothing else changes).
+init=runs/prosqa/linear_init
+if [ ! -f "$init/model.safetensors" ]; then
+  mkdir -p "$init"
+  cp models/prosqa-linear-coconut/{config.json,generation_config.json,model.safetensors,tokenizer.json,tokenizer_config.json,coconut.json} "$init"/
+  .venv/bin/python - "$init/config.json" <<'PY'
+import json, sys
+config = json.load(open(sys.argv[1]))
+config["max_position_embeddings"] = 512
+json.dump(config, open(sys.argv[1], "w"), indent=2)
+PY
+fi
 extra=()
 official=../shared/data/prosqa_valid.json
 [ -f "$official" ] && extra+=(--set "val_path=$official")

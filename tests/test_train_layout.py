@@ -104,3 +104,20 @@ def test_needed_thoughts_and_collate():
     assert batch["attention_mask"][1].tolist() == [1] * len(b.input_ids) + [0] * (width - len(b.input_ids))
     assert batch["labels"][1, len(b.input_ids):].eq(-100).all()
     assert batch["input_ids"][0].tolist() == a.input_ids
+
+
+def test_group_by_length_is_a_permutation_of_batches_of_similar_length():
+    import random
+
+    from engine.train.trainer import _group_by_length
+
+    rng = random.Random(3)
+    lengths = [rng.randrange(10, 200) for _ in range(1000)]
+    order = list(range(1000))
+    random.Random(4).shuffle(order)
+    grouped = _group_by_length(order, lengths, 16, random.Random(5), group_batches=10)
+    assert sorted(grouped) == list(range(1000))
+    assert grouped == _group_by_length(order, lengths, 16, random.Random(5), group_batches=10)
+    spread = lambda o: sum(max(lengths[i] for i in o[k:k + 16]) - min(lengths[i] for i in o[k:k + 16])  # noqa: E731
+                           for k in range(0, len(o), 16))
+    assert spread(grouped) < spread(order) / 5        # far less padding within a batch

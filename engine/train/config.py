@@ -82,6 +82,10 @@ class TrainConfig(BaseModel):
         True, description="true/'stage': a new AdamW when the stage changes; 'epoch': every epoch "
                           "(what the reference code does); false: never")
     bf16: bool = Field(False, description="bf16 autocast for forward/backward (weights stay float32)")
+    group_by_length: bool = Field(
+        False, description="batch samples of similar question length together (shuffled groups of 50 "
+                           "batches, sorted within; the batch order is shuffled): less padding, and for "
+                           "COCONUT less shifting to align thoughts")
     attn_implementation: Literal["eager", "sdpa"] | None = Field(
         None, description="attention kernel for training (None: transformers' default); eager with bf16 "
                           "autocast is 1.3x sdpa for small models on CPU")

@@ -263,6 +263,8 @@ class Trainer:
         order = list(sampler)
         rng = random.Random(f"{cfg.seed}/{epoch}/{self.dist.rank}")
         bs, accum = cfg.batch_size_training, cfg.gradient_accumulation_steps
+        if cfg.group_by_length:
+            order = _group_by_length(order, [len(t.question) for t in tokenized], bs, rng)
         batches = [order[i:i + bs] for i in range(0, len(order), bs)]
         total_steps = self._steps_per_epoch(len(tokenized)) * cfg.num_epochs
         bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.num_epochs} stage {stage}",
@@ -302,6 +304,20 @@ class Trainer:
         train_loss = D.mean_across(self.dist, sum(losses) / max(1, len(losses)), len(losses))
         D.barrier(self.dist)
         self.session.end_of_epoch(epoch, stage, train_loss, seconds, seen * self.dist.world)
+
+
+def _group_by_length(order: list[int], lengths: list[int], batch_size: int, rng: random.Random,
+                     group_batches: int = 50) -> list[int]:
+    """``order`` regrouped so that each batch holds samples of similar length: chunks of
+    ``group_batches`` batches are sorted by length, cut into batches, and the batches are
+    shuffled (deterministic for a given ``rng``, so a resumed run sees the same order)."""
+    chunk = batch_size * group_batches
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start:start + chunk], key=lambda i: lengths[i])
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return [i for b in batches for i in b]
 
 
 class _null:
