@@ -210,9 +210,34 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return table[dtype]
 
 
+TOKENIZER_JSON = "tokenizer.json"
+
+
+def load_tokenizer(directory: str | Path):
+    """The checkpoint's tokenizer, as it was saved.
+
+    With a ``tokenizer.json``, that file is the tokenizer (its normalizer, pre-tokenizer,
+    model, post-processor and decoder) and ``tokenizer_config.json`` gives the special
+    tokens: both are loaded as they are (``PreTrainedTokenizerFast.from_pretrained``).
+    ``AutoTokenizer`` is not used then, because transformers 5 picks the tokenizer class
+    by the model type for some architectures (Qwen2, Phi-3, ...) and rebuilds the
+    tokenizer from the vocabulary with that class's own pre-tokenizer: a word-level or
+    whitespace-split tokenizer of the checkpoint's own (``engine train`` with
+    ``init: scratch`` writes one for any model type) then loses words. Without a
+    ``tokenizer.json`` (e.g. only a SentencePiece ``tokenizer.model``), ``AutoTokenizer``
+    builds it.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    directory = Path(directory)
+    if (directory / TOKENIZER_JSON).is_file():
+        return PreTrainedTokenizerFast.from_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory)
+
+
 def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32") -> Checkpoint:
     """Load and validate a checkpoint directory. Raises ``CheckpointError`` naming the problem."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from engine.stop_classifier import StopClassifier
 
@@ -225,7 +250,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str | torch.dt
     _check_weights_are_safetensors(directory)
     torch_dtype = resolve_dtype(dtype)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokenizer = load_tokenizer(directory)
     except Exception as e:  # transformers raises many kinds here
         raise CheckpointError(f"{directory}: the tokenizer does not load ({e})") from e
     try:

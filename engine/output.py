@@ -87,9 +87,6 @@ class OutputProcessor:
     def add(self, request: Request) -> None:
         self._states[request.request_id] = (request, _TextState(self.tokenizer, request.sampling.stop))
 
-    def discard(self, request_id: str) -> None:
-        self._states.pop(request_id, None)
-
     def process(self, outputs: list[CoreOutput]) -> tuple[list[RequestOutput], list[str]]:
         """Returns the user-facing outputs and the ids of requests a stop string ended
         (the caller must end them in the core with FINISHED_STOP)."""
@@ -133,9 +130,8 @@ class OutputProcessor:
         texts = [self.tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in entry.token_ids]
         out = {"token_ids": entry.token_ids, "tokens": tokens, "texts": texts, "probs": entry.probs}
         if request is not None and request.graph is not None and entry.watch_probs is not None:
-            from engine.data.question import hop_distances
             from engine.frontier import thought_frontier
 
-            graph = request.graph
-            out["frontier"] = thought_frontier(thought, hop_distances(graph), dict(zip(graph.nodes, entry.watch_probs)))
+            nodes = dict(zip(request.graph.nodes, entry.watch_probs))
+            out["frontier"] = thought_frontier(thought, request.graph_hops, nodes)
         return out

@@ -24,11 +24,17 @@ from engine.llm import Engine
 from server import errors
 from server.metrics import ServerMetrics
 from server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from server.openai_schemas import ChatCompletionChunk, CompletionChunk
 from server.routes import openai, ops, playground, reason
+from server.schemas import ReasonStreamEvent, add_component_schemas
 from server.service import GenerationService
 from server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
+
+#: The events of the streamed replies: the routes' ``text/event-stream`` schemas refer to
+#: them (``server.schemas.sse_response``), so the OpenAPI document's components hold them.
+STREAM_EVENT_MODELS = [ReasonStreamEvent, CompletionChunk, ChatCompletionChunk]
 
 
 def load_engine(settings: ServerSettings) -> Engine:
@@ -71,6 +77,7 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
     app.state.engine = None
     app.state.service = None
     errors.install(app)
+    _add_stream_schemas(app)
     routers = (ops.router, reason.router, openai.router, playground.router)
     for router in routers:
         app.include_router(router)
@@ -81,3 +88,16 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
     app.add_middleware(AuthMiddleware, api_key=settings.api_key.get_secret_value() if settings.api_key else None)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, routes=routes)
     return app
+
+
+def _add_stream_schemas(app: FastAPI) -> None:
+    """FastAPI puts in the components only the models of JSON bodies; the stream events'
+    models are added to the document it generates (once, then cached like FastAPI's)."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = add_component_schemas(generate(), STREAM_EVENT_MODELS)
+        return app.openapi_schema
+
+    app.openapi = openapi

@@ -37,12 +37,29 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "by an environment variable COCONUT_<FLAG> (e.g. COCONUT_PORT=9000).")
     for name, field in ServerSettings.model_fields.items():
         kind = int if name in _INT_FIELDS else float if name in _FLOAT_FIELDS else str
-        default = field.default if name != "api_key" else None
         p.add_argument("--" + name.replace("_", "-"), dest=_DEST + name, type=kind, default=None,
                        choices=_choices(name, field.annotation), metavar=None if _choices(
                            name, field.annotation) else name.upper(),
-                       help=f"{field.description or ''} (env COCONUT_{name.upper()}; default {default})")
+                       help=flag_help(name, field))
     p.set_defaults(func=run)
+
+
+#: What an unset setting means, for the settings whose description does not say it.
+_UNSET = {"api_key": "no key, the API is open", "seed": "a random seed"}
+
+
+def flag_help(name: str, field) -> str:
+    """The help of one setting's flag: its description, its default (unless the
+    description already states it) and its environment variable."""
+    text = field.description or name.replace("_", " ")
+    env = f"env COCONUT_{name.upper()}"
+    if "(default:" in text:
+        return f"{text} ({env})"
+    if field.default is None:
+        default = _UNSET.get(name, "unset")
+    else:
+        default = field.default
+    return f"{text} (default: {default}; {env})"
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:

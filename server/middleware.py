@@ -7,7 +7,9 @@ swallow the client's disconnect message). Outermost first:
   writes one JSON access-log line, and turns any unhandled exception into a 500 JSON
   body carrying the request id (the server stays up).
 - ``AuthMiddleware``: with an API key, every path except the public ones needs
-  ``Authorization: Bearer KEY`` (401 otherwise), compared in constant time.
+  ``Authorization: Bearer KEY`` (401 otherwise), compared in constant time. The scheme
+  is case-insensitive (RFC 9110 section 11.1: ``bearer KEY`` and ``BEARER KEY`` work too);
+  the key is not.
 - ``BodyLimitMiddleware``: bodies over ``max_body_bytes`` answer 413, whether announced
   by ``Content-Length`` or discovered while reading a chunked body.
 """
@@ -96,6 +98,16 @@ class RequestContextMiddleware:
                          **state.get("log", {})})
 
 
+def _canonical_bearer(value: bytes) -> bytes:
+    """``Authorization`` credentials with the scheme spelt ``Bearer`` when it is bearer in
+    any case (auth schemes are case-insensitive, RFC 9110 section 11.1), one space before
+    the token; anything else unchanged."""
+    scheme, space, token = value.partition(b" ")
+    if not space or scheme.lower() != b"bearer":
+        return value
+    return b"Bearer " + token.lstrip(b" ")
+
+
 class AuthMiddleware:
     def __init__(self, app, api_key: str | None):
         self.app = app
@@ -105,7 +117,7 @@ class AuthMiddleware:
         if scope["type"] != "http" or self.expected is None or scope.get("path") in PUBLIC_PATHS:
             return await self.app(scope, receive, send)
         given = _header(scope, b"authorization") or b""
-        if not hmac.compare_digest(given, self.expected):
+        if not hmac.compare_digest(_canonical_bearer(given), self.expected):
             reason = "missing" if not given else "wrong"
             return await send_json(send, 401, error_body(
                 401, f"{reason} API key: send the header 'Authorization: Bearer <key>'",

@@ -7,14 +7,16 @@ and its ``ValueError`` also answers 422.
 
 A streamed reply (``stream: true``) is a sequence of ``ReasonStreamEvent`` (one per new
 piece of answer text; the last one carries ``finish_reason``, ``usage``, ``timings``,
-``answer`` and ``latent_trace`` when asked), then ``data: [DONE]``.
+``answer`` and ``latent_trace`` when asked), then ``data: [DONE]``; the OpenAPI schema
+declares it (``sse_response``). Booleans are strict: ``"stream": 0`` or ``"true"`` is a 422,
+not a silent false or true.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from engine.params import MAX_THOUGHTS_CEILING, MAX_TRACE_TOP_K
 
@@ -47,9 +49,9 @@ class SamplingFields(BaseModel):
     top_k: int | None = Field(None, ge=0, description="0 = disabled")
     seed: int | None = Field(None, ge=0, lt=2**63, description="per-request generator seed")
     stop: StopString | StopList | None = Field(None, description="strings that end the answer")
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = Field(False, description="keep going past end-of-sequence")
     latent: LatentOptions | None = None
-    return_latent_trace: bool = Field(False, description="return each thought's top tokens")
+    return_latent_trace: StrictBool = Field(False, description="return each thought's top tokens")
     latent_trace_top_k: int = Field(5, ge=1, le=MAX_TRACE_TOP_K,
                                     description="tokens per thought in latent_trace")
 
@@ -61,7 +63,7 @@ class ReasonRequest(SamplingFields):
 
     question: str = Field(min_length=1, description="the question to reason about")
     model: str | None = Field(None, description="ignored unless given: must name the served model")
-    stream: bool = Field(False, description="reply with server-sent events")
+    stream: StrictBool = Field(False, description="reply with server-sent events")
 
 
 class Usage(BaseModel):
@@ -125,6 +127,8 @@ class ReasonResponse(BaseModel):
 
 
 class ReasonStreamEvent(BaseModel):
+    """One server-sent event of a streamed /v1/reason reply (``data: {...}``)."""
+
     id: str
     model: str
     delta: str = Field(description="new answer text")
@@ -151,8 +155,61 @@ class ErrorResponse(BaseModel):
 ERROR_RESPONSES = {
     400: {"model": ErrorResponse, "description": "bad request (e.g. the question is too long)"},
     401: {"model": ErrorResponse, "description": "missing or wrong API key"},
+    404: {"model": ErrorResponse, "description": "`model` names a model this server does not serve"},
     413: {"model": ErrorResponse, "description": "request body too large"},
     422: {"model": ErrorResponse, "description": "invalid fields"},
     500: {"model": ErrorResponse, "description": "the engine failed this request"},
     503: {"model": ErrorResponse, "description": "overloaded (retry after Retry-After) or not ready"},
 }
+
+
+# ---------------------------------------------------------------- server-sent events
+
+_REF = "#/components/schemas/"
+
+
+def sse_event_schema(event_model: str) -> dict[str, Any]:
+    """The schema of one server-sent event of a stream whose events carry ``event_model``.
+
+    Each event is one ``data:`` line holding a JSON object (an ``event_model``, or an
+    ``ErrorResponse`` when the stream fails after it started, which then ends without
+    ``[DONE]``); the last event of a complete stream is ``data: [DONE]``. As OpenAPI 3.1
+    has no keyword for the items of a stream, the media type's ``schema`` describes one
+    event in the shape of the server-sent events specification (the ``itemSchema`` shape
+    of OpenAPI 3.2, which is how schemathesis reads a 3.1 event stream): an object whose
+    ``data`` string holds JSON (``contentMediaType``) of that ``contentSchema``.
+    """
+    payload = {"anyOf": [{"$ref": _REF + event_model}, {"$ref": _REF + "ErrorResponse"}]}
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {"anyOf": [
+                {"const": "[DONE]", "description": "the end of a complete stream"},
+                {"type": "string", "contentMediaType": "application/json", "contentSchema": payload},
+            ]},
+            "event": {"type": "string"},
+            "id": {"type": "string"},
+            "retry": {"type": "integer", "minimum": 0},
+        },
+    }
+
+
+def sse_response(event_model: str, description: str) -> dict[int, dict]:
+    """The ``responses=`` entry of a route that answers JSON, or with ``stream: true``
+    server-sent events of ``event_model`` (a model listed in ``STREAM_EVENT_MODELS`` of
+    ``server.app``, which puts it in the document's components)."""
+    return {200: {"description": description,
+                  "content": {"text/event-stream": {"schema": sse_event_schema(event_model)}}}}
+
+
+def add_component_schemas(openapi: dict, models: list[type[BaseModel]]) -> dict:
+    """Add ``models`` (and the models they use) to ``openapi``'s components, keeping the
+    schemas FastAPI generated for the same names."""
+    from pydantic.json_schema import models_json_schema
+
+    _, top = models_json_schema([(m, "serialization") for m in models], ref_template=_REF + "{model}")
+    schemas = openapi.setdefault("components", {}).setdefault("schemas", {})
+    for name, schema in top.get("$defs", {}).items():
+        schemas.setdefault(name, schema)
+    return openapi

@@ -11,8 +11,8 @@ so only side-by-side ratios mean something), through:
    LM head, greedy), the floor any engine on this model pays. It runs in lockstep with
    the engine: one engine step, one bare step, and so on.
 
-Reports medians of per-request latency, throughput and time per step, and the ratios the issue
-sets targets for: reference / engine at batch 1 (>= 7x) and engine step / bare step at
+Reports medians of per-request latency, throughput and time per step, and the ratios its targets are
+stated in: reference / engine at batch 1 (>= 7x) and engine step / bare step at
 batch N (<= 1.15x). The default model is a random GPT-2-small-sized model (768 wide, 12
 layers, 50257-token head) with ProsQA-length prompts (~250 tokens), 6 thoughts and 12
 answer tokens (``ignore_eos``).
@@ -34,20 +34,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("latency", help="engine vs naive reference vs bare forward",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint directory (default: a random GPT-2-small)")
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--hidden", type=int, default=768, help="model width (default 768, GPT-2 small)")
+    p.add_argument("--layers", type=int, default=12, help="decoder layers (default 12)")
+    p.add_argument("--heads", type=int, default=12, help="attention heads (default 12)")
     p.add_argument("--vocab", type=int, default=50257, help="LM head size of the random model")
-    p.add_argument("--prompt-tokens", type=int, default=250)
-    p.add_argument("--thoughts", type=int, default=6)
-    p.add_argument("--max-tokens", type=int, default=12)
+    p.add_argument("--prompt-tokens", type=int, default=250, help="prompt length in tokens (default 250, ProsQA-sized)")
+    p.add_argument("--thoughts", type=int, default=6, help="continuous thoughts per request (default 6)")
+    p.add_argument("--max-tokens", type=int, default=12, help="answer tokens per request (default 12)")
     p.add_argument("--batch", type=int, default=32, help="requests submitted at once")
     p.add_argument("--reference-questions", type=int, default=3, help="questions run through the slow reference")
     p.add_argument("--rounds", type=int, default=3, help="alternating engine/bare rounds at the full batch")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random model and inputs (default 0)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--plot", default=None, metavar="PNG", help="save a bar chart of the timings")
     p.set_defaults(func=run)

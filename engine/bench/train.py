@@ -21,10 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="coconut_loss vs the naive per-sample loss (forward+backward)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="gpt2", help="model family (default: gpt2)")
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--vocab", type=int, default=50257)
+    p.add_argument("--hidden", type=int, default=768, help="model width (default 768, GPT-2 small)")
+    p.add_argument("--layers", type=int, default=12, help="decoder layers (default 12)")
+    p.add_argument("--heads", type=int, default=12, help="attention heads (default 12)")
+    p.add_argument("--vocab", type=int, default=50257, help="vocabulary size (default 50257, GPT-2's)")
     p.add_argument("--batch", type=int, default=32, help="rows in the batch (default: 32)")
     p.add_argument("--length", type=int, default=250, help="mean row length in tokens (default: 250)")
     p.add_argument("--thoughts", type=int, default=6, help="placeholders per row (default: 6)")
@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="time the naive loss on the first N rows only and scale to the batch (default: all)")
     p.add_argument("--bf16", action="store_true", help="run both under bf16 autocast")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random model and inputs (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 

@@ -13,19 +13,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("questions", nargs="+", help="question text(s)")
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--thoughts", type=int, default=None, help="fixed number of latent thoughts")
+    group.add_argument("--thoughts", type=int, default=None,
+                       help="fixed number of latent thoughts (default: the checkpoint's)")
     group.add_argument("--latent", choices=["fixed", "auto", "none"], default=None,
                        help="latent policy (default: the checkpoint's)")
-    p.add_argument("--max-thoughts", type=int, default=None, help="cap for --latent auto")
-    p.add_argument("--threshold", type=float, default=None, help="stop threshold for --latent auto")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--trace", type=int, default=0, metavar="K", help="show the top-K tokens of each thought")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-thoughts", type=int, default=None,
+                   help="cap for --latent auto (default: the stop classifier's)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="stop threshold for --latent auto (default: the stop classifier's)")
+    p.add_argument("--max-tokens", type=int, default=64, help="most answer tokens (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0 = greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (default: 0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
+    p.add_argument("--trace", type=int, default=0, metavar="K",
+                   help="show the top-K tokens of each thought (default: 0 = off)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--dtype", default="float32", help="weights dtype: float32, bfloat16 or float16 (default: float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object per question")
     p.set_defaults(func=run)
 

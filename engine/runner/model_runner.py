@@ -45,14 +45,6 @@ class RowOutput:
     trace: TraceEntry | None = None
 
 
-@dataclass
-class RunnerStats:
-    forwards: int = 0
-    positions_fed: int = 0       # real (unpadded) positions fed to the model
-    padded_positions_fed: int = 0
-    last_batch_size: int = 0
-
-
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, pad_token_id: int, stop_classifier: torch.nn.Module | None = None,
                  seed: int | None = None):
@@ -68,7 +60,6 @@ class ModelRunner:
             self.generator.manual_seed(seed)
         else:
             self.generator.seed()
-        self.stats = RunnerStats()
 
     # ---------------------------------------------------------------- public
 
@@ -119,7 +110,6 @@ class ModelRunner:
         attention_mask, position_ids = self.batch.mask_for_step()              # [B, L+1], [B, 1]
         hidden = self.adapter.forward(embeds[:, None], attention_mask, position_ids,
                                       self.batch.cache)[:, -1]                 # [B, d]
-        self._count(len(rows), len(rows), len(rows))
         self.hidden = hidden
         return self._row_outputs(rows, hidden, after_thought=in_latent)
 
@@ -133,7 +123,6 @@ class ModelRunner:
         batch, position_ids = PaddedBatchCache.for_prefill(cache, lengths, self.device)
         hidden = self.adapter.forward(self.adapter.embed(ids), batch.attention_mask, position_ids,
                                       cache)[:, -1]                            # [b, d]
-        self._count(len(requests), sum(lengths), len(requests) * width)
         outputs = self._row_outputs(requests, hidden, after_thought=[False] * len(requests))
         if self.rows:
             self.batch.concat(batch)
@@ -177,9 +166,3 @@ class ModelRunner:
             for j, i in enumerate(asking):
                 out[rows[i].request_id].stop_prob = probs[j]
         return out
-
-    def _count(self, batch_size: int, real: int, padded: int) -> None:
-        self.stats.forwards += 1
-        self.stats.positions_fed += real
-        self.stats.padded_positions_fed += padded
-        self.stats.last_batch_size = batch_size

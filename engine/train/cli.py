@@ -49,8 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", required=True, help="the base model directory it was trained from")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--num-thoughts", type=int, default=6, help="default thoughts (ProsQA: 6)")
-    p.add_argument("--c-thought", type=int, default=1)
-    p.add_argument("--max-latent-stage", type=int, default=6)
+    p.add_argument("--c-thought", type=int, default=1, help="thoughts per reasoning step (default 1)")
+    p.add_argument("--max-latent-stage", type=int, default=6, help="the last curriculum stage (default 6)")
     p.set_defaults(func=run_convert)
 
 

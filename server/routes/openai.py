@@ -4,42 +4,222 @@
 The question is the prompt (completions) or the last user message (chat); the content
 returned equals ``/v1/reason``'s ``text`` for the same question and parameters. Same
 service, same engine, same errors as ``/v1/reason``; only the shapes differ.
+
+A list of prompts on /v1/completions becomes one engine request per prompt, all
+submitted together (they share the engine's batch) and answered as one choice each, with
+its ``index``; if one fails (e.g. the waiting queue is full), the others are aborted and
+the error is the answer. Log-probabilities come from the engine (``SamplingParams.logprobs``,
+the chosen token's log-probability under the unmodified distribution); see
+``server.openai_schemas`` for the shapes and what ``top_logprobs`` holds.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
+import json
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Iterable
 
 from fastapi import APIRouter, Depends, Request
 
 from engine.output import RequestOutput
 from server.deps import get_service
 from server.errors import request_id_of
-from server.openai_schemas import (AssistantMessage, ChatChoice, ChatRequest, ChatResponse, CompletionChoice,
-                                   CompletionRequest, CompletionResponse, CompletionUsage, ModelCard,
-                                   ModelList)
+from server.openai_schemas import (AssistantMessage, ChatChoice, ChatLogprobs, ChatRequest, ChatResponse,
+                                   ChatTokenLogprob, CompletionChoice, CompletionLogprobs, CompletionRequest,
+                                   CompletionResponse, CompletionUsage, ModelCard, ModelList, TopLogprob)
 from server.routes.reason import trace_of
-from server.schemas import ERROR_RESPONSES
-from server.service import GenerationService
+from server.schemas import ERROR_RESPONSES, sse_response
+from server.service import Generation, GenerationService
 from server.sse import event_stream
 
 router = APIRouter(tags=["openai"])
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
 OPENAI_DEFAULT_TEMPERATURE = 1.0
-_STREAM_DOC = {200: {"description": "JSON, or with `stream: true` server-sent events ending in "
-                     "`data: [DONE]`", "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+#: JSON has no -inf (nor NaN): a log-probability below this is reported as this (OpenAI's value).
+MIN_LOGPROB = -9999.0
+_STREAM_NOTE = ("JSON, or with `stream: true` server-sent events (`data: {%s}` ... `data: [DONE]`; "
+                "a failure after the stream started is one `data: {\"error\": ...}` event, without [DONE])")
 
 
-def _usage(out: RequestOutput) -> CompletionUsage:
-    prompt, completion = len(out.prompt_token_ids), len(out.token_ids)
+def _usage(outs: Iterable[RequestOutput]) -> CompletionUsage:
+    outs = list(outs)
+    prompt = sum(len(o.prompt_token_ids) for o in outs)
+    completion = sum(len(o.token_ids) for o in outs)
     return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion,
-                           total_tokens=prompt + completion, latent_thoughts=out.num_thoughts)
+                           total_tokens=prompt + completion, latent_thoughts=sum(o.num_thoughts for o in outs))
 
 
 def _trace(out: RequestOutput, body) -> list | None:
     return trace_of(out, body.return_latent_trace)
+
+
+def _with_logprobs(gen: Generation) -> Generation:
+    return dataclasses.replace(gen, sampling=dataclasses.replace(gen.sampling, logprobs=True))
+
+
+# ---------------------------------------------------------------- token texts
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: every byte as one printable character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class TokenTexts:
+    """Each generated token's text and UTF-8 bytes, as OpenAI reports them. For byte-level
+    BPE tokenizers a token may hold part of a UTF-8 character: its bytes are then the exact
+    bytes (its text shows the replacement character, as the decoded text would)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.byte_of: dict[str, int] | None = None
+        try:
+            decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
+        except Exception:
+            decoder = {}
+        types = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders") or []}
+        if "ByteLevel" in types:
+            self.byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        self.special = set(getattr(tokenizer, "all_special_ids", ()))
+
+    def text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def bytes(self, token_id: int, text: str) -> list[int]:
+        if self.byte_of is not None and "\ufffd" in text and token_id not in self.special:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            if isinstance(piece, str) and all(c in self.byte_of for c in piece):
+                return [self.byte_of[c] for c in piece]
+        return list(text.encode("utf-8"))
+
+
+def _finite(logprob: float | None) -> float:
+    return logprob if logprob is not None and logprob > MIN_LOGPROB else MIN_LOGPROB
+
+
+class _CompletionLogprobs:
+    """Builds the completions ``logprobs`` object, in one piece or chunk by chunk."""
+
+    def __init__(self, texts: TokenTexts):
+        self.texts, self.sent, self.offset = texts, 0, 0
+
+    def take(self, out: RequestOutput) -> CompletionLogprobs:
+        ids, lps = out.token_ids[self.sent:], (out.logprobs or [])[self.sent:]
+        self.sent += len(ids)
+        tokens = [self.texts.text(i) for i in ids]
+        offsets = []
+        for token in tokens:
+            offsets.append(self.offset)
+            self.offset += len(token)
+        values = [_finite(lp) for lp in lps]
+        return CompletionLogprobs(tokens=tokens, token_logprobs=values,
+                                  top_logprobs=[{t: v} for t, v in zip(tokens, values)], text_offset=offsets)
+
+
+class _ChatLogprobs:
+    def __init__(self, texts: TokenTexts, top: int):
+        self.texts, self.top, self.sent = texts, top, 0
+
+    def take(self, out: RequestOutput) -> ChatLogprobs:
+        ids, lps = out.token_ids[self.sent:], (out.logprobs or [])[self.sent:]
+        self.sent += len(ids)
+        content = []
+        for token_id, lp in zip(ids, lps):
+            text = self.texts.text(token_id)
+            entry = TopLogprob(token=text, logprob=_finite(lp), bytes=self.texts.bytes(token_id, text))
+            content.append(ChatTokenLogprob(**entry.model_dump(), top_logprobs=[entry] if self.top > 0 else []))
+        return ChatLogprobs(content=content)
+
+
+def _token_texts(service: GenerationService) -> TokenTexts:
+    return TokenTexts(service.engine.engine.tokenizer)
+
+
+# ---------------------------------------------------------------- several requests at once
+
+
+async def _all_or_none(coros: list[Awaitable]) -> list:
+    """Run ``coros`` concurrently; their results in order. If one fails, the others are
+    cancelled (their engine requests aborted) and its exception is raised."""
+    if len(coros) == 1:
+        return [await coros[0]]
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+        return [task.result() for task in tasks]
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _open_streams(service: GenerationService, gens: list[Generation],
+                        request: Request) -> list[AsyncIterator[RequestOutput]]:
+    if len(gens) == 1:
+        return [await service.open_stream(gens[0], request)]
+    tasks = [asyncio.ensure_future(service.open_stream(g, request)) for g in gens]
+    try:
+        return await _all_or_none(tasks)
+    except BaseException:
+        for task in tasks:   # close the streams that did open: their requests are aborted
+            if task.done() and not task.cancelled() and task.exception() is None:
+                await task.result().aclose()
+        raise
+
+
+async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(index, output) pairs of several streams as they come; closing it closes them all."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as stream:
+            async for out in stream:
+                yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async with contextlib.aclosing(stream):
+                async for out in stream:
+                    queue.put_nowait((index, out, None))
+        except Exception as e:
+            queue.put_nowait((index, None, e))
+            return
+        queue.put_nowait((index, None, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, out, error = await queue.get()
+            if error is not None:
+                raise error
+            if out is None:
+                running -= 1
+                continue
+            yield index, out
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# ---------------------------------------------------------------- routes
 
 
 @router.get("/v1/models", response_model=ModelList)
@@ -54,24 +234,30 @@ async def models(service: GenerationService = Depends(get_service)):
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=True,
-             responses={**ERROR_RESPONSES, **_STREAM_DOC})
+             responses={**ERROR_RESPONSES, **sse_response("CompletionChunk", _STREAM_NOTE % "CompletionChunk")})
 async def completions(body: CompletionRequest, request: Request,
                       service: GenerationService = Depends(get_service)):
     service.check_model(body.model)
-    gen = service.params(body.prompt, body, id_prefix="cmpl", default_temperature=OPENAI_DEFAULT_TEMPERATURE,
-                         default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
+    gens = [service.params(prompt, body, id_prefix="cmpl", default_temperature=OPENAI_DEFAULT_TEMPERATURE,
+                           default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS) for prompt in body.prompts()]
+    if body.logprobs is not None:
+        gens = [_with_logprobs(g) for g in gens]
     if body.stream:
-        outputs = await service.open_stream(gen, request)
-        return event_stream(_completion_chunks(outputs, service.model_name, body), request_id_of(request))
-    out = await service.complete(gen, request)
-    return CompletionResponse(id=out.request_id, created=int(time.time()), model=service.model_name,
-                              choices=[CompletionChoice(text=out.text, finish_reason=out.finish_reason,
-                                                        latent_trace=_trace(out, body))],
-                              usage=_usage(out))
+        streams = await _open_streams(service, gens, request)
+        return event_stream(_completion_chunks(_merge(streams), service, body, len(gens)), request_id_of(request))
+    outs = await _all_or_none([service.complete(g, request) for g in gens])
+    texts = _token_texts(service) if body.logprobs is not None else None
+    choices = [CompletionChoice(index=i, text=out.text, finish_reason=out.finish_reason,
+                                logprobs=_CompletionLogprobs(texts).take(out) if texts else None,
+                                latent_trace=_trace(out, body))
+               for i, out in enumerate(outs)]
+    return CompletionResponse(id=outs[0].request_id, created=int(time.time()), model=service.model_name,
+                              choices=choices, usage=_usage(outs))
 
 
 @router.post("/v1/chat/completions", response_model=ChatResponse, response_model_exclude_none=True,
-             responses={**ERROR_RESPONSES, **_STREAM_DOC})
+             responses={**ERROR_RESPONSES, **sse_response("ChatCompletionChunk",
+                                                          _STREAM_NOTE % "ChatCompletionChunk")})
 async def chat_completions(body: ChatRequest, request: Request,
                            service: GenerationService = Depends(get_service)):
     service.check_model(body.model)
@@ -79,39 +265,51 @@ async def chat_completions(body: ChatRequest, request: Request,
         body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
     gen = service.params(body.question(), body, id_prefix="chatcmpl",
                          default_temperature=OPENAI_DEFAULT_TEMPERATURE)
+    if body.logprobs:
+        gen = _with_logprobs(gen)
     if body.stream:
         outputs = await service.open_stream(gen, request)
-        return event_stream(_chat_chunks(outputs, service.model_name, body), request_id_of(request))
+        return event_stream(_chat_chunks(outputs, service, body), request_id_of(request))
     out = await service.complete(gen, request)
+    logprobs = _ChatLogprobs(_token_texts(service), body.top_logprobs or 0).take(out) if body.logprobs else None
     return ChatResponse(id=out.request_id, created=int(time.time()), model=service.model_name,
-                        choices=[ChatChoice(message=AssistantMessage(content=out.text),
+                        choices=[ChatChoice(message=AssistantMessage(content=out.text), logprobs=logprobs,
                                             finish_reason=out.finish_reason, latent_trace=_trace(out, body))],
-                        usage=_usage(out))
+                        usage=_usage([out]))
 
 
 def _include_usage(body) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-async def _completion_chunks(outputs: AsyncIterator[RequestOutput], model: str,
-                             body: CompletionRequest) -> AsyncIterator[dict]:
-    created = int(time.time())
-    async for out in outputs:
+async def _completion_chunks(outputs: AsyncIterator[tuple[int, RequestOutput]], service: GenerationService,
+                             body: CompletionRequest, n: int) -> AsyncIterator[dict]:
+    created, model = int(time.time()), service.model_name
+    texts = _token_texts(service) if body.logprobs is not None else None
+    logprobs = [_CompletionLogprobs(texts) for _ in range(n)] if texts else None
+    finished: dict[int, RequestOutput] = {}
+    response_id = None
+    async for index, out in outputs:
         if not (out.delta or out.finished):
             continue
-        choice = {"index": 0, "text": out.delta, "finish_reason": out.finish_reason, "logprobs": None}
+        response_id = response_id or out.request_id
+        choice = {"index": index, "text": out.delta, "finish_reason": out.finish_reason,
+                  "logprobs": logprobs[index].take(out).model_dump() if logprobs else None}
         if out.finished and body.return_latent_trace:
-            choice["latent_trace"] = [t.model_dump() for t in _trace(out, body)]
-        yield {"id": out.request_id, "object": "text_completion", "created": created, "model": model,
+            choice["latent_trace"] = [t.model_dump(exclude_none=True) for t in _trace(out, body)]
+        yield {"id": response_id, "object": "text_completion", "created": created, "model": model,
                "choices": [choice]}
-        if out.finished and _include_usage(body):
-            yield {"id": out.request_id, "object": "text_completion", "created": created, "model": model,
-                   "choices": [], "usage": _usage(out).model_dump()}
+        if out.finished:
+            finished[index] = out
+    if len(finished) == n and _include_usage(body):
+        yield {"id": response_id, "object": "text_completion", "created": created, "model": model,
+               "choices": [], "usage": _usage(finished[i] for i in range(n)).model_dump()}
 
 
-async def _chat_chunks(outputs: AsyncIterator[RequestOutput], model: str,
+async def _chat_chunks(outputs: AsyncIterator[RequestOutput], service: GenerationService,
                        body: ChatRequest) -> AsyncIterator[dict]:
-    created = int(time.time())
+    created, model = int(time.time()), service.model_name
+    logprobs = _ChatLogprobs(_token_texts(service), body.top_logprobs or 0) if body.logprobs else None
     first = True
     async for out in outputs:
         head = {"id": out.request_id, "object": "chat.completion.chunk", "created": created, "model": model}
@@ -120,11 +318,16 @@ async def _chat_chunks(outputs: AsyncIterator[RequestOutput], model: str,
             yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None}]}
         if out.delta:
-            yield {**head, "choices": [{"index": 0, "delta": {"content": out.delta}, "finish_reason": None}]}
+            choice = {"index": 0, "delta": {"content": out.delta}, "finish_reason": None}
+            if logprobs is not None:
+                choice["logprobs"] = logprobs.take(out).model_dump()
+            yield {**head, "choices": [choice]}
         if out.finished:
             choice = {"index": 0, "delta": {}, "finish_reason": out.finish_reason}
+            if logprobs is not None:
+                choice["logprobs"] = logprobs.take(out).model_dump()
             if body.return_latent_trace:
-                choice["latent_trace"] = [t.model_dump() for t in _trace(out, body)]
+                choice["latent_trace"] = [t.model_dump(exclude_none=True) for t in _trace(out, body)]
             yield {**head, "choices": [choice]}
             if _include_usage(body):
-                yield {**head, "choices": [], "usage": _usage(out).model_dump()}
+                yield {**head, "choices": [], "usage": _usage([out]).model_dump()}

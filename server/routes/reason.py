@@ -16,15 +16,15 @@ from engine.output import RequestOutput
 from server.deps import get_service
 from server.errors import request_id_of
 from server.schemas import (ERROR_RESPONSES, LatentThought, ReasonRequest, ReasonResponse, Timings,
-                            TraceToken, Usage)
+                            TraceToken, Usage, sse_response)
 from server.service import GenerationService
 from server.sse import event_stream
 
 router = APIRouter(tags=["reason"])
 
-_STREAM_DOC = {200: {"description": "JSON, or with `stream: true` server-sent events "
-                     "(`data: {ReasonStreamEvent}` ... `data: [DONE]`)",
-                     "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+_STREAM_DOC = sse_response("ReasonStreamEvent", "JSON, or with `stream: true` server-sent events "
+                           "(`data: {ReasonStreamEvent}` ... `data: [DONE]`; a failure after the stream "
+                           "started is one `data: {\"error\": ...}` event, without [DONE])")
 
 
 def usage_of(out: RequestOutput) -> Usage:
@@ -71,7 +71,7 @@ async def _events(outputs: AsyncIterator[RequestOutput], model: str, want_trace:
                      "finish_reason": out.finish_reason, "usage": usage_of(out).model_dump(),
                      "timings": timings_of(out).model_dump(), "answer": out.answer}
             if want_trace:
-                final["latent_trace"] = [t.model_dump() for t in trace_of(out, True)]
+                final["latent_trace"] = [t.model_dump(exclude_none=True) for t in trace_of(out, True)]
             yield final
         elif out.delta:
             yield {"id": out.request_id, "model": model, "delta": out.delta, "finish_reason": None}
