@@ -121,3 +121,15 @@ def test_group_by_length_is_a_permutation_of_batches_of_similar_length():
     spread = lambda o: sum(max(lengths[i] for i in o[k:k + 16]) - min(lengths[i] for i in o[k:k + 16])  # noqa: E731
                            for k in range(0, len(o), 16))
     assert spread(grouped) < spread(order) / 2        # far less padding within a batch
+
+
+def test_optimizer_resets_at_each_stage_change_until_the_layout_stops_changing():
+    from types import SimpleNamespace
+
+    from engine.train.layout import Curriculum
+    from engine.train.trainer import Trainer
+
+    fake = SimpleNamespace(config=SimpleNamespace(reset_policy="stage"),
+                           curriculum=Curriculum(epochs_per_stage=2, max_latent_stage=3))
+    resets = [e for e in range(1, 16) if Trainer._resets(fake, e)]
+    assert resets == [2, 4, 6, 8]     # stages 1, 2, 3 and the first past max (all steps latent)

@@ -240,8 +240,9 @@ class Trainer:
         policy = self.config.reset_policy
         if policy == "epoch":
             return True
-        if policy == "stage":
-            return epoch > 0 and self.curriculum.stage(epoch) != self.curriculum.stage(epoch - 1)
+        if policy == "stage":   # past max_latent_stage + 1 the layout no longer changes: no reset
+            last = self.curriculum.max_latent_stage + 1
+            return epoch > 0 and min(self.curriculum.stage(epoch), last) != min(self.curriculum.stage(epoch - 1), last)
         return False
 
     def _steps_per_epoch(self, n: int) -> int:
