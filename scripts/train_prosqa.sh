@@ -2,7 +2,8 @@
 # Train the ProsQA CPU recipe (configs/prosqa_{cot,coconut,no_cot}.yaml), one run after the
 # other, each from the bundled linear-chain model (a curriculum of graph sizes).
 # A run resumes exactly from its last checkpoint_<E> when interrupted: rerun the same command
-# (a finished run is not trained again). Extra --set options apply to every run named.
+# (a finished run is not trained again; --set num_epochs=N trains a finished one further).
+# Extra --set options apply to every run named.
 # Usage: scripts/train_prosqa.sh [coconut|cot|no_cot ...] [-- --set key=value ...]
 # Model selection uses the official ProsQA validation split when ../shared/data holds it,
 # else the configs' generator split (seed 4242).
@@ -32,6 +33,12 @@ official=../shared/data/prosqa_valid.json
 [ -f "$official" ] && extra+=(--set "val_path=$official")
 for m in "${methods[@]}"; do
   mkdir -p runs/prosqa
+  # A run committed to the repository (checkpoints/prosqa/<run>: its last checkpoint with the
+  # optimizer state, metrics and config) continues from there on a fresh clone.
+  if [ -d "checkpoints/prosqa/prosqa_$m" ] && ! ls -d "runs/prosqa/prosqa_$m"/checkpoint_* >/dev/null 2>&1; then
+    mkdir -p "runs/prosqa/prosqa_$m" && cp -r "checkpoints/prosqa/prosqa_$m"/. "runs/prosqa/prosqa_$m"/
+    echo "continuing prosqa_$m from checkpoints/prosqa/prosqa_$m"
+  fi
   echo "training prosqa_$m (log: runs/prosqa/prosqa_$m.log)"
   "$engine" train "configs/prosqa_$m.yaml" "${extra[@]}" "$@" 2>&1 | tr '\r' '\n' | grep --line-buffered -v "it/s\]$\|s/it\]$" >> "runs/prosqa/prosqa_$m.log" || true
 done

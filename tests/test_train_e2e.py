@@ -191,7 +191,7 @@ def test_compact_run_declares_its_text_format_and_serves_natural_questions(tmp_p
 
     config = write_config(tmp_path, train_path="prosqa:linear?n=64", val_path="prosqa:linear?n=4&fresh=0",
                           text_format="compact", compact_steps="path", step_suffix="", answer_prefix=" ### ",
-                          num_epochs=1, tokenizer_vocab_size=600)
+                          num_epochs=1, tokenizer_vocab_size=2048)   # room for every ProsQA word
     config["model"]["n_positions"] = 256
     assert run_train(config, tmp_path) == 0
     coconut = json.loads((tmp_path / "run" / "checkpoint_1" / "coconut.json").read_text())
