@@ -51,3 +51,12 @@ def prosqa_valid_path() -> Path:
     if not path.is_file():
         pytest.skip(f"the shared ProsQA validation split is not at {path} (../shared is absent)")
     return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (small tensors on a busy 2-core machine), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

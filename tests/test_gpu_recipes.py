@@ -9,19 +9,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from engine.train.config import load_config
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*_gpu.yaml"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
