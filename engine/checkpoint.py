@@ -87,9 +87,13 @@ class CoconutConfig(BaseModel):
         return "none" if self.method in ("cot", "no_cot") else "fixed"
 
     def resolve(self, policy: LatentPolicy | None) -> ResolvedLatent:
-        """Fill a request's latent policy with this checkpoint's defaults."""
+        """Fill a request's latent policy with this checkpoint's defaults (the only place
+        they are applied: an unset policy or mode takes ``default_mode``, unset counts and
+        thresholds the checkpoint's)."""
         if policy is None:
             policy = LatentPolicy(mode=self.default_mode)  # type: ignore[arg-type]
+        elif policy.mode is None:  # nothing but trace_top_k was given (LatentPolicy infers the rest)
+            policy = LatentPolicy(mode=self.default_mode, trace_top_k=policy.trace_top_k)  # type: ignore[arg-type]
         feed = "pause" if self.method == "pause_as_thought" else "hidden"
         if policy.mode == "none":
             return ResolvedLatent(mode="none", thoughts=0, trace_top_k=0)

@@ -19,10 +19,43 @@ LATENT_MODES = ("fixed", "auto", "none")
 #: (vLLM uses the same cut-off).
 GREEDY_TEMPERATURE = 1e-5
 
+# ---------------------------------------------------------------- the request contract
+# Every default and bound of a request is written once, here: ``SamplingParams`` and
+# ``LatentPolicy`` check them, and the server's pydantic schemas (``server.schemas``,
+# ``server.openai_schemas``) derive their ``Field`` bounds and documented defaults from them.
+
+#: Sampling defaults (``/v1/reason``, the Python API and the CLI).
+DEFAULT_MAX_TOKENS = 64
+DEFAULT_TEMPERATURE = 0.0          # greedy
+DEFAULT_TOP_P = 1.0                # no nucleus filter
+DEFAULT_TOP_K = 0                  # no top-k filter
+#: The OpenAI-compatible routes follow OpenAI's defaults instead.
+OPENAI_DEFAULT_TEMPERATURE = 1.0
+OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # /v1/completions only; chat uses DEFAULT_MAX_TOKENS
+
+#: Sampling bounds.
+MIN_MAX_TOKENS = 1
+MIN_TEMPERATURE = 0.0
+MAX_TEMPERATURE = 100.0
+MIN_TOP_P = 0.0                    # exclusive
+MAX_TOP_P = 1.0
+MIN_TOP_K = 0
+SEED_BITS = 63
+SEED_LIMIT = 2 ** SEED_BITS        # seeds are in [0, SEED_LIMIT)
+MAX_STOP_STRINGS = 16
+MIN_STOP_LENGTH = 1
+
 #: Hard ceilings that protect the server from absurd requests; the per-model limit
 #: (maximum sequence length) is checked separately when a request is added.
 MAX_THOUGHTS_CEILING = 1024
+MIN_THOUGHTS = 0                   # fixed mode: 0 thoughts is allowed (markers only)
+MIN_MAX_THOUGHTS = 1               # auto mode's cap
+MIN_THRESHOLD = 0.0
+MAX_THRESHOLD = 1.0
 MAX_TRACE_TOP_K = 50
+#: The HTTP API's ``latent_trace_top_k`` (used when ``return_latent_trace`` is true).
+DEFAULT_TRACE_TOP_K = 5
+MIN_TRACE_TOP_K = 1
 
 
 def _check(condition: bool, name: str, value, expected: str) -> None:
@@ -42,10 +75,10 @@ class SamplingParams:
     unmodified distribution (before temperature, top-k and top-p), as vLLM reports it.
     """
 
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    top_k: int = DEFAULT_TOP_K
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -58,19 +91,22 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
-               "max_tokens", self.max_tokens, "an integer >= 1")
-        _check(isinstance(self.temperature, (int, float)) and 0.0 <= self.temperature <= 100.0,
-               "temperature", self.temperature, "a number in [0, 100] (0 = greedy)")
-        _check(isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0,
-               "top_p", self.top_p, "a number in (0, 1]")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0,
-               "top_k", self.top_k, "an integer >= 0 (0 = disabled)")
-        _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
-               "seed", self.seed, "null or an integer in [0, 2**63)")
-        _check(all(isinstance(s, str) and s for s in self.stop),
+        _check(isinstance(self.max_tokens, int) and self.max_tokens >= MIN_MAX_TOKENS,
+               "max_tokens", self.max_tokens, f"an integer >= {MIN_MAX_TOKENS}")
+        _check(isinstance(self.temperature, (int, float))
+               and MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE,
+               "temperature", self.temperature,
+               f"a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (0 = greedy)")
+        _check(isinstance(self.top_p, (int, float)) and MIN_TOP_P < self.top_p <= MAX_TOP_P,
+               "top_p", self.top_p, f"a number in ({MIN_TOP_P:g}, {MAX_TOP_P:g}]")
+        _check(isinstance(self.top_k, int) and self.top_k >= MIN_TOP_K,
+               "top_k", self.top_k, f"an integer >= {MIN_TOP_K} (0 = disabled)")
+        _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT),
+               "seed", self.seed, f"null or an integer in [0, 2**{SEED_BITS})")
+        _check(all(isinstance(s, str) and len(s) >= MIN_STOP_LENGTH for s in self.stop),
                "stop", self.stop, "non-empty strings")
-        _check(len(self.stop) <= 16, "stop", self.stop, "at most 16 stop strings")
+        _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", self.stop,
+               f"at most {MAX_STOP_STRINGS} stop strings")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                "stop_token_ids", self.stop_token_ids, "non-negative integers")
 
@@ -88,31 +124,44 @@ class LatentPolicy:
       state; a stop probability >= ``threshold`` ends latent mode; ``max_thoughts``
       caps it. ``None`` values take the checkpoint's defaults.
     - ``none``: no ``<bot>``/``<eot>`` markers and no thoughts (CoT / no-CoT models).
+    - ``mode=None`` (what the HTTP API sends when ``latent.mode`` is unset): the fields
+      given imply it (``thoughts``: fixed; ``max_thoughts`` / ``threshold``: auto), else
+      it stays ``None`` and ``CoconutConfig.resolve`` takes the checkpoint's default mode.
 
     ``trace_top_k > 0`` records, for every thought, the top-k tokens of
     ``softmax(W h)`` (the paper's projection of a thought onto the vocabulary).
     """
 
-    mode: LatentMode = "fixed"
+    mode: LatentMode | None = "fixed"
     thoughts: int | None = None
     max_thoughts: int | None = None
     threshold: float | None = None
     trace_top_k: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.mode in LATENT_MODES, "latent.mode", self.mode, f"one of {LATENT_MODES}")
+        if self.mode is None:
+            if self.thoughts is not None:
+                object.__setattr__(self, "mode", "fixed")
+            elif self.max_thoughts is not None or self.threshold is not None:
+                object.__setattr__(self, "mode", "auto")
+        _check(self.mode is None or self.mode in LATENT_MODES, "latent.mode", self.mode,
+               f"one of {LATENT_MODES}")
         _check(self.thoughts is None or (isinstance(self.thoughts, int)
-                                         and 0 <= self.thoughts <= MAX_THOUGHTS_CEILING),
-               "latent.thoughts", self.thoughts, f"null or an integer in [0, {MAX_THOUGHTS_CEILING}]")
+                                         and MIN_THOUGHTS <= self.thoughts <= MAX_THOUGHTS_CEILING),
+               "latent.thoughts", self.thoughts,
+               f"null or an integer in [{MIN_THOUGHTS}, {MAX_THOUGHTS_CEILING}]")
         _check(self.max_thoughts is None or (isinstance(self.max_thoughts, int)
-                                             and 1 <= self.max_thoughts <= MAX_THOUGHTS_CEILING),
+                                             and MIN_MAX_THOUGHTS <= self.max_thoughts <= MAX_THOUGHTS_CEILING),
                "latent.max_thoughts", self.max_thoughts,
-               f"null or an integer in [1, {MAX_THOUGHTS_CEILING}]")
+               f"null or an integer in [{MIN_MAX_THOUGHTS}, {MAX_THOUGHTS_CEILING}]")
         _check(self.threshold is None or (isinstance(self.threshold, (int, float))
-                                          and 0.0 <= self.threshold <= 1.0),
-               "latent.threshold", self.threshold, "null or a number in [0, 1]")
+                                          and MIN_THRESHOLD <= self.threshold <= MAX_THRESHOLD),
+               "latent.threshold", self.threshold,
+               f"null or a number in [{MIN_THRESHOLD:g}, {MAX_THRESHOLD:g}]")
         _check(isinstance(self.trace_top_k, int) and 0 <= self.trace_top_k <= MAX_TRACE_TOP_K,
                "latent.trace_top_k", self.trace_top_k, f"an integer in [0, {MAX_TRACE_TOP_K}]")
+        if self.mode is None:
+            return                    # the checkpoint's default mode, nothing else given
         if self.mode != "fixed" and self.thoughts is not None:
             raise ValueError(f"latent.thoughts is only meaningful with mode 'fixed', "
                              f"got mode {self.mode!r}")

@@ -58,8 +58,7 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
         metrics.bind_engine(lambda: async_engine.num_waiting, lambda: async_engine.num_running)
         await async_engine.start()
         name = settings.served_model_name or core.model_name
-        app.state.service = GenerationService(async_engine, metrics, name, core.coconut.default_mode,
-                                              settings.retry_after_s)
+        app.state.service = GenerationService(async_engine, metrics, name, settings.retry_after_s)
         app.state.engine = async_engine
         log.info("serving %s (max_batch_size=%d, max_queue=%d, max_seq_len=%d)", name,
                  core.config.max_batch_size, settings.max_queue, core.max_seq_len)

@@ -5,7 +5,9 @@ know but cannot honour (``n > 1``, ``echo``, ``best_of``, ``suffix``, non-text m
 parts) answer 422 rather than being silently dropped. The latent options (``latent``,
 ``return_latent_trace``, ``latent_trace_top_k``) and ``top_k`` / ``ignore_eos`` are
 accepted as extra body fields (the ``openai`` package's ``extra_body``). Defaults follow
-OpenAI: temperature 1.0; ``max_tokens`` 16 for completions. Booleans are strict
+OpenAI: temperature 1.0; ``max_tokens`` 16 for completions (``engine.params``:
+``OPENAI_DEFAULT_TEMPERATURE``, ``OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS``; the other
+bounds are those of ``/v1/reason``, from the same module). Booleans are strict
 (``"stream": 0`` is a 422).
 
 Log-probabilities (completions ``logprobs: N``, chat ``logprobs: true`` and
@@ -27,11 +29,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
+from engine.params import MIN_MAX_TOKENS
 from server.schemas import FinishReason, LatentThought, SamplingFields
 
 MAX_PROMPTS = 256
 MAX_COMPLETION_LOGPROBS = 5     # OpenAI's limit for /v1/completions `logprobs`
 MAX_CHAT_TOP_LOGPROBS = 20      # OpenAI's limit for /v1/chat/completions `top_logprobs`
+MAX_PENALTY = 2.0               # OpenAI's range for presence_penalty / frequency_penalty: [-2, 2]
+MAX_CHOICES = 1                 # `n` and `best_of`: one choice per prompt
 
 Prompt = Annotated[str, Field(min_length=1)]
 
@@ -46,10 +51,10 @@ class _OpenAIBase(SamplingFields):
     model: str | None = Field(None, description="must name the served model when given")
     stream: StrictBool = Field(False, description="reply with server-sent events")
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported (for several completions of "
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="only 1 is supported (for several completions of "
                    "different prompts, send `prompt` as a list)")
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="accepted, not applied")
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="accepted, not applied")
+    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY, description="accepted, not applied")
+    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY, description="accepted, not applied")
     user: str | None = None
 
 
@@ -61,7 +66,7 @@ class CompletionRequest(_OpenAIBase):
         description="return the chosen tokens' log-probabilities; top_logprobs holds the chosen "
                     "token only (the engine computes no other)")
     echo: StrictBool = Field(False, description="not supported (must be false)")
-    best_of: int | None = Field(None, ge=1, le=1)
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
     suffix: None = None
 
     @field_validator("echo")
@@ -94,7 +99,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_OpenAIBase):
     messages: list[ChatMessage] = Field(min_length=1, description="the last user message is the question")
-    max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens")
+    max_completion_tokens: int | None = Field(None, ge=MIN_MAX_TOKENS, description="alias of max_tokens")
     logprobs: StrictBool | None = Field(None, description="return the chosen tokens' log-probabilities")
     top_logprobs: StrictInt | None = Field(
         None, ge=0, le=MAX_CHAT_TOP_LOGPROBS,

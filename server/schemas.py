@@ -1,9 +1,10 @@
 """Request and response bodies of ``POST /v1/reason`` (validated by pydantic).
 
-The field names are the public contract (issue 4). Ranges mirror the engine's
-``SamplingParams`` / ``LatentPolicy`` checks so that the OpenAPI schema documents them
-and a bad value answers 422 naming the field; the engine's own validation still runs
-and its ``ValueError`` also answers 422.
+The field names are the public contract (issue 4). Ranges and defaults come from the
+constants of ``engine.params`` (the one place they are written), which the engine's
+``SamplingParams`` / ``LatentPolicy`` check too, so that the OpenAPI schema documents
+them and a bad value answers 422 naming the field; the engine's own validation still
+runs and its ``ValueError`` also answers 422.
 
 A streamed reply (``stream: true``) is a sequence of ``ReasonStreamEvent`` (one per new
 piece of answer text; the last one carries ``finish_reason``, ``usage``, ``timings``,
@@ -18,10 +19,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from engine.params import MAX_THOUGHTS_CEILING, MAX_TRACE_TOP_K
+from engine.params import (DEFAULT_MAX_TOKENS, DEFAULT_TRACE_TOP_K, MAX_STOP_STRINGS,
+                           MAX_TEMPERATURE, MAX_THOUGHTS_CEILING, MAX_THRESHOLD, MAX_TOP_P, MAX_TRACE_TOP_K,
+                           MIN_MAX_THOUGHTS, MIN_MAX_TOKENS, MIN_STOP_LENGTH, MIN_TEMPERATURE, MIN_THOUGHTS,
+                           MIN_THRESHOLD, MIN_TOP_K, MIN_TOP_P, MIN_TRACE_TOP_K, SEED_LIMIT, LatentMode)
 
-StopString = Annotated[str, Field(min_length=1)]
-StopList = Annotated[list[StopString], Field(max_length=16)]
+StopString = Annotated[str, Field(min_length=MIN_STOP_LENGTH)]
+StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 
 
 class LatentOptions(BaseModel):
@@ -29,13 +33,16 @@ class LatentOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    mode: Literal["fixed", "auto", "none"] | None = Field(
+    mode: LatentMode | None = Field(
         None, description="fixed: exactly `thoughts`; auto: the stop classifier decides, up to "
         "`max_thoughts`; none: answer directly. Unset: `thoughts` implies fixed, `max_thoughts` or "
         "`threshold` imply auto, else the checkpoint's mode")
-    thoughts: int | None = Field(None, ge=0, le=MAX_THOUGHTS_CEILING, description="(fixed) thought count")
-    max_thoughts: int | None = Field(None, ge=1, le=MAX_THOUGHTS_CEILING, description="(auto) the cap")
-    threshold: float | None = Field(None, ge=0.0, le=1.0, description="(auto) stop probability threshold")
+    thoughts: int | None = Field(None, ge=MIN_THOUGHTS, le=MAX_THOUGHTS_CEILING,
+                                 description="(fixed) thought count")
+    max_thoughts: int | None = Field(None, ge=MIN_MAX_THOUGHTS, le=MAX_THOUGHTS_CEILING,
+                                     description="(auto) the cap")
+    threshold: float | None = Field(None, ge=MIN_THRESHOLD, le=MAX_THRESHOLD,
+                                    description="(auto) stop probability threshold")
 
 
 class SamplingFields(BaseModel):
@@ -43,16 +50,17 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(allow_inf_nan=False)    # 1e400, NaN, Infinity: 422
 
-    max_tokens: int | None = Field(None, ge=1, description="most answer tokens (default 64)")
-    temperature: float | None = Field(None, ge=0.0, le=100.0, description="0 = greedy")
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0, description="0 = disabled")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="per-request generator seed")
+    max_tokens: int | None = Field(None, ge=MIN_MAX_TOKENS,
+                                   description=f"most answer tokens (default {DEFAULT_MAX_TOKENS})")
+    temperature: float | None = Field(None, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, description="0 = greedy")
+    top_p: float | None = Field(None, gt=MIN_TOP_P, le=MAX_TOP_P)
+    top_k: int | None = Field(None, ge=MIN_TOP_K, description="0 = disabled")
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="per-request generator seed")
     stop: StopString | StopList | None = Field(None, description="strings that end the answer")
     ignore_eos: StrictBool = Field(False, description="keep going past end-of-sequence")
     latent: LatentOptions | None = None
     return_latent_trace: StrictBool = Field(False, description="return each thought's top tokens")
-    latent_trace_top_k: int = Field(5, ge=1, le=MAX_TRACE_TOP_K,
+    latent_trace_top_k: int = Field(DEFAULT_TRACE_TOP_K, ge=MIN_TRACE_TOP_K, le=MAX_TRACE_TOP_K,
                                     description="tokens per thought in latent_trace")
 
 
@@ -89,7 +97,7 @@ class TraceToken(BaseModel):
 
 class FrontierNode(BaseModel):
     concept: str = Field(description="a node of the question's graph (a person or a concept)")
-    hops: int | None = Field(description="breadth-first hops from the asked name; null: unreachable")
+    hops: int | None = Field(None, description="breadth-first hops from the asked name; absent: unreachable")
     prob: float = Field(description="the thought's probability on this node's token")
 
 

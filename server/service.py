@@ -29,14 +29,13 @@ from fastapi import Request as HttpRequest
 
 from engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
 from engine.output import RequestOutput
-from engine.params import LatentPolicy, SamplingParams
+from engine.params import (DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P,
+                           LatentPolicy, SamplingParams)
 from server.errors import ApiError, ClientDisconnected, from_engine_exception
 from server.metrics import ServerMetrics
-from server.schemas import SamplingFields
+from server.schemas import LatentThought, SamplingFields, TraceToken
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -48,12 +47,12 @@ class Generation:
 
 
 class GenerationService:
-    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, model_name: str,
-                 default_latent_mode: str, retry_after_s: int = 1):
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, model_name: str, retry_after_s: int = 1):
+        # The engine resolves unset latent options against the checkpoint
+        # (``CoconutConfig.resolve``); the service passes the request's options through.
         self.engine = engine
         self.metrics = metrics
         self.model_name = model_name
-        self.default_latent_mode = default_latent_mode
         self.retry_after_s = retry_after_s
         self.created = time.time()
 
@@ -65,44 +64,36 @@ class GenerationService:
                                 f"{self.model_name!r} (see GET /v1/models)", param="model")
 
     def params(self, question: str, fields: SamplingFields, id_prefix: str = "gen",
-               default_temperature: float = 0.0, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> Generation:
-        """Build the engine's parameter objects; their validation errors answer 422."""
+               default_temperature: float = DEFAULT_TEMPERATURE,
+               default_max_tokens: int = DEFAULT_MAX_TOKENS) -> Generation:
+        """Build the engine's parameter objects; their validation errors answer 422.
+
+        The latent options go to the engine as they were given (unset: ``None``): the
+        engine's ``LatentPolicy`` infers an unset mode from the fields given and
+        ``CoconutConfig.resolve`` fills in the checkpoint's defaults, once."""
         # Tiny temperatures and top_p values are safe: the engine treats a temperature
         # below 1e-5 as greedy and always keeps the top-ranked token.
         temperature = fields.temperature if fields.temperature is not None else default_temperature
-        top_p = fields.top_p if fields.top_p is not None else 1.0
+        top_p = fields.top_p if fields.top_p is not None else DEFAULT_TOP_P
         try:
             sampling = SamplingParams(
                 max_tokens=fields.max_tokens if fields.max_tokens is not None else default_max_tokens,
                 temperature=temperature,
                 top_p=top_p,
-                top_k=fields.top_k if fields.top_k is not None else 0,
+                top_k=fields.top_k if fields.top_k is not None else DEFAULT_TOP_K,
                 seed=fields.seed, stop=fields.stop or (), ignore_eos=fields.ignore_eos)
             latent = None
             options = fields.latent
             top_k = fields.latent_trace_top_k if fields.return_latent_trace else 0
             if options is not None or top_k:
-                mode = self._latent_mode(options)
-                latent = LatentPolicy(mode=mode, thoughts=options.thoughts if options else None,
+                latent = LatentPolicy(mode=options.mode if options else None,
+                                      thoughts=options.thoughts if options else None,
                                       max_thoughts=options.max_thoughts if options else None,
                                       threshold=options.threshold if options else None,
-                                      trace_top_k=top_k if mode != "none" else 0)
+                                      trace_top_k=top_k)
         except ValueError as e:
             raise ApiError(422, str(e)) from None
         return Generation(question, sampling, latent, id_prefix)
-
-    def _latent_mode(self, options) -> str:
-        """The mode asked for; unset, the fields given imply it (``thoughts``: fixed;
-        ``max_thoughts`` / ``threshold``: auto), else the checkpoint's default."""
-        if options is None:
-            return self.default_latent_mode
-        if options.mode is not None:
-            return options.mode
-        if options.thoughts is not None:
-            return "fixed"
-        if options.max_thoughts is not None or options.threshold is not None:
-            return "auto"
-        return self.default_latent_mode
 
     # ------------------------------------------------------------ running
 
@@ -203,6 +194,24 @@ class GenerationService:
                         yield out
 
         return rest()
+
+
+def latent_trace(out: RequestOutput, asked: bool = True) -> list[LatentThought] | None:
+    """The engine's latent trace (``RequestOutput.latent_trace``: one dict per thought with
+    ``token_ids``, ``texts``, ``probs`` and maybe ``frontier``) as the API's typed
+    ``LatentThought`` list (``None`` unless asked): the one conversion every route uses."""
+    if not asked:
+        return None
+    return [LatentThought(thought=i, tokens=[TraceToken(id=t, text=x, prob=p) for t, x, p in
+                                             zip(e["token_ids"], e["texts"], e["probs"])],
+                          frontier=e.get("frontier"))
+            for i, e in enumerate(out.latent_trace or [], 1)]
+
+
+def latent_trace_json(out: RequestOutput, asked: bool = True) -> list[dict] | None:
+    """``latent_trace`` as the JSON of a stream event (unset fields left out)."""
+    trace = latent_trace(out, asked)
+    return None if trace is None else [t.model_dump(exclude_none=True) for t in trace]
 
 
 async def _wait_disconnect(http: HttpRequest) -> None:

@@ -25,20 +25,21 @@ from typing import AsyncIterator, Awaitable, Iterable
 from fastapi import APIRouter, Depends, Request
 
 from engine.output import RequestOutput
+from engine.params import OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS, OPENAI_DEFAULT_TEMPERATURE
 from server.deps import get_service
 from server.errors import request_id_of
 from server.openai_schemas import (AssistantMessage, ChatChoice, ChatLogprobs, ChatRequest, ChatResponse,
                                    ChatTokenLogprob, CompletionChoice, CompletionLogprobs, CompletionRequest,
                                    CompletionResponse, CompletionUsage, ModelCard, ModelList, TopLogprob)
-from server.routes.reason import trace_of
 from server.schemas import ERROR_RESPONSES, sse_response
-from server.service import Generation, GenerationService
+from server.service import Generation, GenerationService, latent_trace, latent_trace_json
 from server.sse import event_stream
 
 router = APIRouter(tags=["openai"])
 
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
-OPENAI_DEFAULT_TEMPERATURE = 1.0
+#: OpenAI's defaults (written once, in ``engine.params``): temperature 1.0 (``/v1/reason``'s
+#: is 0) and, for /v1/completions, 16 tokens.
+COMPLETIONS_DEFAULT_MAX_TOKENS = OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS
 #: JSON has no -inf (nor NaN): a log-probability below this is reported as this (OpenAI's value).
 MIN_LOGPROB = -9999.0
 _STREAM_NOTE = ("JSON, or with `stream: true` server-sent events (`data: {%s}` ... `data: [DONE]`; "
@@ -54,7 +55,7 @@ def _usage(outs: Iterable[RequestOutput]) -> CompletionUsage:
 
 
 def _trace(out: RequestOutput, body) -> list | None:
-    return trace_of(out, body.return_latent_trace)
+    return latent_trace(out, body.return_latent_trace)
 
 
 def _with_logprobs(gen: Generation) -> Generation:
@@ -296,7 +297,7 @@ async def _completion_chunks(outputs: AsyncIterator[tuple[int, RequestOutput]], 
         choice = {"index": index, "text": out.delta, "finish_reason": out.finish_reason,
                   "logprobs": logprobs[index].take(out).model_dump() if logprobs else None}
         if out.finished and body.return_latent_trace:
-            choice["latent_trace"] = [t.model_dump(exclude_none=True) for t in _trace(out, body)]
+            choice["latent_trace"] = latent_trace_json(out)
         yield {"id": response_id, "object": "text_completion", "created": created, "model": model,
                "choices": [choice]}
         if out.finished:
@@ -327,7 +328,7 @@ async def _chat_chunks(outputs: AsyncIterator[RequestOutput], service: Generatio
             if logprobs is not None:
                 choice["logprobs"] = logprobs.take(out).model_dump()
             if body.return_latent_trace:
-                choice["latent_trace"] = [t.model_dump(exclude_none=True) for t in _trace(out, body)]
+                choice["latent_trace"] = latent_trace_json(out)
             yield {**head, "choices": [choice]}
             if _include_usage(body):
                 yield {**head, "choices": [], "usage": _usage([out]).model_dump()}

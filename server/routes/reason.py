@@ -15,9 +15,8 @@ from fastapi import APIRouter, Depends, Request
 from engine.output import RequestOutput
 from server.deps import get_service
 from server.errors import request_id_of
-from server.schemas import (ERROR_RESPONSES, LatentThought, ReasonRequest, ReasonResponse, Timings,
-                            TraceToken, Usage, sse_response)
-from server.service import GenerationService
+from server.schemas import ERROR_RESPONSES, ReasonRequest, ReasonResponse, Timings, Usage, sse_response
+from server.service import GenerationService, latent_trace, latent_trace_json
 from server.sse import event_stream
 
 router = APIRouter(tags=["reason"])
@@ -38,15 +37,6 @@ def timings_of(out: RequestOutput) -> Timings:
                    decode=t.get("decode", 0.0))
 
 
-def trace_of(out: RequestOutput, asked: bool) -> list[LatentThought] | None:
-    if not asked:
-        return None
-    return [LatentThought(thought=i, tokens=[TraceToken(id=t, text=x, prob=p) for t, x, p in
-                                             zip(e["token_ids"], e["texts"], e["probs"])],
-                          frontier=e.get("frontier"))
-            for i, e in enumerate(out.latent_trace or [], 1)]
-
-
 @router.post("/v1/reason", response_model=ReasonResponse, response_model_exclude_none=True,
              responses={**ERROR_RESPONSES, **_STREAM_DOC})
 async def reason(body: ReasonRequest, request: Request,
@@ -61,7 +51,7 @@ async def reason(body: ReasonRequest, request: Request,
     out = await service.complete(gen, request)
     return ReasonResponse(id=out.request_id, model=service.model_name, text=out.text, answer=out.answer,
                           finish_reason=out.finish_reason, usage=usage_of(out), timings=timings_of(out),
-                          latent_trace=trace_of(out, body.return_latent_trace))
+                          latent_trace=latent_trace(out, body.return_latent_trace))
 
 
 async def _events(outputs: AsyncIterator[RequestOutput], model: str, want_trace: bool) -> AsyncIterator[dict]:
@@ -71,7 +61,7 @@ async def _events(outputs: AsyncIterator[RequestOutput], model: str, want_trace:
                      "finish_reason": out.finish_reason, "usage": usage_of(out).model_dump(),
                      "timings": timings_of(out).model_dump(), "answer": out.answer}
             if want_trace:
-                final["latent_trace"] = [t.model_dump(exclude_none=True) for t in trace_of(out, True)]
+                final["latent_trace"] = latent_trace_json(out)
             yield final
         elif out.delta:
             yield {"id": out.request_id, "model": model, "delta": out.delta, "finish_reason": None}

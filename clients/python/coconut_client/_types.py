@@ -52,20 +52,21 @@ LatentParam = Union[Latent, Dict[str, Any]]
 
 
 class Usage(_Response):
+    """Token counts of ``POST /v1/reason`` (the server's ``Usage``: no ``total_tokens``)."""
+
     prompt_tokens: int
     completion_tokens: int
     latent_thoughts: int = 0
-    total_tokens: Optional[int] = None
 
 
 class Timings(_Response):
-    """Seconds spent in each phase of the request on the server."""
+    """Seconds spent in each phase of the request on the server (the server's ``Timings``:
+    ``queue``, ``prefill``, ``latent``, ``decode``; it sends no total)."""
 
     queue: Optional[float] = None
     prefill: Optional[float] = None
     latent: Optional[float] = None
     decode: Optional[float] = None
-    total: Optional[float] = None
 
 
 class TraceToken(_Response):
