@@ -156,8 +156,14 @@ def test_stop_classifier_is_trained_saved_and_used(tmp_path):
     assert report["positives"] == 64 and report["negatives"] > 0
     assert set(report["auto"]) == {"accuracy", "mean_thoughts"} and report["fixed"]["mean_thoughts"] == 1.0
     engine = Engine.from_pretrained(directory)
-    out = engine.generate(["What is Tom?"], SamplingParams(max_tokens=8), LatentPolicy(mode="auto"))[0]
-    assert 1 <= out.num_thoughts <= 3
+    from tests.engine_helpers import reference
+
+    for question in ("What is Tom?", "What is Sam?", "What is Wren?"):
+        out = engine.generate([question], SamplingParams(max_tokens=8), LatentPolicy(mode="auto"))[0]
+        # oracle: the naive decoder stops at the first thought whose state the saved head scores >= threshold
+        ref = reference(engine, question, 3, 8, mode="auto", stop_classifier=engine.checkpoint.stop_classifier,
+                        threshold=spec["threshold"])
+        assert (out.num_thoughts, out.token_ids) == (ref.num_thoughts, ref.token_ids)
 
 
 def test_prune_keeps_the_newest_and_every_nth(tmp_path):

@@ -67,13 +67,15 @@ def build_scratch(config, records, tokenizer=None):
 
 
 def load_pretrained(directory: str | Path, attn_implementation: str | None = None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from engine.checkpoint import load_tokenizer
 
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory not found: {directory} (model_id/load_model_path must be a "
                                 f"local directory; nothing is downloaded)")
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer = load_tokenizer(directory)     # as saved (AutoTokenizer can rebuild it by model type)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, **extra)
     if tokenizer.pad_token is None:

@@ -112,8 +112,7 @@ class Trainer:
 
     def _shared_scratch_tokenizer(self, records: list):
         """Under torchrun, rank 0 trains the tokenizer and every rank loads that one."""
-        from transformers import AutoTokenizer
-
+        from engine.checkpoint import load_tokenizer
         from engine.tiny import train_tokenizer
         from engine.train.modeling import record_texts
 
@@ -122,7 +121,7 @@ class Trainer:
             train_tokenizer(record_texts(records, self.config), vocab_size=self.config.tokenizer_vocab_size,
                             bos=self.config.tokenizer_bos).save_pretrained(path)
         D.barrier(self.dist)
-        return AutoTokenizer.from_pretrained(path)
+        return load_tokenizer(path)
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config
