@@ -72,7 +72,7 @@ class Engine:
         resolved = self.coconut.resolve(latent)
         prompt = self.prompt_format.build(question, resolved)
         request_id = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-        watch = self.prompt_format.node_token_ids(prompt.graph) if prompt.graph and resolved.trace_top_k else None
+        watch = prompt.node_ids if prompt.graph and resolved.trace_top_k else None
         return Request(request_id, prompt.ids, sampling, resolved, self.checkpoint.markers.eot,
                        starts_in_language=prompt.in_language, watch_token_ids=watch, graph=prompt.graph)
 

@@ -33,6 +33,7 @@ class Prompt(NamedTuple):
     ids: list[int]
     in_language: bool          # the prompt already ends in language mode
     graph: object | None       # the question's QuestionGraph (compact models), else None
+    node_ids: list[int] | None = None   # one token id per graph.nodes entry (what a trace watches)
 
 
 class PromptFormat:
@@ -45,45 +46,47 @@ class PromptFormat:
         return self._encode(question)[0]
 
     def _encode(self, question: str):
+        """(question ids, graph, node ids); graph and node ids only for compact models."""
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string")
-        graph = None
+        graph = node_ids = None
         if self.config.text_format == "compact":
-            graph = self.read_graph(question)      # refuses control characters too
+            graph, node_ids = self._read(question)      # refuses control characters too
             question = graph.compact()
         else:
             _refuse_control_characters(question)
-        return list(self.tokenizer(question + self.config.question_suffix)["input_ids"]), graph
+        return list(self.tokenizer(question + self.config.question_suffix)["input_ids"]), graph, node_ids
 
     def read_graph(self, question: str):
-        from engine.data.question import parse_question, unreadable_words
+        """The question's graph, if a compact model can read it (``ValueError`` saying why not)."""
+        return self._read(question)[0]
+
+    def _read(self, question: str):
+        from engine.data.question import node_token_ids, parse_question
 
         try:
             graph = parse_question(question)
         except ValueError as e:
             raise ValueError(f"this model reads ProsQA questions only: {e}") from None
-        unknown = unreadable_words(graph, self.tokenizer)
+        node_ids = node_token_ids(graph, self.tokenizer)
+        unknown = [w for w, i in zip(graph.nodes, node_ids) if i is None]
         if unknown:
             raise ValueError(f"this model has no token for {', '.join(repr(w) for w in unknown)}: it reads "
                              f"the person names and '-pus' concept words of ProsQA (e.g. 'Tom', 'wumpus'), "
                              f"one token each")
-        return graph
+        return graph, node_ids
 
     def build(self, question: str, latent: ResolvedLatent) -> Prompt:
         """The prompt ids, whether they already end in language mode, and the graph."""
-        ids, graph = self._encode(question)
+        ids, graph, node_ids = self._encode(question)
         m = self.markers
         if latent.mode == "none":
-            return Prompt(ids, True, graph)
+            return Prompt(ids, True, graph, node_ids)
         if latent.feed == "pause":
-            return Prompt(ids + [m.bot] + [m.latent] * latent.thoughts + [m.eot], True, graph)
+            return Prompt(ids + [m.bot] + [m.latent] * latent.thoughts + [m.eot], True, graph, node_ids)
         if latent.mode == "fixed" and latent.thoughts == 0:
-            return Prompt(ids + [m.bot, m.eot], True, graph)
-        return Prompt(ids + [m.bot], False, graph)
-
-    def node_token_ids(self, graph) -> list[int]:
-        """One token id per graph node (``graph.nodes`` order): what a trace watches."""
-        return [self.tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in graph.nodes]
+            return Prompt(ids + [m.bot, m.eot], True, graph, node_ids)
+        return Prompt(ids + [m.bot], False, graph, node_ids)
 
     def answer(self, text: str) -> str:
         """The answer inside generated text: what follows the last answer prefix, stripped;

@@ -20,8 +20,8 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-_FACT = re.compile(r"^(?:Every (\S+)|(\S+)) is an? (\S+)\.$")
-_QUESTION = re.compile(r"^Is (\S+) an? (\S+) or (?:an? )?(\S+)\?$")
+from engine.data.question import ASK as _QUESTION  # the ProsQA sentence shapes, defined once
+from engine.data.question import FACT as _FACT
 
 
 def _fact_nodes(sentence: str, where: str) -> tuple[str, str]:

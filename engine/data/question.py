@@ -13,8 +13,8 @@ what was wrong and what a ProsQA question looks like: a question without facts, 
 ``Is X a A or B?``, naming someone no fact mentions, with a control character (a NUL byte)
 or a word that is not plain ASCII letters.
 
-``unreadable_words(graph, tokenizer)`` lists the words a model reading compact facts has no
-single token for (it would read them as pieces of other words). ``hop_distances(graph)`` is
+``node_token_ids(graph, tokenizer)`` gives each node's single token id (None for a word a
+model reading compact facts has no single token for: it would read it as pieces of others). ``hop_distances(graph)`` is
 the breadth-first distance of every node from the asked name (unreachable nodes absent).
 
 This module knows the ProsQA sentence shapes and graphs; nothing of models or serving.
@@ -28,8 +28,8 @@ from collections import deque
 from dataclasses import dataclass
 
 _WORD = r"[A-Za-z]+"
-_FACT = re.compile(rf"^(?:Every ({_WORD})|({_WORD})) is an? ({_WORD})\.$")
-_ASK = re.compile(rf"^Is ({_WORD}) an? ({_WORD}) or (?:an? )?({_WORD})\?$")
+FACT = re.compile(rf"^(?:Every ({_WORD})|({_WORD})) is an? ({_WORD})\.$")   # "Every A is a B." or "X is a B."
+ASK = re.compile(rf"^Is ({_WORD}) an? ({_WORD}) or (?:an? )?({_WORD})\?$")   # "Is X a A or B?"
 _COMPACT_FACT = re.compile(rf"^({_WORD}) ({_WORD})$")
 _COMPACT_ASK = re.compile(rf"^\? ({_WORD}) ({_WORD}) ({_WORD})$")
 
@@ -100,10 +100,10 @@ def _parse_sentences(text: str) -> tuple[str, tuple[str, str], list[tuple[str, s
     sentences = [s.strip() for s in re.findall(r"[^.?]+[.?]|[^.?]+$", text) if s.strip()]
     if not sentences:
         raise ValueError(f"the question is empty; expected {SHAPE}")
-    name, options = _ask(sentences[-1], _ASK, "Is X a A or B?")
+    name, options = _ask(sentences[-1], ASK, "Is X a A or B?")
     edges = []
     for s in sentences[:-1]:
-        m = _FACT.match(s)
+        m = FACT.match(s)
         if not m:
             raise ValueError(f"{s!r} is not a ProsQA fact ('Every A is a B.' or 'X is a A.'); expected {SHAPE}")
         edges.append((m.group(1) or m.group(2), m.group(3)))
@@ -127,13 +127,11 @@ def parse_question(text: str) -> QuestionGraph:
     return QuestionGraph(name=name, options=options, edges=tuple(edges))
 
 
-def unreadable_words(graph: QuestionGraph, tokenizer) -> list[str]:
-    """Nodes that do not encode as one token (with the leading space the compact text gives)."""
-    bad = []
-    for word in graph.nodes:
-        if len(tokenizer(" " + word, add_special_tokens=False)["input_ids"]) != 1:
-            bad.append(word)
-    return bad
+def node_token_ids(graph: QuestionGraph, tokenizer) -> list[int | None]:
+    """Each node's token id (``graph.nodes`` order, with the leading space the compact text
+    gives), or None where the word does not encode as exactly one token."""
+    encoded = tokenizer([" " + w for w in graph.nodes], add_special_tokens=False)["input_ids"]
+    return [ids[0] if len(ids) == 1 else None for ids in encoded]
 
 
 def hop_distances(graph: QuestionGraph) -> dict[str, int]:
