@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from engine.errors import CheckpointError
 from engine.params import LatentPolicy, ResolvedLatent
 
 log = logging.getLogger(__name__)
@@ -30,10 +31,6 @@ log = logging.getLogger(__name__)
 COCONUT_JSON = "coconut.json"
 FORMAT_VERSION = 1
 METHODS = ("coconut", "cot", "no_cot", "no_thoughts", "pause_as_thought", "no_curriculum")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is missing something or holds a wrong value."""
 
 
 class StopClassifierSpec(BaseModel):

@@ -1,6 +1,8 @@
 """The ``engine`` command line: one subcommand per module.
 
-Each module listed in ``COMMAND_MODULES`` exposes ``register(subparsers)``, which adds
+Each module listed in ``COMMAND_MODULES``, and each ``register`` function of the
+``coconut.commands`` entry-point group (how the server package adds ``engine serve``
+without the engine importing it), takes ``register(subparsers)``, which adds
 its subcommand(s) and sets ``func`` (called with the parsed arguments; it returns the
 process exit code). Modules import torch and friends inside their handlers, so
 ``engine --help`` stays fast.
@@ -12,14 +14,17 @@ import argparse
 import importlib
 import logging
 import sys
+from importlib.metadata import entry_points
 
 COMMAND_MODULES = [
     "engine.commands.generate",   # engine generate
-    "server.cli",                 # engine serve
     "engine.data.cli",            # engine data ...
     "engine.train.cli",           # engine train, engine eval, engine convert-reference
-    "engine.bench.cli",           # engine bench latency | train | serve
+    "engine.bench.cli",           # engine bench latency | churn | train | serve
 ]
+# Packages built on the engine add commands through this entry-point group (the server's
+# `engine serve`, declared in pyproject.toml); the engine does not import them by name.
+COMMAND_ENTRY_POINTS = "coconut.commands"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for entry in sorted(entry_points(group=COMMAND_ENTRY_POINTS), key=lambda e: e.name):
+        entry.load()(sub)
     return parser
 
 

@@ -11,10 +11,12 @@ class EngineConfig:
 
     ``max_batch_size``: requests decoded together in one forward pass; more wait.
     ``max_seq_len``: most positions one request may occupy (prompt + thoughts + answer);
-    ``None`` takes the model's own limit. A request that can never fit is rejected.
-    ``max_prefill_tokens``: padded prompt tokens prefilled in one step (at least one
-    request is always admitted), which bounds the latency a burst of arrivals adds to
-    the running requests' next token.
+    ``None`` takes the model's own limit, at most 4096. A request that can never fit is
+    rejected. The KV cache is preallocated for ``max_batch_size`` x ``max_seq_len``
+    positions, so this bounds its memory.
+    ``max_prefill_tokens``: prompt tokens prefilled in one step; a longer prompt is
+    prefilled in chunks over several steps, interleaved with decoding, so this bounds the
+    latency a burst of arrivals adds to the running requests' next token.
     """
 
     device: str = "cpu"

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
 from engine.request import Request, RequestStatus, TraceEntry
-from engine.runner.model_runner import ModelRunner, RowOutput, StepPlan
+from engine.runner.model_runner import ModelRunner
+from engine.runner.plan import RowOutput, StepPlan
 from engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,6 @@ class EngineCore:
     def add_request(self, request: Request) -> None:
         """Queue a request, or raise ``RequestTooLongError`` if it can never fit."""
         self.check_fits(request)
-        if request.sampling.seed is not None:
-            request.generator = self.runner.new_generator(request.sampling.seed)
         self.scheduler.add(request)
 
     def abort_request(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
@@ -102,32 +101,33 @@ class EngineCore:
     def step(self) -> list[CoreOutput]:
         outputs = self._drain_aborts()
         plan = self.scheduler.schedule()
-        new_ids = {r.request_id for r in plan.new_requests}
-        if not plan.new_requests and not self.runner.rows and not plan.removed_ids:
-            self._record_stats(plan, 0)
+        if plan.is_empty:
+            self._record_stats(plan)
             return outputs
-        batch = [r for r in self.runner.rows if r.request_id not in plan.removed_ids]
         try:
             rows = self.runner.execute(plan)
         except Exception as e:  # fail the affected requests, keep the engine alive
-            log.exception("engine step failed; failing %d requests", len(batch) + len(new_ids))
+            running = list(self.scheduler.running.values())
+            log.exception("engine step failed; failing %d requests", len(running))
             self.runner.reset()
             message = f"{type(e).__name__}: {e}"
-            for request in batch + plan.new_requests:
+            for request in running:   # the cache's state is unknown: every running request ends
                 request.finish(RequestStatus.FINISHED_ERROR, error=message)
-                self.scheduler.running.pop(request.request_id, None)
+                self.scheduler.remove(request)
                 outputs.append(CoreOutput(request.request_id, num_thoughts=request.thoughts_done,
                                           finish_reason="error", error=message))
-            self._record_stats(plan, 0)
+            self._record_stats(plan)
             return outputs
         early = 0
-        for request in batch + plan.new_requests:
-            output, stopped_early = self._advance(request, rows[request.request_id],
-                                                  prefilled=request.request_id in new_ids)
+        prefilled = {chunk.request_id for chunk in plan.prefill if chunk.last}
+        for row in plan.rows_with_output:
+            request = self.scheduler.running[row.request_id]
+            output, stopped_early = self._advance(request, rows[row.request_id],
+                                                  prefilled=row.request_id in prefilled)
             early += stopped_early
             if output is not None:
                 outputs.append(output)
-        self._record_stats(plan, len(batch), early)
+        self._record_stats(plan, early)
         return outputs
 
     def _advance(self, request: Request, row: RowOutput, prefilled: bool) -> tuple[CoreOutput | None, bool]:
@@ -195,7 +195,8 @@ class EngineCore:
                                       finish_reason=status.finish_reason))
         return outputs
 
-    def _record_stats(self, plan: StepPlan, batch_size: int, early: int = 0) -> None:
-        self.last_stats = StepStats(batch_size=batch_size, num_prefilled=len(plan.new_requests),
+    def _record_stats(self, plan: StepPlan, early: int = 0) -> None:
+        self.last_stats = StepStats(batch_size=len(plan.decode),
+                                    num_prefilled=sum(1 for chunk in plan.prefill if chunk.last),
                                     num_running=self.scheduler.num_running,
                                     num_waiting=self.scheduler.num_waiting, early_stops=early)

@@ -30,6 +30,10 @@ from engine.runner.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
+# Positions per request when neither the model (ALiBi, or a very long context) nor the
+# configuration bounds them: the slot cache holds max_batch_size x max_seq_len positions.
+DEFAULT_MAX_SEQ_LEN = 4096
+
 
 class Engine:
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None):
@@ -38,9 +42,14 @@ class Engine:
         self.tokenizer = checkpoint.tokenizer
         self.coconut = checkpoint.config
         self.prompt_format = PromptFormat(checkpoint.tokenizer, checkpoint.config, checkpoint.markers)
+        max_seq_len = min(checkpoint.max_seq_len, self.config.max_seq_len or DEFAULT_MAX_SEQ_LEN)
         self.runner = ModelRunner(checkpoint.model, checkpoint.markers.pad, checkpoint.stop_classifier,
-                                  seed=self.config.seed)
-        self.core = EngineCore(self.runner, self.config, checkpoint.max_seq_len, checkpoint.markers.eos)
+                                  seed=self.config.seed, num_slots=self.config.max_batch_size,
+                                  max_seq_len=max_seq_len)
+        cache_bytes = self.runner.allocate()
+        log.info("KV cache: %d slots x %d positions, %.1f MiB", self.config.max_batch_size, max_seq_len,
+                 cache_bytes / 2**20)
+        self.core = EngineCore(self.runner, self.config, max_seq_len, checkpoint.markers.eos)
         self.outputs = OutputProcessor(checkpoint.tokenizer, self.prompt_format)
         self._ids = itertools.count()
 

@@ -15,9 +15,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from engine.params import ResolvedLatent, SamplingParams
+from engine.runner.plan import TraceEntry
 
 
 class RequestStatus(enum.IntEnum):
@@ -37,15 +36,6 @@ class RequestStatus(enum.IntEnum):
     def finish_reason(self) -> str | None:
         return {RequestStatus.FINISHED_STOP: "stop", RequestStatus.FINISHED_LENGTH: "length",
                 RequestStatus.FINISHED_ABORTED: "abort", RequestStatus.FINISHED_ERROR: "error"}.get(self)
-
-
-@dataclass
-class TraceEntry:
-    """The paper's view of one continuous thought: top-k tokens of softmax(W h)."""
-
-    token_ids: list[int]
-    probs: list[float]
-    watch_probs: list[float] | None = None   # the probabilities of Request.watch_token_ids
 
 
 @dataclass
@@ -98,7 +88,8 @@ class Request:
         self.trace: list[TraceEntry] = []
         self.stop_probs: list[float] = []
         self.pending_token: int | None = None
-        self.generator: torch.Generator | None = None
+        self.slot: int | None = None          # KV-cache slot, given by the scheduler at admission
+        self.num_prefilled = 0                # prompt tokens written into the slot so far
         self.times = RequestTimes()
         self.error: str | None = None
 

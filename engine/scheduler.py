@@ -1,19 +1,27 @@
-"""Scheduler: which requests wait, which run, which join the batch this step.
+"""Scheduler: which requests wait, which run, and what each running request computes next.
 
-First come, first served. A waiting request is admitted while the batch has a free
-slot (``max_batch_size``) and the step's prefill budget (``max_prefill_tokens``, padded)
-allows; the head of the queue is never skipped, so admission order is arrival order.
-Requests that finish or are aborted leave ``running`` at once and are reported to the
-runner in the next plan, which frees their batch row before that step's forward pass.
-Plain data only: no tensors, no model.
+First come, first served. The scheduler owns batch membership and the slot numbers: a
+request admitted into the batch takes the lowest free KV-cache slot (``max_batch_size``
+slots) and keeps it until it ends. Each step has a prefill budget of
+``max_prefill_tokens`` prompt tokens: prompts already being prefilled continue first, then
+waiting requests are admitted in arrival order while a slot is free and budget is left; a
+prompt longer than what is left is prefilled in chunks over several steps, so a running
+request never waits more than one budget's worth of prefill for its next token.
+
+``schedule()`` returns a ``StepPlan`` (``engine.runner.plan``, plain data): one decode row
+per running request whose prompt is in the cache (what it feeds and what its output must
+hold, read off the request's state), this step's prompt chunks, and the slots freed since
+the last step. Requests that finish or are aborted leave at once (``remove``); their slot
+is released in the next plan. No tensors, no model.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 
-from engine.request import Request
-from engine.runner.model_runner import StepPlan
+from engine.request import Request, RequestStatus
+from engine.runner.plan import DecodeRow, PrefillChunk, ReleasedSlot, StepPlan
 
 
 class Scheduler:
@@ -21,8 +29,9 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Request] = deque()
-        self.running: dict[str, Request] = {}
-        self._departed: set[str] = set()
+        self.running: dict[str, Request] = {}        # admission order
+        self._free_slots = list(range(max_batch_size))
+        self._released: list[ReleasedSlot] = []
 
     @property
     def num_waiting(self) -> int:
@@ -33,31 +42,33 @@ class Scheduler:
         return len(self.running)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._departed)
+        return bool(self.waiting or self.running or self._released)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
     def schedule(self) -> StepPlan:
-        plan = StepPlan(removed_ids=self._departed)
-        self._departed = set()
-        width = 0
-        while self.waiting and len(self.running) < self.max_batch_size:
-            head = self.waiting[0]
-            new_width = max(width, head.num_prompt_tokens)
-            if plan.new_requests and new_width * (len(plan.new_requests) + 1) > self.max_prefill_tokens:
-                break
-            self.waiting.popleft()
-            width = new_width
-            head.start()
-            self.running[head.request_id] = head
-            plan.new_requests.append(head)
+        plan = StepPlan(released=self._released)
+        self._released = []
+        budget = self.max_prefill_tokens
+        for request in self.running.values():
+            if request.num_prefilled == request.num_prompt_tokens:
+                plan.decode.append(self._decode_row(request))
+            elif budget > 0:
+                budget -= self._add_chunk(plan, request, budget)
+        while self.waiting and self._free_slots and budget > 0:
+            request = self.waiting.popleft()
+            request.slot = heapq.heappop(self._free_slots)
+            request.start()
+            self.running[request.request_id] = request
+            budget -= self._add_chunk(plan, request, budget)
         return plan
 
     def remove(self, request: Request) -> None:
         """A request ended (finished, aborted or failed): free its slot."""
         if self.running.pop(request.request_id, None) is not None:
-            self._departed.add(request.request_id)
+            self._released.append(ReleasedSlot(request.request_id, request.slot))
+            heapq.heappush(self._free_slots, request.slot)
         else:
             try:
                 self.waiting.remove(request)
@@ -71,3 +82,29 @@ class Scheduler:
             if r.request_id == request_id:
                 return r
         return None
+
+    # ---------------------------------------------------------------- rows
+
+    @staticmethod
+    def _output_fields(request: Request) -> dict:
+        """What the output of the request's next position must hold, from its state."""
+        if request.status == RequestStatus.DECODING:
+            return {"sampling": request.sampling}
+        return {"trace_top_k": request.latent.trace_top_k, "watch_token_ids": tuple(request.watch_token_ids)}
+
+    def _decode_row(self, request: Request) -> DecodeRow:
+        latent = request.status == RequestStatus.LATENT
+        return DecodeRow(request_id=request.request_id, slot=request.slot,
+                         feed_token=None if latent else request.pending_token,
+                         ask_stop=latent and request.latent.mode == "auto", **self._output_fields(request))
+
+    def _add_chunk(self, plan: StepPlan, request: Request, budget: int) -> int:
+        start = request.num_prefilled
+        end = min(request.num_prompt_tokens, start + budget)
+        last = end == request.num_prompt_tokens
+        fields = self._output_fields(request) if last else {}
+        plan.prefill.append(PrefillChunk(request_id=request.request_id, slot=request.slot,
+                                         token_ids=tuple(request.prompt_token_ids[start:end]), start=start,
+                                         last=last, **fields))
+        request.num_prefilled = end
+        return end - start

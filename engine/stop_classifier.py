@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from engine.errors import CheckpointError
+
 
 class StopClassifier(nn.Module):
     def __init__(self, model_hidden_size: int, hidden_size: int = 0):
@@ -45,8 +47,6 @@ class StopClassifier(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, model_hidden_size: int, hidden_size: int) -> "StopClassifier":
-        from engine.checkpoint import CheckpointError
-
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"coconut.json field 'stop_classifier.path': {path} does not exist")

@@ -8,55 +8,61 @@ from engine.config import EngineConfig
 from engine.core import EngineCore, RequestTooLongError
 from engine.params import ResolvedLatent, SamplingParams
 from engine.request import Request, RequestStatus
-from engine.runner.model_runner import RowOutput, StepPlan
+from engine.runner.plan import RowOutput, StepPlan
 
 EOT, EOS = 900, 999
 
 
 class ScriptedRunner:
-    """Stands in for ModelRunner. Records what every row fed; samples token 100 + step;
-    gives auto requests the stop probabilities scripted per request."""
+    """Stands in for ModelRunner, reading only the plan (plain data). Records what every
+    request fed; samples token 100 + tokens sampled so far; gives auto rows the stop
+    probabilities scripted per request (indexed by thoughts fed)."""
 
     def __init__(self, stop_probs: dict[str, list[float]] | None = None, eos_at: dict[str, int] | None = None):
-        self.rows: list[Request] = []
         self.fed: dict[str, list] = {}
+        self.sampled: dict[str, int] = {}
+        self.slots: dict[int, str] = {}          # slot -> request id, as the plans assign them
         self.stop_probs = stop_probs or {}
         self.eos_at = eos_at or {}
         self.plans: list[StepPlan] = []
         self.fail_next = False
-
-    def new_generator(self, seed):
-        return None
+        self.max_rows = 0
 
     def reset(self):
-        self.rows = []
+        self.slots = {}
 
     def execute(self, plan: StepPlan) -> dict[str, RowOutput]:
         self.plans.append(plan)
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("injected failure")
-        self.rows = [r for r in self.rows if r.request_id not in plan.removed_ids]
+        for released in plan.released:
+            assert self.slots.pop(released.slot, None) in (None, released.request_id)   # None after reset
         out = {}
-        for r in self.rows:  # decode step: one position each
-            fed = self.fed[r.request_id]
-            if r.status == RequestStatus.LATENT:
-                fed.append("thought")
-                probs = self.stop_probs.get(r.request_id)
-                out[r.request_id] = RowOutput(stop_prob=probs[r.thoughts_done + 1] if probs else None)
-            else:
-                fed.append(r.pending_token)
-                out[r.request_id] = RowOutput(token_id=self._token(r))
-        for r in plan.new_requests:  # prefill
-            self.fed[r.request_id] = ["prompt"]
-            out[r.request_id] = RowOutput(token_id=self._token(r) if r.status == RequestStatus.DECODING else None)
-        self.rows += plan.new_requests
-        self.max_rows = max(getattr(self, "max_rows", 0), len(self.rows))
+        for row in plan.decode:  # one position each
+            assert self.slots[row.slot] == row.request_id
+            fed = self.fed[row.request_id]
+            fed.append("thought" if row.feed_token is None else row.feed_token)
+            probs = self.stop_probs.get(row.request_id)
+            out[row.request_id] = RowOutput(
+                stop_prob=probs[fed.count("thought")] if probs and row.ask_stop else None,
+                token_id=self._token(row.request_id) if row.sampling is not None else None)
+        for chunk in plan.prefill:
+            if chunk.start == 0:
+                assert chunk.slot not in self.slots, "a slot given twice"
+                self.slots[chunk.slot] = chunk.request_id
+                self.fed[chunk.request_id] = []
+            self.fed[chunk.request_id].append(("prompt", len(chunk.token_ids)))
+            if chunk.last:
+                out[chunk.request_id] = RowOutput(
+                    token_id=self._token(chunk.request_id) if chunk.sampling is not None else None)
+        self.max_rows = max(self.max_rows, len(self.slots))
         return out
 
-    def _token(self, r: Request) -> int:
-        n = len(r.output_token_ids)
-        return EOS if self.eos_at.get(r.request_id) == n else 100 + n
+    def _token(self, request_id: str) -> int:
+        n = self.sampled.get(request_id, 0)
+        self.sampled[request_id] = n + 1
+        return EOS if self.eos_at.get(request_id) == n else 100 + n
 
 
 def make(request_id, thoughts=2, mode="fixed", max_tokens=3, prompt_len=5, threshold=0.5, **sampling):
@@ -84,7 +90,7 @@ def test_fixed_thoughts_then_eot_then_tokens():
     core = core_with(runner)
     core.add_request(make("a", thoughts=2, max_tokens=3))
     outs = run_to_end(core)
-    assert runner.fed["a"] == ["prompt", "thought", "thought", EOT, 100, 101]
+    assert runner.fed["a"] == [("prompt", 5), "thought", "thought", EOT, 100, 101]
     final = [o for o in outs if o.finished]
     assert len(final) == 1 and final[0].finish_reason == "length" and final[0].num_thoughts == 2
     assert [t for o in outs for t in o.new_token_ids] == [100, 101, 102]
@@ -110,26 +116,70 @@ def test_auto_stops_at_threshold_or_cap():
     assert runner.fed["a"][4] == EOT
 
 
+def admitted(plan: StepPlan) -> list[str]:
+    return [chunk.request_id for chunk in plan.prefill if chunk.start == 0]
+
+
 def test_fifo_admission_respects_batch_size_and_prefill_budget():
     runner = ScriptedRunner()
     core = core_with(runner, max_batch_size=2, max_prefill_tokens=12)
     for name in "abcd":
         core.add_request(make(name, prompt_len=5, max_tokens=2))
     core.step()
-    assert [r.request_id for r in runner.plans[0].new_requests] == ["a", "b"]
+    assert admitted(runner.plans[0]) == ["a", "b"]
     run_to_end(core)
-    admitted = [r.request_id for p in runner.plans for r in p.new_requests]
-    assert admitted == ["a", "b", "c", "d"]
+    assert [i for p in runner.plans for i in admitted(p)] == ["a", "b", "c", "d"]
     assert runner.max_rows == 2
 
 
-def test_prefill_budget_splits_a_burst():
+def test_prefill_budget_chunks_a_burst():
     runner = ScriptedRunner()
-    core = core_with(runner, max_batch_size=8, max_prefill_tokens=10)
+    core = core_with(runner, max_batch_size=8, max_prefill_tokens=12)
     for name in "abc":
         core.add_request(make(name, prompt_len=5, max_tokens=1))
     core.step()
-    assert len(runner.plans[0].new_requests) == 2   # 2 x 5 padded tokens fit, 3 x 5 do not
+    first = runner.plans[0].prefill
+    assert [(c.request_id, c.start, len(c.token_ids), c.last) for c in first] == \
+        [("a", 0, 5, True), ("b", 0, 5, True), ("c", 0, 2, False)]     # 12 tokens: c's first 2
+    core.step()
+    second = runner.plans[1]
+    assert [(c.request_id, c.start, len(c.token_ids), c.last) for c in second.prefill] == [("c", 2, 3, True)]
+    assert {row.request_id for row in second.decode} == {"a", "b"}       # decoding went on meanwhile
+    run_to_end(core)
+    assert runner.fed["c"][:2] == [("prompt", 2), ("prompt", 3)]
+
+
+def test_a_long_prompt_is_prefilled_in_budget_sized_chunks_while_others_decode():
+    runner = ScriptedRunner()
+    core = core_with(runner, max_batch_size=4, max_prefill_tokens=4)
+    core.add_request(make("short", prompt_len=3, thoughts=0, mode="none", max_tokens=8))
+    core.step()
+    core.add_request(make("long", prompt_len=10, thoughts=1, max_tokens=2))
+    for _ in range(3):
+        core.step()
+    chunks = [(c.start, len(c.token_ids)) for p in runner.plans[1:4] for c in p.prefill]
+    assert chunks == [(0, 4), (4, 4), (8, 2)]
+    assert all(len(p.decode) == 1 and p.decode[0].request_id == "short" for p in runner.plans[1:4])
+    assert sum(len(c.token_ids) for p in runner.plans for c in p.prefill) <= 4 * len(runner.plans)
+    outs = run_to_end(core)
+    assert {o.request_id for o in outs if o.finished} == {"short", "long"}
+    assert runner.fed["long"] == [("prompt", 4), ("prompt", 4), ("prompt", 2), "thought", EOT, 100]
+
+
+def test_rows_keep_their_slot_and_freed_slots_are_reused_lowest_first():
+    runner = ScriptedRunner()
+    core = core_with(runner, max_batch_size=3)
+    for name, tokens in (("a", 1), ("b", 6), ("c", 3)):
+        core.add_request(make(name, thoughts=0, mode="none", max_tokens=tokens))
+    core.step()
+    slots = {c.request_id: c.slot for c in runner.plans[0].prefill}
+    assert slots == {"a": 0, "b": 1, "c": 2}
+    core.add_request(make("d", thoughts=0, mode="none", max_tokens=2))
+    for _ in range(3):
+        core.step()
+    rows = {row.request_id: row.slot for p in runner.plans for row in p.decode}
+    assert rows["b"] == 1 and rows["c"] == 2
+    assert {c.request_id: c.slot for p in runner.plans for c in p.prefill}["d"] == 0   # a's slot
 
 
 def test_abort_waiting_and_running_requests():
@@ -143,7 +193,7 @@ def test_abort_waiting_and_running_requests():
     core.abort_request("unknown")  # ignored
     outs = core.step()
     assert {o.request_id: o.finish_reason for o in outs} == {"wait": "abort", "run": "abort"}
-    assert runner.plans[-1].removed_ids == {"run"} and runner.rows == []   # freed in that same step
+    assert [r.request_id for r in runner.plans[-1].released] == ["run"] and runner.slots == {}   # freed that step
     assert not core.has_unfinished()
 
 

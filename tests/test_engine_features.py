@@ -69,17 +69,18 @@ def test_abort_frees_slot_at_next_step(gpt2_checkpoint):
     a, b, c = (engine.add_request(q, long, LatentPolicy(mode="fixed", thoughts=1)) for q in QUESTIONS[:3])
     for _ in range(3):
         engine.step()
-    assert [r.request_id for r in engine.runner.rows] == [a, b]
+    running = engine.core.scheduler.running
+    assert {i: r.slot for i, r in running.items()} == {a: 0, b: 1}
     assert engine.core.scheduler.num_waiting == 1
     engine.abort(a)
     outputs = {o.request_id: o for o in engine.step()}
     assert outputs[a].finished and outputs[a].finish_reason == "abort"
-    assert [r.request_id for r in engine.runner.rows] == [b, c]   # a's row went, c took the slot
+    assert {i: r.slot for i, r in running.items()} == {b: 1, c: 0}   # a's slot went to c, b kept its own
     engine.abort(b)
     engine.abort(c)
     engine.step()
     engine.step()
-    assert engine.runner.num_rows == 0 and not engine.has_unfinished()
+    assert engine.runner.num_active_slots == 0 and not engine.has_unfinished()
 
 
 def test_seeded_sampling_is_batch_invariant(engine):

@@ -60,3 +60,42 @@ def test_staggered_arrivals_match_reference(engine):
         assert done[i].token_ids == expected.token_ids, (i, question)
         assert done[i].num_thoughts == thoughts
         assert done[i].finish_reason == "length"
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def churn_engine(request, tiny_checkpoint):
+    # 4 slots for 16 requests: slots are reused all the time; 7 prompt tokens per step:
+    # every prompt is prefilled in chunks while the other rows decode
+    return Engine.from_pretrained(tiny_checkpoint(request.param), max_batch_size=4, max_prefill_tokens=7)
+
+
+def test_churn_every_step_with_chunked_prefill_matches_reference(churn_engine):
+    """A request arrives at every step and rows finish at every few steps (short answers,
+    thought counts 0-5), with one request aborted mid-answer: every other answer is the
+    naive reference's, token for token."""
+    engine = churn_engine
+    plan = [(QUESTIONS[i % len(QUESTIONS)], i % 6, 1 + (i * 7) % 6) for i in range(16)]
+    ids, done, step, aborted = {}, {}, 0, None
+    while len(done) < len(plan):
+        if step < len(plan):
+            question, thoughts, max_tokens = plan[step]
+            ids[engine.add_request(question, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                                   LatentPolicy(mode="fixed", thoughts=thoughts))] = step
+        if step == 9:
+            aborted = next(i for i, n in ids.items() if n == 5)
+            engine.abort(aborted)
+        for out in engine.step():
+            if out.finished:
+                done[ids[out.request_id]] = out
+        step += 1
+        assert step < 1000
+    while engine.has_unfinished():   # the last slots are released at the next step
+        engine.step()
+    assert engine.runner.num_active_slots == 0
+    for i, (question, thoughts, max_tokens) in enumerate(plan):
+        if ids.get(aborted) == i:
+            assert done[i].finish_reason == "abort"
+            continue
+        expected = reference(engine, question, thoughts, max_tokens, ignore_eos=True)
+        assert done[i].token_ids == expected.token_ids, (i, question)
+        assert done[i].num_thoughts == thoughts

@@ -134,7 +134,8 @@ def _inject_fault(monkeypatch, engine, when):
     real = engine.runner.execute
 
     def execute(plan):
-        if any(when(r) for r in list(engine.runner.rows) + list(plan.new_requests)):
+        running = engine.core.scheduler.running
+        if any(when(running[row.request_id]) for row in plan.decode + plan.prefill):
             raise RuntimeError("injected fault")
         return real(plan)
 

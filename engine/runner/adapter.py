@@ -6,6 +6,12 @@ transformers models differ: the name of the cache argument (``cache`` in transfo
 such as BLOOM derive positions from the attention mask), and logit post-processing
 (final soft-capping, logit scale).
 
+Attention masks: the runner builds exact 4D masks for its slot cache, and
+``mask_argument`` passes them as the model expects: one tensor, or for models that mix
+full and sliding-window layers (Gemma-2) a dict keyed by layer type. ALiBi models
+(BLOOM) derive their position bias from a 2D mask; given a 4D mask, the adapter makes the
+bias from the key column instead, which is the key's position in a slot cache.
+
 ``forward`` runs the *decoder* (``model.get_decoder()``) and returns its
 ``last_hidden_state``, which is the hidden state after the final norm, the same tensor
 as ``outputs.hidden_states[-1]`` of the full model. Logits are computed separately and
@@ -40,6 +46,12 @@ class DecoderAdapter:
         self.accepts_position_ids = "position_ids" in params
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.softcap = getattr(config, "final_logit_softcapping", None)
+        layer_types = set(getattr(config, "layer_types", None) or [])
+        window = getattr(config, "sliding_window", None)
+        self.sliding_window = window if "sliding_attention" in layer_types and window else None
+        self.mixed_layer_types = self.sliding_window is not None and "full_attention" in layer_types
+        if hasattr(self.decoder, "build_alibi_tensor"):
+            self.decoder.build_alibi_tensor = _alibi_for_any_mask(self.decoder.build_alibi_tensor)
         scale = getattr(model, "logit_scale", None)
         self.logit_scale = scale if isinstance(scale, (int, float)) else None
         self.hidden_size = self.embedding.weight.shape[1]
@@ -48,18 +60,25 @@ class DecoderAdapter:
         self.dtype = self.embedding.weight.dtype
 
     def new_cache(self) -> DynamicCache:
-        # No config: every layer is a plain growing layer, so rows can be filtered and
-        # left-padded uniformly; sliding-window models still get their window from the mask.
+        # For the trainer's batched passes (the engine uses the slot cache): no config, so
+        # every layer is a plain growing layer; sliding windows come from the mask.
         return DynamicCache()
+
+    def mask_argument(self, full: torch.Tensor, sliding: torch.Tensor | None):
+        """The ``attention_mask`` argument for 4D masks from ``slot_attention_masks``."""
+        if self.mixed_layer_types:
+            return {"full_attention": full, "sliding_attention": sliding}
+        return sliding if self.sliding_window is not None else full
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """[...] token ids -> [..., d] input embeddings."""
         return self.embedding(token_ids)
 
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask,
                 position_ids: torch.Tensor, cache) -> torch.Tensor:
-        """inputs_embeds [B, T, d], attention_mask [B, past+T], position_ids [B, T] ->
-        last hidden states [B, T, d] (after the final norm). ``cache`` grows by T."""
+        """inputs_embeds [B, T, d], attention_mask (2D [B, past+T], or 4D masks as
+        ``mask_argument`` gives them), position_ids [B, T] -> last hidden states [B, T, d]
+        (after the final norm). ``cache`` takes the T new positions."""
         kwargs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
                   self.cache_kwarg: cache, "use_cache": True}
         if self.accepts_position_ids:
@@ -74,3 +93,15 @@ class DecoderAdapter:
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.float()
+
+
+def _alibi_for_any_mask(build):
+    """Wrap a BLOOM-style ``build_alibi_tensor(mask, num_heads, dtype)``: a 4D mask
+    [B, 1, T, K] gets the bias slope x key column, [B * heads, 1, K] as the model expects."""
+    def build_alibi_tensor(attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+        if attention_mask.ndim != 4:
+            return build(attention_mask, num_heads, dtype)
+        batch, kv_len = attention_mask.shape[0], attention_mask.shape[-1]
+        ones = torch.ones((batch, kv_len), dtype=torch.long, device=attention_mask.device)
+        return build(ones, num_heads, dtype)      # positions 0..K-1 = the key columns
+    return build_alibi_tensor

@@ -1,60 +1,50 @@
-"""ModelRunner: the forward passes of one engine step over a continuous batch.
+"""ModelRunner: the forward passes of one engine step, on a slot KV cache.
 
-``execute(plan)`` does, in order:
+``execute(plan)`` (a ``StepPlan`` of plain data, ``engine.runner.plan``) does, in order:
 
-1. drop the rows of requests that left (finished or aborted) from the KV cache;
-2. one mixed forward over every running row, one new position each: a row in latent
-   mode feeds its last hidden state (a continuous thought), a row in language mode the
-   embedding of its pending token (``<eot>`` or the last sampled token);
-3. one prefill forward over the newly admitted prompts (left-padded), whose rows then
-   join the batch for the next step.
+1. forget the slots of requests that ended (``released``): nothing is copied;
+2. one decode forward over the leading slots 0..n-1 (n = the highest slot with a decode
+   row, + 1), one new position each: a row in latent mode feeds its slot's last hidden
+   state (a continuous thought), a row in language mode the embedding of its token. Slots
+   without a decode row (free, or between prefill chunks) ride along as padding rows that
+   see one key and write into the cache's scratch column;
+3. one prefill forward over this step's prompt chunks (right-padded), each written into
+   its slot at its own positions.
 
-For each request it returns one ``RowOutput``: a sampled token for rows in language
-mode; for rows in latent mode the stop classifier's probability (``auto`` policy, after
-a thought) and the thought's trace when asked. The runner reads request state but never
-changes it: the core decides what each request does next.
+It returns one ``RowOutput`` per decode row and per last prefill chunk: a sampled token,
+the stop classifier's probability, the thought's trace, as the plan asks. The runner owns
+the slot table (each slot's length and last hidden state) and the per-request random
+generators of seeded requests; it knows nothing of requests' states, text or latent
+policies: the scheduler decides what each row feeds, the core what happens next.
 
-Tensor shapes: B running rows, d hidden size, V vocabulary, P padded prompt width.
+Tensor shapes: n decode rows, b prefill rows of T tokens, d hidden size, V vocabulary.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from engine.request import Request, RequestStatus, TraceEntry
 from engine.runner.adapter import DecoderAdapter
-from engine.runner.kv_cache import PaddedBatchCache
+from engine.runner.plan import DecodeRow, PrefillChunk, RowOutput, RowWork, StepPlan, TraceEntry
 from engine.runner.sampler import sample
-
-
-@dataclass
-class StepPlan:
-    """What the scheduler decided for one step (plain data)."""
-
-    new_requests: list[Request] = field(default_factory=list)
-    removed_ids: set[str] = field(default_factory=set)
-
-
-@dataclass
-class RowOutput:
-    token_id: int | None = None
-    logprob: float | None = None
-    stop_prob: float | None = None
-    trace: TraceEntry | None = None
+from engine.runner.slot_cache import SlotCache, slot_attention_masks
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, pad_token_id: int, stop_classifier: torch.nn.Module | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, *, num_slots: int = 32, max_seq_len: int = 2048):
         self.adapter = DecoderAdapter(model)
         self.pad_token_id = pad_token_id
         self.stop_classifier = stop_classifier
         self.device = self.adapter.device
-        self.rows: list[Request] = []
-        self.batch: PaddedBatchCache | None = None
-        self.hidden: torch.Tensor | None = None   # [B, d] last hidden state of every row
+        self.num_slots = num_slots
+        self.max_seq_len = max_seq_len
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.cache = SlotCache(config.num_hidden_layers, num_slots, max_seq_len)
+        self.lengths = [0] * num_slots            # positions written per slot
+        self.hidden = torch.zeros((num_slots, self.adapter.hidden_size), dtype=self.adapter.dtype,
+                                  device=self.device)   # each slot's newest output state
+        self.generators: dict[str, torch.Generator] = {}
         self.generator = torch.Generator(device=self.device)
         if seed is not None:
             self.generator.manual_seed(seed)
@@ -64,101 +54,139 @@ class ModelRunner:
     # ---------------------------------------------------------------- public
 
     @property
-    def num_rows(self) -> int:
-        return len(self.rows)
-
-    def new_generator(self, seed: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(seed)
+    def num_active_slots(self) -> int:
+        return sum(1 for n in self.lengths if n > 0)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> dict[str, RowOutput]:
-        if plan.removed_ids:
-            self._drop(plan.removed_ids)
+        for released in plan.released:
+            self.lengths[released.slot] = 0
+            self.generators.pop(released.request_id, None)
         outputs: dict[str, RowOutput] = {}
-        if self.rows:
-            outputs.update(self._decode_step())
-        if plan.new_requests:
-            outputs.update(self._prefill(plan.new_requests))
+        if plan.decode:
+            outputs.update(self._decode(plan.decode))
+        if plan.prefill:
+            outputs.update(self._prefill(plan.prefill))
         return outputs
+
+    def allocate(self) -> int:
+        """Allocate the slot cache now (one throwaway one-token prefill into slot 0) rather
+        than at the first request, so that a cache too big for memory fails at start-up.
+        Returns its size in bytes."""
+        warm = PrefillChunk(request_id="", slot=0, token_ids=(self.pad_token_id,), start=0, last=False)
+        self.execute(StepPlan(prefill=[warm]))
+        self.lengths[0] = 0
+        return self.cache.memory_bytes
 
     def reset(self) -> None:
-        """Forget the whole batch (after an error left the cache in an unknown state)."""
-        self.rows, self.batch, self.hidden = [], None, None
+        """Forget every slot (after an error left the cache in an unknown state)."""
+        self.lengths = [0] * self.num_slots
+        self.generators.clear()
 
-    # ---------------------------------------------------------------- steps
+    # ---------------------------------------------------------------- forwards
 
-    def _drop(self, removed: set[str]) -> None:
-        keep = [i for i, r in enumerate(self.rows) if r.request_id not in removed]
-        if len(keep) == len(self.rows):
-            return
-        if not keep:
-            self.reset()
-            return
-        self.rows = [self.rows[i] for i in keep]
-        self.batch.filter(keep)
-        self.hidden = self.hidden.index_select(0, torch.tensor(keep, device=self.device))
+    def _decode(self, rows: list[DecodeRow]) -> dict[str, RowOutput]:
+        n = max(r.slot for r in rows) + 1
+        scratch = self.max_seq_len
+        tokens = [self.pad_token_id] * n
+        positions = [scratch] * n            # where each slot's new key goes
+        query_positions = [0] * n
+        valid = [False] * n
+        latent = [False] * n
+        for r in rows:
+            if self.lengths[r.slot] >= self.max_seq_len:
+                raise RuntimeError(f"slot {r.slot} ({r.request_id}) is full ({self.max_seq_len} positions)")
+            positions[r.slot] = query_positions[r.slot] = self.lengths[r.slot]
+            valid[r.slot] = True
+            if r.feed_token is None:
+                latent[r.slot] = True
+            else:
+                tokens[r.slot] = r.feed_token
+        dev = self.device
+        embeds = self.adapter.embed(torch.tensor(tokens, device=dev))                  # [n, d]
+        if any(latent):
+            embeds = torch.where(torch.tensor(latent, device=dev)[:, None], self.hidden[:n].to(embeds.dtype), embeds)
+        kv_len = max(query_positions) + 1
+        query = torch.tensor(query_positions, device=dev)[:, None]                      # [n, 1]
+        self.cache.plan_write(torch.arange(n, device=dev), torch.tensor(positions, device=dev)[:, None],
+                              kv_len, rows_are_leading=True)
+        full, sliding = slot_attention_masks(query, torch.tensor(valid, device=dev)[:, None], kv_len,
+                                             self.adapter.dtype, self.adapter.sliding_window)
+        out = self.adapter.forward(embeds[:, None], self.adapter.mask_argument(full, sliding), query,
+                                   self.cache)[:, -1]                                   # [n, d]
+        slots = torch.tensor([r.slot for r in rows], device=dev)
+        hidden = out.index_select(0, slots)                                             # [rows, d]
+        self.hidden[slots] = hidden
+        for r in rows:
+            self.lengths[r.slot] += 1
+        return self._row_outputs(rows, hidden)
 
-    def _decode_step(self) -> dict[str, RowOutput]:
-        rows = self.rows
-        in_latent = [r.status == RequestStatus.LATENT for r in rows]
-        token_ids = torch.tensor([self.pad_token_id if latent else r.pending_token
-                                  for r, latent in zip(rows, in_latent)], device=self.device)
-        embeds = self.adapter.embed(token_ids)                                  # [B, d]
-        if any(in_latent):
-            latent_mask = torch.tensor(in_latent, device=self.device)[:, None]
-            embeds = torch.where(latent_mask, self.hidden.to(embeds.dtype), embeds)
-        attention_mask, position_ids = self.batch.mask_for_step()              # [B, L+1], [B, 1]
-        hidden = self.adapter.forward(embeds[:, None], attention_mask, position_ids,
-                                      self.batch.cache)[:, -1]                 # [B, d]
-        self.hidden = hidden
-        return self._row_outputs(rows, hidden, after_thought=in_latent)
-
-    def _prefill(self, requests: list[Request]) -> dict[str, RowOutput]:
-        lengths = [r.num_prompt_tokens for r in requests]
-        width = max(lengths)
-        ids = torch.full((len(requests), width), self.pad_token_id, dtype=torch.long, device=self.device)
-        for i, r in enumerate(requests):
-            ids[i, width - lengths[i]:] = torch.tensor(r.prompt_token_ids, device=self.device)
-        cache = self.adapter.new_cache()
-        batch, position_ids = PaddedBatchCache.for_prefill(cache, lengths, self.device)
-        hidden = self.adapter.forward(self.adapter.embed(ids), batch.attention_mask, position_ids,
-                                      cache)[:, -1]                            # [b, d]
-        outputs = self._row_outputs(requests, hidden, after_thought=[False] * len(requests))
-        if self.rows:
-            self.batch.concat(batch)
-            self.hidden = torch.cat([self.hidden, hidden])
-            self.rows = self.rows + list(requests)
-        else:
-            self.batch, self.hidden, self.rows = batch, hidden, list(requests)
-        return outputs
+    def _prefill(self, chunks: list[PrefillChunk]) -> dict[str, RowOutput]:
+        width = max(len(c.token_ids) for c in chunks)
+        dev = self.device
+        ids = torch.full((len(chunks), width), self.pad_token_id, dtype=torch.long, device=dev)
+        for i, c in enumerate(chunks):
+            if self.lengths[c.slot] != c.start:
+                raise RuntimeError(f"chunk of {c.request_id} starts at {c.start} but slot {c.slot} "
+                                   f"holds {self.lengths[c.slot]} positions")
+            ids[i, :len(c.token_ids)] = torch.tensor(c.token_ids, device=dev)
+        starts = torch.tensor([c.start for c in chunks], device=dev)
+        sizes = torch.tensor([len(c.token_ids) for c in chunks], device=dev)
+        offsets = torch.arange(width, device=dev)[None, :]
+        valid = offsets < sizes[:, None]                                                # [b, T]
+        positions = starts[:, None] + offsets
+        kv_len = int((starts + sizes).max())
+        self.cache.plan_write(torch.tensor([c.slot for c in chunks], device=dev),
+                              torch.where(valid, positions, torch.full_like(positions, self.max_seq_len)),
+                              kv_len, rows_are_leading=False)
+        full, sliding = slot_attention_masks(positions, valid, kv_len, self.adapter.dtype,
+                                             self.adapter.sliding_window)
+        query = torch.where(valid, positions, starts[:, None].expand_as(positions))
+        out = self.adapter.forward(self.adapter.embed(ids), self.adapter.mask_argument(full, sliding), query,
+                                   self.cache)                                          # [b, T, d]
+        for c in chunks:
+            self.lengths[c.slot] = c.start + len(c.token_ids)
+        done = [i for i, c in enumerate(chunks) if c.last]
+        if not done:
+            return {}
+        last = out[torch.tensor(done, device=dev), (sizes - 1)[done]]                   # [done, d]
+        rows = [chunks[i] for i in done]
+        self.hidden[torch.tensor([r.slot for r in rows], device=dev)] = last
+        return self._row_outputs(rows, last)
 
     # ---------------------------------------------------------------- outputs
 
-    def _row_outputs(self, rows: list[Request], hidden: torch.Tensor,
-                     after_thought: list[bool]) -> dict[str, RowOutput]:
+    def _generator_for(self, row: RowWork) -> torch.Generator | None:
+        if row.seed is None:
+            return None
+        generator = self.generators.get(row.request_id)
+        if generator is None:
+            generator = self.generators[row.request_id] = torch.Generator(device=self.device).manual_seed(row.seed)
+        return generator
+
+    def _row_outputs(self, rows: list[RowWork], hidden: torch.Tensor) -> dict[str, RowOutput]:
         """hidden [R, d]: the output state of each row's newest position."""
         out = {r.request_id: RowOutput() for r in rows}
-        language = [i for i, r in enumerate(rows) if r.status == RequestStatus.DECODING]
+        language = [i for i, r in enumerate(rows) if r.sampling is not None]
         if language:
-            logits = self.adapter.logits(hidden[language])                     # [n, V]
+            logits = self.adapter.logits(hidden[language])                               # [n, V]
             picked = sample(logits, [rows[i].sampling for i in language],
-                            [rows[i].generator for i in language], self.generator)
+                            [self._generator_for(rows[i]) for i in language], self.generator)
             for j, i in enumerate(language):
                 out[rows[i].request_id].token_id = picked.token_ids[j]
                 out[rows[i].request_id].logprob = picked.logprobs[j]
-        traced = [i for i, r in enumerate(rows) if r.status == RequestStatus.LATENT and r.latent.trace_top_k > 0]
+        traced = [i for i, r in enumerate(rows) if r.trace_top_k > 0]
         if traced:
-            probs = self.adapter.logits(hidden[traced]).softmax(dim=-1)         # [n, V]
-            k = max(rows[i].latent.trace_top_k for i in traced)
+            probs = self.adapter.logits(hidden[traced]).softmax(dim=-1)                   # [n, V]
+            k = max(rows[i].trace_top_k for i in traced)
             top = probs.topk(min(k, probs.shape[-1]), dim=-1)
             values, indices = top.values.tolist(), top.indices.tolist()
             for j, i in enumerate(traced):
-                kk = rows[i].latent.trace_top_k
-                watch = rows[i].watch_token_ids
+                kk, watch = rows[i].trace_top_k, list(rows[i].watch_token_ids)
                 watched = probs[j, watch].tolist() if watch else None
                 out[rows[i].request_id].trace = TraceEntry(token_ids=indices[j][:kk], probs=values[j][:kk],
                                                            watch_probs=watched)
-        asking = [i for i, r in enumerate(rows) if after_thought[i] and r.latent.mode == "auto"]
+        asking = [i for i, r in enumerate(rows) if r.ask_stop]
         if asking:
             if self.stop_classifier is None:
                 raise RuntimeError("a request uses the auto latent policy but no stop classifier is loaded")

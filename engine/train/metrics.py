@@ -79,3 +79,8 @@ def plot_metrics(epochs: list[dict], out: Path, title: str = "") -> Path | None:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def plot_run(run_dir: Path, title: str) -> None:
+    """Draw a run directory's metrics.png from its metrics.jsonl."""
+    plot_metrics(MetricsLog(run_dir / "metrics.jsonl").read("epoch"), run_dir / "metrics.png", title)

@@ -125,7 +125,7 @@ class EvalSession:
             S.prune(t.run_dir, cfg.keep_last_checkpoints, cfg.keep_every)
         t.log.write("epoch", **row)
         if cfg.plot:
-            from engine.train.trainer import plot_run
+            from engine.train.metrics import plot_run
             plot_run(t.run_dir, f"{cfg.name or t.run_dir.name} ({cfg.method})")
         acc = row.get("val_accuracy")
         log.info("epoch %d stage %d: train loss %.4f, val loss %.4f, val accuracy %s", done, stage, train_loss,

@@ -32,7 +32,7 @@ from engine.train import distributed as D
 from engine.train import state as S
 from engine.train.config import TrainConfig
 from engine.train.layout import Curriculum, collate, tokenize_records
-from engine.train.metrics import MetricsLog, plot_metrics, truncate_after
+from engine.train.metrics import MetricsLog, truncate_after
 from engine.train.session import EvalSession
 
 log = logging.getLogger(__name__)
@@ -332,7 +332,3 @@ def _dump_yaml(data: dict) -> str:
     import yaml
 
     return yaml.safe_dump(data, sort_keys=False)
-
-
-def plot_run(run_dir: Path, title: str) -> None:
-    plot_metrics(MetricsLog(run_dir / "metrics.jsonl").read("epoch"), run_dir / "metrics.png", title)

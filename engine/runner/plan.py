@@ -1,0 +1,88 @@
+"""The contract between the scheduler and the model runner: plain data, no tensors.
+
+A ``StepPlan`` says what one engine step computes; the runner answers with one
+``RowOutput`` per row that produced something. Rows are named by request id and by the
+KV-cache slot the scheduler gave the request at admission; the runner owns the slot
+table (each slot's length and last hidden state) and the slot cache itself.
+
+- ``DecodeRow``: one new position for a running request: the embedding of ``feed_token``,
+  or, when it is None, the slot's last hidden state (a continuous thought).
+- ``PrefillChunk``: ``token_ids`` of a prompt written at positions ``start``...; a prompt
+  longer than the step's budget comes in several chunks, and only the ``last`` one
+  produces an output.
+- ``released``: the slots of requests that ended since the last step, free from now on.
+
+What a row's output holds is fixed by the plan: ``sampling`` set -> a sampled token (and
+its log-probability when asked); ``trace_top_k`` > 0 -> the thought's top tokens and the
+probabilities of ``watch_token_ids``; ``ask_stop`` -> the stop classifier's probability.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.params import SamplingParams
+
+
+@dataclass(frozen=True, kw_only=True)
+class RowWork:
+    request_id: str
+    slot: int
+    sampling: SamplingParams | None = None   # language mode: sample the next token
+    trace_top_k: int = 0
+    watch_token_ids: tuple[int, ...] = ()
+    ask_stop: bool = False
+
+    @property
+    def seed(self) -> int | None:
+        return self.sampling.seed if self.sampling is not None else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeRow(RowWork):
+    feed_token: int | None                   # None: feed the slot's last hidden state
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrefillChunk(RowWork):
+    token_ids: tuple[int, ...]
+    start: int
+    last: bool
+
+
+@dataclass(frozen=True)
+class ReleasedSlot:
+    request_id: str
+    slot: int
+
+
+@dataclass
+class StepPlan:
+    decode: list[DecodeRow] = field(default_factory=list)
+    prefill: list[PrefillChunk] = field(default_factory=list)
+    released: list[ReleasedSlot] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.decode or self.prefill or self.released)
+
+    @property
+    def rows_with_output(self) -> list[RowWork]:
+        return list(self.decode) + [chunk for chunk in self.prefill if chunk.last]
+
+
+@dataclass
+class TraceEntry:
+    """The paper's view of one continuous thought: top-k tokens of softmax(W h)."""
+
+    token_ids: list[int]
+    probs: list[float]
+    watch_probs: list[float] | None = None   # the probabilities of the row's watch_token_ids
+
+
+@dataclass
+class RowOutput:
+    token_id: int | None = None
+    logprob: float | None = None
+    stop_prob: float | None = None
+    trace: TraceEntry | None = None
