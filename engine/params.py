@@ -10,7 +10,7 @@ the checkpoint's ``coconut.json``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 LatentMode = Literal["fixed", "auto", "none"]
 LATENT_MODES = ("fixed", "auto", "none")

@@ -61,7 +61,7 @@ def _problems(parser: argparse.ArgumentParser) -> list[str]:
 
 def test_every_subcommand_is_walked():
     for name in ("engine serve", "engine generate", "engine eval", "engine data prosqa", "engine data stats",
-                 "engine bench latency", "engine bench train", "engine bench serve", "engine train"):
+                 "engine bench latency", "engine bench churn", "engine bench train", "engine bench serve", "engine train"):
         assert name in PARSERS, sorted(PARSERS)
 
 

@@ -16,35 +16,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
+
+from engine.bench.common import add_model_arguments, log, model_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("churn", help="step time when a request joins or leaves vs a plain step",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="checkpoint directory (default: a random GPT-2)")
-    p.add_argument("--hidden", type=int, default=384, help="width of the random model (default 384)")
-    p.add_argument("--layers", type=int, default=6, help="layers of the random model (default 6)")
-    p.add_argument("--heads", type=int, default=6, help="attention heads of the random model (default 6)")
-    p.add_argument("--vocab", type=int, default=8192, help="LM head size of the random model (default 8192)")
+    add_model_arguments(p, hidden=384, layers=6, heads=6, vocab=8192, label="6-layer, 384-wide GPT-2")
     p.add_argument("--rows", type=int, default=31, help="long requests running (default 31)")
     p.add_argument("--prompt-tokens", type=int, default=400, help="their prompt length (default 400)")
     p.add_argument("--join-tokens", type=int, default=24, help="the joining request's prompt length (default 24)")
     p.add_argument("--cycles", type=int, default=12, help="join/leave cycles measured (default 12)")
     p.add_argument("--plain-per-cycle", type=int, default=2, help="plain steps per cycle (default 2)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random model and prompts (default 0)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=run)
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,14 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model
-        if model_dir is None:
-            from engine.tiny import make_checkpoint
-            _log(f"building a random GPT-2 ({args.hidden} wide, {args.layers} layers, vocab {args.vocab})")
-            model_dir = make_checkpoint(Path(tmp) / "model", "gpt2", hidden=args.hidden, layers=args.layers,
-                                        heads=args.heads, max_positions=1024, init_std=0.02,
-                                        model_vocab_size=args.vocab, seed=args.seed)
-        engine = Engine.from_pretrained(model_dir, device=args.device, dtype=args.dtype,
+        engine = Engine.from_pretrained(model_dir(args, tmp), device=args.device, dtype=args.dtype,
                                         max_batch_size=args.rows + 1, max_seq_len=1024,
                                         max_prefill_tokens=(args.rows + 1) * 2 * args.prompt_tokens, seed=args.seed)
         tokenizer = engine.checkpoint.tokenizer
@@ -73,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         total_steps = args.cycles * (args.plain_per_cycle + 2) + 4
         for q in long_questions:
             engine.add_request(q, SamplingParams(max_tokens=total_steps + 8, ignore_eos=True), language)
-        _log(f"prefilling {args.rows} requests of ~{args.prompt_tokens} tokens")
+        log(f"prefilling {args.rows} requests of ~{args.prompt_tokens} tokens")
         engine.step()
         times: dict[str, list[float]] = {"plain": [], "join": [], "leave": []}
 
@@ -93,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
             engine.add_request(short_questions[i], SamplingParams(max_tokens=1), language)
             timed("join")
             timed("leave")
-            if (i + 1) % 4 == 0:
-                _log(f"cycle {i + 1}/{args.cycles}")
+            if (i + 1) % 4 == 0 or i + 1 == args.cycles:
+                log(f"cycle {i + 1}/{args.cycles}")
         running = engine.core.scheduler.num_running
         if running != args.rows:
             raise RuntimeError(f"expected {args.rows} long rows running throughout, found {running}")

@@ -24,37 +24,24 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
+
+from engine.bench.common import add_model_arguments, log, model_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("latency", help="engine vs naive reference vs bare forward",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="checkpoint directory (default: a random GPT-2-small)")
-    p.add_argument("--hidden", type=int, default=768, help="model width (default 768, GPT-2 small)")
-    p.add_argument("--layers", type=int, default=12, help="decoder layers (default 12)")
-    p.add_argument("--heads", type=int, default=12, help="attention heads (default 12)")
-    p.add_argument("--vocab", type=int, default=50257, help="LM head size of the random model")
+    add_model_arguments(p, hidden=768, layers=12, heads=12, vocab=50257, label="GPT-2-small-sized model")
     p.add_argument("--prompt-tokens", type=int, default=250, help="prompt length in tokens (default 250, ProsQA-sized)")
     p.add_argument("--thoughts", type=int, default=6, help="continuous thoughts per request (default 6)")
     p.add_argument("--max-tokens", type=int, default=12, help="answer tokens per request (default 12)")
     p.add_argument("--batch", type=int, default=32, help="requests submitted at once")
     p.add_argument("--reference-questions", type=int, default=3, help="questions run through the slow reference")
     p.add_argument("--rounds", type=int, default=3, help="alternating engine/bare rounds at the full batch")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random model and inputs (default 0)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--plot", default=None, metavar="PNG", help="save a bar chart of the timings")
     p.set_defaults(func=run)
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def make_questions(tokenizer, n: int, target_tokens: int, seed: int) -> list[str]:
@@ -150,15 +137,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model
-        if model_dir is None:
-            from engine.tiny import make_checkpoint
-            _log(f"building a random GPT-2 ({args.hidden} wide, {args.layers} layers, vocab {args.vocab})")
-            model_dir = make_checkpoint(Path(tmp) / "model", "gpt2", hidden=args.hidden, layers=args.layers,
-                                        heads=args.heads, max_positions=1024, init_std=0.02,
-                                        model_vocab_size=args.vocab, seed=args.seed)
         # The whole burst is prefilled in one step, as the bare forward does it.
-        engine = Engine.from_pretrained(model_dir, device=args.device, dtype=args.dtype, max_batch_size=args.batch,
+        engine = Engine.from_pretrained(model_dir(args, tmp), device=args.device, dtype=args.dtype, max_batch_size=args.batch,
                                         max_prefill_tokens=args.batch * 4 * args.prompt_tokens, seed=args.seed)
         results = measure(engine, args, reference_generate, LatentPolicy, SamplingParams)
     report(results, args)
@@ -179,7 +159,7 @@ def measure(engine, args, reference_generate, LatentPolicy, SamplingParams) -> d
     # Each measurement runs right next to the one it is compared with (the engine and
     # the bare forward alternate step by step), and ratios are taken per pair, so that
     # load from other processes hits both sides alike.
-    _log(f"batch 1: {n_ref} questions, each through the reference, then engine and bare in lockstep")
+    log(f"batch 1: {n_ref} questions, each through the reference, then engine and bare in lockstep")
     ref_times, ref_tokens, singles = [], [], []
     for q, prompt in zip(questions[:n_ref], prompts):
         t0 = time.perf_counter()
@@ -191,7 +171,7 @@ def measure(engine, args, reference_generate, LatentPolicy, SamplingParams) -> d
         singles.append(lockstep(engine, [q], [prompt], sampling, latent))
     rounds = []
     for i in range(args.rounds):
-        _log(f"batch {args.batch}, round {i + 1}/{args.rounds}: engine and bare forward in lockstep")
+        log(f"batch {args.batch}, round {i + 1}/{args.rounds}: engine and bare forward in lockstep")
         rounds.append(lockstep(engine, questions, prompts, sampling, latent))
 
     med = statistics.median
