@@ -32,8 +32,8 @@ class ServerSettings(BaseSettings):
         "auto", description="weights dtype (auto: float32 on CPU, bfloat16 on CUDA)")
     max_batch_size: int = Field(32, ge=1, description="requests decoded together in one forward pass")
     max_queue: int = Field(256, ge=1, description="requests waiting for a batch slot before 503")
-    max_seq_len: int | None = Field(None, ge=2, description="positions per request (default: the model's)")
-    max_prefill_tokens: int = Field(8192, ge=1, description="padded prompt tokens prefilled per step")
+    max_seq_len: int | None = Field(None, ge=2, description="positions per request (default: the model's, at most 4096); the KV cache holds max_batch_size x max_seq_len")
+    max_prefill_tokens: int = Field(8192, ge=1, description="prompt tokens prefilled per step (longer prompts are prefilled in chunks, interleaved with decoding)")
     seed: int | None = Field(None, description="seed of the engine's shared generator (unseeded requests)")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch ops (default: "
                                       "torch's choice; 1 is fastest for small models on busy CPUs)")
