@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from tests.live_server import LiveServer
-from tests.test_server_harness import read_metrics, sse_payloads, wait_for
+from tests.test_server_harness import finished_count, post_on_raw_socket, read_metrics, sse_payloads, wait_for
 
 openai = pytest.importorskip("openai")
 
@@ -341,10 +341,6 @@ def test_streamed_latent_trace_equals_the_json_one(http, route):
     assert traces == [whole] and len(whole) == 2
 
 
-def _finished(url, reason):
-    return read_metrics(url).get(f'coconut_requests_finished_total{{reason="{reason}"}}', 0)
-
-
 def _idle(url):
     m = read_metrics(url)
     return m if m["coconut_num_requests_running"] == 0 and m["coconut_num_requests_waiting"] == 0 else None
@@ -352,17 +348,13 @@ def _idle(url):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_client_leaving_a_prompt_list_aborts_every_request(server, stream):
-    import socket
 
     wait_for(lambda: _idle(server.url), what="idle")
-    aborted, completed = _finished(server.url, "abort"), _finished(server.url, "length")
+    aborted, completed = finished_count(server.url, "abort"), finished_count(server.url, "length")
     body = {"prompt": QUESTIONS, "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": stream}
-    payload = json.dumps(body).encode()
-    sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    sock = post_on_raw_socket(server.port, "/v1/completions", body)
     wait_for(lambda: read_metrics(server.url)["coconut_num_requests_running"] == 3, what="the 3 requests to run")
     sock.close()
     wait_for(lambda: _idle(server.url), what="every slot to free")
-    wait_for(lambda: _finished(server.url, "abort") == aborted + 3, what="3 aborts")
-    assert _finished(server.url, "length") == completed, "a generation ran to the end instead"
+    wait_for(lambda: finished_count(server.url, "abort") == aborted + 3, what="3 aborts")
+    assert finished_count(server.url, "length") == completed, "a generation ran to the end instead"

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 
 import httpx
 import pytest
 
 from tests.live_server import LiveServer
-from tests.test_server_harness import read_metrics, sse_payloads, wait_for
+from tests.test_server_harness import finished_count, post_on_raw_socket, read_metrics, sse_payloads, wait_for
 
 MAX_BODY = 65536
 QUESTION = "Every wumpus is a yumpus. Tom is a wumpus. Is Tom a yumpus or a zumpus?"
@@ -324,33 +323,26 @@ def test_body_size_is_capped(http):
 LONG = {"question": QUESTION, "max_tokens": 2000, "ignore_eos": True}
 
 
-def _finished(url, reason):
-    return read_metrics(url).get(f'coconut_requests_finished_total{{reason="{reason}"}}', 0)
-
-
 def test_streaming_client_disconnect_aborts_the_request(server, http):
-    aborted, completed = _finished(server.url, "abort"), _finished(server.url, "length")
+    aborted, completed = finished_count(server.url, "abort"), finished_count(server.url, "length")
     with http.stream("POST", "/v1/reason", json={**LONG, "stream": True}) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 break  # one token arrived: the request is running; now hang up
-    wait_for(lambda: _finished(server.url, "abort") == aborted + 1, what="the abort")
+    wait_for(lambda: finished_count(server.url, "abort") == aborted + 1, what="the abort")
     metrics = read_metrics(server.url)
     assert metrics["coconut_num_requests_running"] == 0 and metrics["coconut_num_requests_waiting"] == 0
-    assert _finished(server.url, "length") == completed, "the generation ran to the end instead"
+    assert finished_count(server.url, "length") == completed, "the generation ran to the end instead"
 
 
 def test_non_streaming_client_disconnect_aborts_the_request(server):
-    aborted, completed = _finished(server.url, "abort"), _finished(server.url, "length")
-    payload = json.dumps(LONG).encode()
-    sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(b"POST /v1/reason HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    aborted, completed = finished_count(server.url, "abort"), finished_count(server.url, "length")
+    sock = post_on_raw_socket(server.port, "/v1/reason", LONG)
     wait_for(lambda: read_metrics(server.url)["coconut_num_requests_running"] == 1, what="the request to run")
     sock.close()
     wait_for(lambda: read_metrics(server.url)["coconut_num_requests_running"] == 0, what="the slot to free")
-    wait_for(lambda: _finished(server.url, "abort") == aborted + 1, what="the abort")
-    assert _finished(server.url, "length") == completed
+    wait_for(lambda: finished_count(server.url, "abort") == aborted + 1, what="the abort")
+    assert finished_count(server.url, "length") == completed
     assert 'status="499"' in httpx.get(server.url + "/metrics").text
 
 

@@ -75,6 +75,21 @@ def read_metrics(url: str, headers: dict | None = None) -> dict[str, float]:
     return out
 
 
+def finished_count(url: str, reason: str) -> float:
+    """coconut_requests_finished_total for one finish reason (0 before the first)."""
+    return read_metrics(url).get(f'coconut_requests_finished_total{{reason="{reason}"}}', 0)
+
+
+def post_on_raw_socket(port: int, path: str, body: dict) -> socket.socket:
+    """Send a JSON POST on a bare socket and return it unread, so that a test can drop the
+    connection mid-request (a client that goes away)."""
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(payload), payload))
+    return sock
+
+
 def sse_payloads(body: str) -> list:
     """Each ``data:`` payload, decoded from JSON (``"[DONE]"`` stays a string)."""
     out = []
