@@ -348,7 +348,6 @@ def _idle(url):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_client_leaving_a_prompt_list_aborts_every_request(server, stream):
-
     wait_for(lambda: _idle(server.url), what="idle")
     aborted, completed = finished_count(server.url, "abort"), finished_count(server.url, "length")
     body = {"prompt": QUESTIONS, "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": stream}
