@@ -63,7 +63,7 @@ class EngineCore:
                  eos_token_ids: tuple[int, ...]):
         self.runner = runner
         self.config = config
-        self.max_seq_len = min(max_seq_len, config.max_seq_len or max_seq_len)
+        self.max_seq_len = max_seq_len   # resolved by the caller: the model's, the config's and the cache's limit
         self.eos_token_ids = frozenset(eos_token_ids)
         self.scheduler = Scheduler(config.max_batch_size, config.max_prefill_tokens)
         self._aborts: deque[tuple[str, RequestStatus]] = deque()
