@@ -89,7 +89,7 @@ class Request:
         self.stop_probs: list[float] = []
         self.pending_token: int | None = None
         self.slot: int | None = None          # KV-cache slot, given by the scheduler at admission
-        self.num_prefilled = 0                # prompt tokens written into the slot so far
+        self.prefilled_tokens = 0                # prompt tokens written into the slot so far
         self.times = RequestTimes()
         self.error: str | None = None
 

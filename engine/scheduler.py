@@ -52,7 +52,7 @@ class Scheduler:
         self._released = []
         budget = self.max_prefill_tokens
         for request in self.running.values():
-            if request.num_prefilled == request.num_prompt_tokens:
+            if request.prefilled_tokens == request.num_prompt_tokens:
                 plan.decode.append(self._decode_row(request))
             elif budget > 0:
                 budget -= self._add_chunk(plan, request, budget)
@@ -99,12 +99,12 @@ class Scheduler:
                          ask_stop=latent and request.latent.mode == "auto", **self._output_fields(request))
 
     def _add_chunk(self, plan: StepPlan, request: Request, budget: int) -> int:
-        start = request.num_prefilled
+        start = request.prefilled_tokens
         end = min(request.num_prompt_tokens, start + budget)
         last = end == request.num_prompt_tokens
         fields = self._output_fields(request) if last else {}
         plan.prefill.append(PrefillChunk(request_id=request.request_id, slot=request.slot,
                                          token_ids=tuple(request.prompt_token_ids[start:end]), start=start,
                                          last=last, **fields))
-        request.num_prefilled = end
+        request.prefilled_tokens = end
         return end - start
