@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent install into ./.venv: torch first, then this project and its SDK.
-# Usage: scripts/setup.sh [--test]        (--test also installs the test dependencies)
+# Usage: scripts/setup.sh [--test|--ray]  (--ray also installs the Ray Serve extra for
+#                                          `engine serve --replicas`; --test the test
+#                                          dependencies and that extra, whose tests run)
 #        scripts/setup.sh --print-torch-index
 #                                         (print where torch would come from; installs nothing)
 #
@@ -67,6 +69,11 @@ if ! python -c "import torch" 2>/dev/null; then
   esac
 fi
 extras=""
-if [ "${1:-}" = "--test" ]; then extras="[test]"; fi
+case "${1:-}" in
+  --test) extras="[test,ray]" ;;
+  --ray) extras="[ray]" ;;
+  "") ;;
+  *) echo "usage: scripts/setup.sh [--test|--ray]" >&2; exit 2 ;;
+esac
 quiet_pip -e ".${extras}" -e clients/python
 python -c "import torch, transformers, engine, coconut_client; print(f'installed: torch {torch.__version__}, transformers {transformers.__version__}')"

@@ -47,7 +47,12 @@ def load_engine(settings: ServerSettings) -> Engine:
                                   max_prefill_tokens=settings.max_prefill_tokens, seed=settings.seed)
 
 
-def create_app(settings: ServerSettings | None = None, engine: Engine | None = None) -> FastAPI:
+def create_app(settings: ServerSettings | None = None, engine: Engine | None = None,
+               replica_name: str | None = None) -> FastAPI:
+    """``replica_name``: set when the app runs as one of several replicas (``server.ray_serve``);
+    every response then carries it in ``x-coconut-replica``, and ``/ready`` reports it.
+    ``app.state.render_metrics`` (an async callable returning the exposition bytes) may be
+    set afterwards to serve more than this app's own metrics on ``/metrics``."""
     settings = settings or ServerSettings()
     metrics = ServerMetrics()
 
@@ -75,6 +80,8 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
     app.state.metrics = metrics
     app.state.engine = None
     app.state.service = None
+    app.state.replica_name = replica_name
+    app.state.render_metrics = None
     errors.install(app)
     _add_stream_schemas(app)
     routers = (ops.router, reason.router, openai.router, playground.router)
@@ -85,7 +92,9 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
     # body-size refusal carries an x-request-id and is counted and logged.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(AuthMiddleware, api_key=settings.api_key.get_secret_value() if settings.api_key else None)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, routes=routes)
+    replica_header = [(b"x-coconut-replica", replica_name.encode())] if replica_name else []
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, routes=routes, extra_headers=replica_header,
+                       proxy_sets_request_id=replica_name is not None)
     return app
 
 

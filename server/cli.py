@@ -18,8 +18,9 @@ from server.settings import LOG_LEVELS, ServerSettings
 log = logging.getLogger(__name__)
 
 _INT_FIELDS = {"port", "max_batch_size", "max_queue", "max_seq_len", "max_prefill_tokens", "seed",
-               "max_body_bytes", "retry_after_s", "torch_threads"}
-_FLOAT_FIELDS = {"drain_timeout_s"}
+               "max_body_bytes", "retry_after_s", "torch_threads", "replicas",
+               "autoscale_target_ongoing_requests"}
+_FLOAT_FIELDS = {"drain_timeout_s", "num_gpus_per_replica"}
 _DEST = "serve_"  # the global `engine --log-level` already owns dest "log_level"
 
 
@@ -86,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
     if not model_dir.is_dir():
         raise FileNotFoundError(f"--model {model_dir}: not a directory")
     configure(settings.log_level)
+    if settings.uses_ray():
+        from server.ray_serve import serve_on_ray
+
+        return serve_on_ray(settings)
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
                             log_config=None, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=settings.drain_timeout_s)

@@ -3,7 +3,8 @@ swallow the client's disconnect message). Outermost first:
 
 - ``RequestContextMiddleware``: gives every request an id (an incoming ``x-request-id``
   is honoured when it is a sane token, else one is generated), returns it in the
-  ``x-request-id`` header of every response, counts requests by route and status,
+  ``x-request-id`` header of every response (with ``extra_headers``, such as a replica's
+  ``x-coconut-replica``), counts requests by route and status,
   writes one JSON access-log line, and turns any unhandled exception into a 500 JSON
   body carrying the request id (the server stays up).
 - ``AuthMiddleware``: with an API key, every path except the public ones needs
@@ -54,14 +55,23 @@ def _header(scope, name: bytes) -> bytes | None:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app, metrics: ServerMetrics, routes: frozenset[str]):
+    def __init__(self, app, metrics: ServerMetrics, routes: frozenset[str],
+                 extra_headers: list[tuple[bytes, bytes]] = (), proxy_sets_request_id: bool = False):
         self.app, self.metrics, self.routes = app, metrics, routes
+        # behind Ray Serve's proxy, which forwards the request's x-request-id (the client's, or
+        # one it made) and writes it on the response itself: take that id, do not write a second
+        self.proxy_sets_request_id = proxy_sets_request_id
+        self.extra_headers = list(extra_headers)   # on every response (x-coconut-replica)
+        self._extra_names = {k.lower() for k, _ in self.extra_headers} | {b"x-request-id"}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         incoming = (_header(scope, b"x-request-id") or b"").decode("latin-1")
-        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        if self.proxy_sets_request_id and incoming:
+            request_id = incoming
+        else:
+            request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         started = time.perf_counter()
@@ -70,8 +80,10 @@ class RequestContextMiddleware:
         async def send_with_id(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
-                headers.append((b"x-request-id", request_id.encode()))
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in self._extra_names]
+                if not self.proxy_sets_request_id:
+                    headers.append((b"x-request-id", request_id.encode()))
+                headers.extend(self.extra_headers)
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -44,6 +44,46 @@ class ServerSettings(BaseSettings):
                                    "may take to finish")
     log_level: str = Field("info", description=f"one of {', '.join(LOG_LEVELS)}")
 
+    # scale-out on Ray Serve (server.ray_serve; needs the extra: pip install -e ".[ray]")
+    replicas: int | None = Field(None, ge=1, description="serve N replicas of the app on Ray Serve, each with its "
+                                 "own engine, behind Ray's proxy (default: one process, no Ray)")
+    ray_address: str | None = Field(None, description="Ray cluster to deploy on, e.g. ray://head:10001 or auto "
+                                    "(default: start a local Ray cluster; needs --replicas or --autoscale)")
+    num_gpus_per_replica: float = Field(0.0, ge=0, description="GPUs Ray reserves for each replica "
+                                        "(fractions share a GPU)")
+    ray_ingress: Literal["proxy", "haproxy"] = Field(
+        "proxy", description="what takes the HTTP connections on Ray: Ray Serve's Python proxy (its stable "
+                             "path), or its HAProxy ingress (a Ray feature flag; less overhead per request; "
+                             "on a remote cluster set RAY_SERVE_ENABLE_HA_PROXY=1 there)")
+    autoscale: str | None = Field(None, description="MIN:MAX replicas, scaled by Ray Serve on ongoing requests "
+                                  "per replica (see --autoscale-target-ongoing-requests)")
+    autoscale_target_ongoing_requests: int | None = Field(
+        None, ge=1, description="--autoscale: the ongoing requests per replica Ray Serve scales to hold "
+                                "(default: max_batch_size, a full batch)")
+
+    @field_validator("autoscale")
+    @classmethod
+    def _autoscale(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        low, sep, high = value.partition(":")
+        if not sep or not low.strip().isdigit() or not high.strip().isdigit():
+            raise ValueError(f"expected MIN:MAX replicas such as 1:4, got {value!r}")
+        if int(high) < 1 or int(low) > int(high):
+            raise ValueError(f"expected MIN:MAX replicas with 0 <= MIN <= MAX and MAX >= 1, got {value!r}")
+        return f"{int(low)}:{int(high)}"
+
+    def autoscale_bounds(self) -> tuple[int, int] | None:
+        if self.autoscale is None:
+            return None
+        low, high = self.autoscale.split(":")
+        return int(low), int(high)
+
+    def uses_ray(self) -> bool:
+        """Whether ``engine serve`` deploys on Ray Serve: replicas asked for (more than one,
+        or one on a given cluster) or autoscaling. ``--replicas 1`` alone is the plain server."""
+        return bool((self.replicas or 1) > 1 or self.autoscale or self.ray_address)
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:

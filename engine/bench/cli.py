@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCH_MODULES = ["engine.bench.latency", "engine.bench.churn", "engine.bench.train", "engine.bench.serve"]
+BENCH_MODULES = ["engine.bench.latency", "engine.bench.churn", "engine.bench.train", "engine.bench.serve",
+                 "engine.bench.replicas"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks (latency, churn, train, serve)")
+    p = sub.add_parser("bench", help="benchmarks (latency, churn, train, serve, replicas)")
     bench_sub = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     for name in BENCH_MODULES:
         importlib.import_module(name).register(bench_sub)

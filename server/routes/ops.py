@@ -4,7 +4,8 @@
   loop has died (nothing but a restart helps then).
 - ``/ready`` answers 200 only when the model is loaded and the engine loop is alive and
   accepting requests; 503 otherwise, with the reason.
-- ``/metrics`` is the Prometheus text format (see ``server.metrics``).
+- ``/metrics`` is the Prometheus text format (see ``server.metrics``); on Ray Serve, every
+  replica's samples, each labelled ``replica`` (``server.ray_serve``).
 
 None of them needs the API key.
 """
@@ -40,10 +41,15 @@ async def ready(request: Request):
         return JSONResponse({"status": "dead", "detail": "the engine loop has stopped"}, status_code=503)
     if not engine.accepting:
         return JSONResponse({"status": "draining", "detail": "shutting down"}, status_code=503)
-    return {"status": "ready", "model": request.app.state.service.model_name,
+    body = {"status": "ready", "model": request.app.state.service.model_name,
             "waiting": engine.num_waiting, "running": engine.num_running}
+    if request.app.state.replica_name:
+        body["replica"] = request.app.state.replica_name
+    return body
 
 
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request):
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    render = request.app.state.render_metrics   # several replicas' metrics (server.ray_serve)
+    body = await render() if render is not None else request.app.state.metrics.render()
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
