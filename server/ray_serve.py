@@ -199,6 +199,24 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def _kill_leftover_haproxy(node_id: str) -> None:
+    """Ray 2.60's HAProxy manager can lose track of a process it started by a reload (after
+    a replica changes) and leave it running, holding its ports, once the cluster is gone.
+    Kill this node's (their config lives under ``.../haproxy-serve/<node id>/``)."""
+    marker = f"/haproxy-serve/{node_id}/".encode()
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+            if b"haproxy" in cmdline and marker in cmdline:
+                os.kill(int(entry), signal.SIGKILL)
+                log.warning("killed a leftover HAProxy process (pid %s)", entry)
+        except (OSError, ValueError):
+            continue
+
+
 def serve_on_ray(settings: ServerSettings) -> int:
     """Deploy on Ray Serve and block until SIGTERM / SIGINT; the process's exit status."""
     ray, serve = require_ray()
@@ -206,6 +224,9 @@ def serve_on_ray(settings: ServerSettings) -> int:
         os.environ.setdefault(name, value)
     if settings.ray_ingress == "haproxy":
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        if settings.ray_address is None:   # a local cluster: HAProxy's side ports need not be 9101 / 8404
+            for name in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT"):
+                os.environ.setdefault(name, str(_free_port("127.0.0.1")))
     ray.init(address=settings.ray_address, namespace=NAMESPACE, log_to_driver=True)
     port = settings.port or _free_port(settings.host)
     stop = threading.Event()
@@ -219,10 +240,13 @@ def serve_on_ray(settings: ServerSettings) -> int:
         replicas = settings.autoscale or settings.replicas
         log.info("Ray Serve: %s replicas of %s ready in %.1f s; listening on http://%s:%d",
                  replicas, settings.model_dir().name, time.perf_counter() - started, settings.host, port)
+        node_id = ray.get_runtime_context().get_node_id()
         stop.wait()
         log.info("shutting down: draining every replica (up to %.0f s)", settings.drain_timeout_s)
         serve.delete(APP_NAME)
         serve.shutdown()
+        if settings.ray_ingress == "haproxy" and settings.ray_address is None:
+            _kill_leftover_haproxy(node_id)
         return 0
     except Exception as e:   # a replica that cannot start (bad model, no resources) ends here
         log.error("Ray Serve deployment failed: %s", e)

@@ -131,12 +131,28 @@ def test_metrics_carry_every_replica_with_a_label(cluster):
     assert {re.search(r'replica="([^"]+)"', k).group(1) for k in labelled} == replicas_seen(cluster.url)
 
 
-def test_a_killed_replica_is_replaced(cluster):
+def test_a_killed_replica_is_replaced_and_the_other_replicas_requests_are_untouched(cluster):
     before = replicas_seen(cluster.url)
     pids = [int(p) for p in subprocess.run(["pgrep", "-f", "ServeReplica:coconut"], capture_output=True,
                                            text=True).stdout.split()]
     assert len(pids) == 2, pids
-    os.kill(pids[0], signal.SIGKILL)
+
+    async def one(client):
+        try:
+            return await client.post("/v1/reason", json={"question": QUESTION, "max_tokens": 200,
+                                                         "ignore_eos": True, "temperature": 0})
+        except httpx.HTTPError as e:      # the killed replica's requests may lose their connection
+            return e
+
+    async def load_then_kill():
+        async with httpx.AsyncClient(base_url=cluster.url, headers=AUTH, timeout=300,
+                                     limits=httpx.Limits(max_connections=16)) as client:
+            tasks = [asyncio.create_task(one(client)) for _ in range(16)]
+            await asyncio.sleep(1.0)
+            os.kill(pids[0], signal.SIGKILL)
+            return await asyncio.gather(*tasks)
+
+    results = asyncio.run(load_then_kill())
 
     def replaced():
         try:
@@ -146,7 +162,18 @@ def test_a_killed_replica_is_replaced(cluster):
         return seen if len(seen) == 2 and seen != before else None
 
     after = wait_for(replaced, timeout=300, interval=1.0, what="Ray to replace the killed replica")
-    assert len(after & before) == 1        # one survivor, one new replica
+    (survivor,) = after & before             # one survivor, one new replica
+    responses = [r for r in results if isinstance(r, httpx.Response)]
+    from_survivor = [r for r in responses if r.headers.get("x-coconut-replica") == survivor]
+    assert from_survivor and all(r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 200
+                                 for r in from_survivor)
+    # the killed replica's requests end with an error (Ray's 500, or a closed connection), never a
+    # partial answer passed off as complete
+    for r in results:
+        if isinstance(r, httpx.Response) and r.status_code == 200:
+            assert r.json()["usage"]["completion_tokens"] == 200
+        elif isinstance(r, httpx.Response):
+            assert r.status_code == 500
     r = httpx.post(cluster.url + "/v1/reason", headers=AUTH, json={"question": QUESTION, "temperature": 0},
                    timeout=120)
     assert r.status_code == 200 and r.json()["answer"] == "Davis is a vompus."
