@@ -114,6 +114,8 @@ class TrainConfig(BaseModel):
     text_format: Literal["reference", "compact"] = Field(
         "reference", description="compact: ProsQA facts as 's t |', one word per node (engine.data.compact); "
                                  "the model must then be asked compact questions")
+    symbols: int = Field(0, ge=0, description="text_format compact: rename each question's names to K symbols "
+                                             "(naa, nab, ...), a random assignment per sample (engine.data.symbols); 0: off")
     compact_steps: Literal["facts", "path"] = Field(
         "facts", description="text_format compact: a reasoning step as its fact ('s t |') or as the one node "
                              "it reaches (' t': the steps spell the path, one node per step)")
@@ -135,6 +137,18 @@ class TrainConfig(BaseModel):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (null: torch's default)")
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun: DDP, or FSDP (sharded)")
+    frontier_loss_weight: float = Field(
+        0.0, ge=0.0, description="coconut: add weight x the cross-entropy of the LM head's output at <bot> / "
+                                 "placeholder j against the uniform distribution over the ProsQA graph nodes at "
+                                 "BFS distance j from the asked name (within j with frontier_within; Zhu et al. "
+                                 "2025's frontier target); needs ProsQA questions; 0: off")
+    teacher_thoughts_epochs: int = Field(0, ge=0, description="coconut with frontier targets: the first epochs of this "
+                                         "run in which every batch gets teacher-forced thoughts (thought j + 1 = the "
+                                         "mean embedding of frontier j) instead of its own (engine.train.loss)")
+    teacher_anneal_epochs: int = Field(0, ge=0, description="then the chance that a batch is teacher-forced falls "
+                                       "linearly to 0 over this many epochs")
+    frontier_within: bool = Field(False, description="frontier j = the nodes within j hops (cumulative, the breadth-first set) "
+                                  "instead of exactly j")
     # ---------------------------------------------------------------- stop classifier (after the last stage)
     stop_classifier: bool = Field(False, description="train a stop head with the LM frozen after training")
     stop_classifier_hidden: int = Field(0, ge=0, description="MLP width (0: a linear head)")

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from engine.train.loss import coconut_hidden_states, lm_loss_from_hidden
+from engine.train.loss import (coconut_hidden_states, frontier_loss_from_hidden, lm_loss_from_hidden,
+                               teacher_thought_hidden_states)
 
 
 @dataclass
@@ -89,11 +90,16 @@ class Objective(torch.nn.Module):
     """``forward(batch)`` = ``coconut_loss(model, batch, latent_token_id)`` (or the plain LM
     loss when ``latent_token_id`` is None), with passes agreed across ranks when ``sync``."""
 
-    def __init__(self, model: torch.nn.Module, latent_token_id: int | None, sync_passes: bool = False):
+    def __init__(self, model: torch.nn.Module, latent_token_id: int | None, sync_passes: bool = False,
+                 frontier_loss_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.latent_token_id = latent_token_id
         self.sync_passes = sync_passes
+        # weight of the auxiliary frontier loss (needs batch["frontier_ids"]); 0 = off
+        self.frontier_loss_weight = frontier_loss_weight
+        self.last_frontier_loss: float | None = None
+        self.teacher_probability = 0.0   # chance a batch gets teacher-forced thoughts (the trainer sets it)
 
     def forward(self, batch: dict) -> torch.Tensor:
         min_passes = 0
@@ -102,8 +108,19 @@ class Objective(torch.nn.Module):
             n = ((ids == self.latent_token_id) & mask).sum(dim=1).max().reshape(1).to(torch.long)
             dist.all_reduce(n, op=dist.ReduceOp.MAX)
             min_passes = int(n) + 1
-        out = coconut_hidden_states(self.model, batch, self.latent_token_id, min_passes=min_passes)
-        return lm_loss_from_hidden(self.model, out.hidden, out.labels)
+        if (self.teacher_probability > 0 and self.latent_token_id is not None
+                and batch.get("frontier_ids") is not None and float(torch.rand(())) < self.teacher_probability):
+            out = teacher_thought_hidden_states(self.model, batch, self.latent_token_id, batch["frontier_ids"])
+        else:
+            out = coconut_hidden_states(self.model, batch, self.latent_token_id, min_passes=min_passes)
+        loss = lm_loss_from_hidden(self.model, out.hidden, out.labels)
+        if (self.frontier_loss_weight > 0 and self.latent_token_id is not None
+                and batch.get("frontier_ids") is not None):
+            aux = frontier_loss_from_hidden(self.model, out, batch["frontier_ids"], self.latent_token_id)
+            self.last_frontier_loss = None if aux is None else float(aux.detach())
+            if aux is not None:
+                loss = loss + self.frontier_loss_weight * aux
+        return loss
 
 
 def _decoder_layer_classes(model: torch.nn.Module) -> tuple[type, ...]:

@@ -50,6 +50,9 @@ class TokenizedRecord:
     question: tuple[int, ...]
     steps: tuple[tuple[int, ...], ...]
     answer: tuple[int, ...]          # answer_prefix + answer, then EOS
+    # with frontier_loss_weight > 0: per BFS distance d = 0, 1, ... from the asked name,
+    # the token ids of the graph nodes at exactly that distance; None when not computed.
+    frontier: tuple[tuple[int, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,32 @@ class Sample:
     labels: list[int]
     num_thoughts: int                # placeholders in input_ids
     needed_thoughts: int             # min(steps, max_latent_stage) * c_thought: the stop label
+    # with the frontier loss: num_thoughts + 1 entries, the frontier token ids that the LM
+    # head's output at <bot> (distance 0) and at placeholder j (distance j) is pushed toward.
+    frontier: tuple[tuple[int, ...], ...] | None = None
+
+
+def frontier_token_ids(tokenizer, question: str, max_distance: int,
+                       cache: dict[str, int] | None = None, within: bool = False) -> tuple[tuple[int, ...], ...]:
+    """The frontier targets: the token ids of the nodes at BFS distance 0..max_distance
+    from the asked name of a ProsQA question (either wording; ``engine.data.question``).
+    Each node is read as ``" " + word`` and its first token taken (one token per ProsQA word);
+    ``cache`` (word -> id) saves the tokenizer calls across questions."""
+    from engine.data.question import hop_distances, parse_question
+
+    distances = hop_distances(parse_question(question))
+    out: list[list[int]] = [[] for _ in range(max_distance + 1)]
+    for word, d in distances.items():
+        if d <= max_distance:
+            if cache is None or word not in cache:
+                token = tokenizer(" " + word, add_special_tokens=False)["input_ids"][0]
+                if cache is None:
+                    cache = {}
+                cache[word] = token
+            # within-k target: a node at distance d belongs to every frontier j >= d
+            for j in range(d, (max_distance + 1) if within else d + 1):
+                out[j].append(cache[word])
+    return tuple(tuple(sorted(set(ids))) for ids in out)
 
 
 def tokenize_record(tokenizer, record, eos_id: int, question_suffix: str = "\n", step_suffix: str = "\n",
@@ -150,11 +179,18 @@ class Curriculum:
         rest = [t for step in record.steps[skip:] for t in step] + list(record.answer)
         ids = question + middle + rest
         labels = [-100] * (len(question) + len(middle)) + rest
-        return Sample(ids, labels, thoughts, self.needed_thoughts(len(record.steps)))
+        frontier = None
+        if record.frontier is not None and self.uses_markers:
+            frontier = tuple(record.frontier[d] if d < len(record.frontier) else ()
+                             for d in range(thoughts + 1))
+        return Sample(ids, labels, thoughts, self.needed_thoughts(len(record.steps)), frontier)
 
 
 def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sample: input_ids, attention_mask, labels [B, T]."""
+    """Right-pad to the longest sample: input_ids, attention_mask, labels [B, T]. When any
+    sample carries a frontier (the frontier loss), also ``frontier_ids`` [B, P, M]:
+    P = 1 + the most placeholders of a row, M = the largest frontier, -1 as padding
+    (entry [b, d] belongs to <bot> for d = 0 and to placeholder d otherwise)."""
     width = max(len(s.input_ids) for s in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)
@@ -164,4 +200,14 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(s.input_ids)
         mask[i, :n] = 1
         labels[i, :n] = torch.tensor(s.labels)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(s.frontier is not None for s in samples):
+        positions = max(len(s.frontier or ()) for s in samples)
+        size = max([len(f) for s in samples for f in (s.frontier or ())] + [1])
+        frontier = torch.full((len(samples), max(1, positions), size), -1, dtype=torch.long)
+        for i, s in enumerate(samples):
+            for d, f in enumerate(s.frontier or ()):
+                if f:
+                    frontier[i, d, :len(f)] = torch.tensor(f)
+        out["frontier_ids"] = frontier
+    return out

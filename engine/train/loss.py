@@ -166,7 +166,72 @@ def lm_loss_from_hidden(model: torch.nn.Module, hidden: torch.Tensor, labels: to
     return F.cross_entropy(logits, targets[selected])
 
 
+def frontier_loss_from_hidden(model: torch.nn.Module, out: LatentForward, frontier_ids: torch.Tensor,
+                              latent_token_id: int) -> torch.Tensor | None:
+    """The auxiliary frontier loss (``frontier_loss_weight``): the mean over (row, thought position) of the
+    cross-entropy between the LM head's distribution on the hidden state at <bot> (d = 0)
+    or at placeholder d (d >= 1) and the uniform distribution over ``frontier_ids[b, d]``
+    (the nodes at BFS distance d; -1 = padding), i.e. -mean_{t in frontier} log p(t).
+
+    ``out`` is ``coconut_hidden_states``'s result: every row with thoughts has its first
+    placeholder at the same column F, so <bot> is at F - 1 and placeholder d at F + d - 1.
+    Only a row's own positions count (d <= its number of placeholders), and positions whose
+    frontier is empty are skipped. None when no position has a frontier."""
+    ids, mask = out.input_ids, out.attention_mask
+    is_latent = (ids == latent_token_id) & mask
+    counts = is_latent.sum(dim=1)                                              # [B]
+    first = is_latent.long().argmax(dim=1)                                     # F for rows with thoughts
+    P = frontier_ids.shape[1]
+    d = torch.arange(P, device=ids.device)
+    valid = (counts[:, None] > 0) & (d[None] <= counts[:, None])               # [B, P]
+    targets = frontier_ids.to(ids.device)
+    keep = targets >= 0                                                        # [B, P, M]
+    valid = valid & keep.any(dim=-1)
+    if not bool(valid.any()):
+        return None
+    rows, dist = valid.nonzero(as_tuple=True)                                  # [N]
+    cols = first[rows] - 1 + dist
+    logp = torch.log_softmax(_adapter(model).logits(out.hidden[rows, cols]), dim=-1)   # [N, V]
+    tgt, kp = targets[rows, dist], keep[rows, dist]                            # [N, M]
+    picked = logp.gather(1, tgt.clamp(min=0)) * kp
+    per_position = -picked.sum(dim=1) / kp.sum(dim=1)
+    return per_position.mean()
+
+
 def coconut_loss(model: torch.nn.Module, batch: dict, latent_token_id: int | None) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled positions, thoughts fed back."""
     out = coconut_hidden_states(model, batch, latent_token_id)
     return lm_loss_from_hidden(model, out.hidden, out.labels)
+
+
+def teacher_thought_hidden_states(model: torch.nn.Module, batch: dict, latent_token_id: int,
+                                  frontier_ids: torch.Tensor) -> LatentForward:
+    """Teacher-forced superposition (``teacher_thoughts_epochs``): one forward in which placeholder d's input is
+    not the model's own thought but the ground-truth superposition of frontier d - 1: the
+    mean embedding of its nodes, rescaled to the mean norm of the batch's token embeddings
+    (``frontier_ids`` [B, P, M] as ``collate`` writes it, -1 padding). Every step's
+    look-up is then learned in parallel, without sequential passes."""
+    ids, mask, labels = _check_batch(batch)
+    adapter = _adapter(model)
+    embeds = adapter.embed(ids)                                                # [B, T, d]
+    is_latent = (ids == latent_token_id) & mask
+    counts = is_latent.sum(dim=1)
+    first = is_latent.long().argmax(dim=1)
+    targets = frontier_ids.to(ids.device)
+    keep = (targets >= 0).to(embeds.dtype)                                     # [B, P, M]
+    node_embeds = adapter.embed(targets.clamp(min=0)) * keep[..., None]        # [B, P, M, d]
+    mean = node_embeds.sum(dim=2) / keep.sum(dim=2).clamp(min=1)[..., None]    # [B, P, d]
+    scale = embeds[mask].detach().norm(dim=-1).mean()
+    teacher = (mean / mean.norm(dim=-1, keepdim=True).clamp(min=1e-6) * scale).detach()
+    B, T = ids.shape
+    columns = torch.arange(T, device=ids.device)
+    d = (columns[None] - first[:, None] + 1).clamp(min=1)                     # placeholder index, 1-based
+    src = (d - 1).clamp(max=teacher.shape[1] - 1)                              # frontier d - 1
+    picked = teacher.gather(1, src[..., None].expand(B, T, teacher.shape[-1]))
+    usable = is_latent & (counts[:, None] > 0)
+    x = torch.where(usable[..., None], picked.to(embeds.dtype), embeds)
+    positions = batch.get("position_ids")
+    if positions is None:
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = _decoder_pass(adapter, x, mask, positions, None)
+    return LatentForward(hidden, _predictable(labels, mask), ids, mask)

@@ -38,6 +38,10 @@ def record_texts(records, config) -> list[str]:
         from engine.data.vocab import PERSON_NAMES, concept_words
 
         texts += [" " + " ".join(PERSON_NAMES + concept_words())] * 4
+        if getattr(config, "symbols", 0):
+            from engine.data.symbols import symbol_words
+
+            texts += [" " + " ".join(symbol_words(config.symbols))] * 8
     return texts
 
 

@@ -31,11 +31,21 @@ from engine.checkpoint import CoconutConfig
 from engine.train import distributed as D
 from engine.train import state as S
 from engine.train.config import TrainConfig
-from engine.train.layout import Curriculum, collate, tokenize_records
+from engine.train.layout import Curriculum, collate, frontier_token_ids, tokenize_records
 from engine.train.metrics import MetricsLog, truncate_after
 from engine.train.session import EvalSession
 
 log = logging.getLogger(__name__)
+
+
+def teacher_probability(config: TrainConfig, epoch: int) -> float:
+    """The chance that a batch of ``epoch`` gets teacher-forced thoughts: 1 for the first
+    ``teacher_thoughts_epochs`` epochs of the run (counted from ``resume``), then falling
+    linearly to 0 over ``teacher_anneal_epochs``, 0 after."""
+    done = epoch - config.resume - config.teacher_thoughts_epochs
+    if done < 0:
+        return 1.0 if config.teacher_thoughts_epochs else 0.0
+    return max(0.0, 1.0 - (done + 1) / max(1, config.teacher_anneal_epochs))
 
 
 class Trainer:
@@ -74,7 +84,12 @@ class Trainer:
         if self.config.text_format == "compact":
             from engine.data.compact import compact_record
 
-            return [compact_record(r, i, steps=self.config.compact_steps) for i, r in enumerate(records)]
+            out = [compact_record(r, i, steps=self.config.compact_steps) for i, r in enumerate(records)]
+            if self.config.symbols:
+                from engine.data.symbols import rename_record
+
+                out = [rename_record(r, i, self.config.symbols) for i, r in enumerate(out)]
+            return out
         return records
 
     # ------------------------------------------------------------------ setup
@@ -107,7 +122,8 @@ class Trainer:
                                                           tokenizer=scratch_tokenizer)
         self.model = model.to(self.dist.device)
         latent = self.markers.latent if self.curriculum.feeds_thoughts else None
-        self.objective = D.wrap(D.Objective(self.model, latent), self.dist, cfg.parallel)
+        weight = cfg.frontier_loss_weight if self.curriculum.feeds_thoughts else 0.0
+        self.objective = D.wrap(D.Objective(self.model, latent, frontier_loss_weight=weight), self.dist, cfg.parallel)
         self.session = EvalSession(self)
 
     def _shared_scratch_tokenizer(self, records: list):
@@ -249,6 +265,10 @@ class Trainer:
         return math.ceil(math.ceil(per_rank / self.config.batch_size_training) / self.config.gradient_accumulation_steps)
 
     def _train_epoch(self, epoch: int) -> None:
+        if self.config.teacher_thoughts_epochs or self.config.teacher_anneal_epochs:
+            p = teacher_probability(self.config, epoch)
+            D.unwrap(self.objective).teacher_probability = p
+            log.info("epoch %d: a batch's chance of teacher-forced thoughts: %.2f", epoch + 1, p)
         from torch.utils.data.distributed import DistributedSampler
         from tqdm import tqdm
 
@@ -257,6 +277,13 @@ class Trainer:
         records = self.records(epoch)
         tokenized = tokenize_records(self.tokenizer, records, self.markers.eos, cfg.question_suffix,
                                      cfg.step_suffix, cfg.answer_prefix)
+        if cfg.frontier_loss_weight > 0 and self.curriculum.feeds_thoughts:   # frontier targets per thought
+            from dataclasses import replace
+
+            depth = cfg.max_latent_stage * max(1, cfg.c_thought)
+            words = self.__dict__.setdefault("_frontier_words", {})
+            tokenized = [replace(t, frontier=frontier_token_ids(self.tokenizer, r.question, depth, words, within=cfg.frontier_within))
+                         for t, r in zip(tokenized, records)]
         sampler = DistributedSampler(range(len(tokenized)), num_replicas=self.dist.world, rank=self.dist.rank,
                                      shuffle=True, seed=cfg.seed)
         sampler.set_epoch(epoch)
@@ -294,7 +321,11 @@ class Trainer:
                 self.global_step += 1
                 self.steps_since_reset += 1
                 if self.global_step % 25 == 0:
-                    self.log.write("step", epoch=epoch + 1, step=self.global_step, loss=losses[-1], lr=lr)
+                    extra = {}
+                    aux = getattr(D.unwrap(self.objective), "last_frontier_loss", None)
+                    if aux is not None:
+                        extra["frontier_loss"] = aux
+                    self.log.write("step", epoch=epoch + 1, step=self.global_step, loss=losses[-1], lr=lr, **extra)
             ema = losses[-1] if ema is None else 0.95 * ema + 0.05 * losses[-1]
             rate = seen * self.dist.world / max(1e-9, time.perf_counter() - started)
             bar.set_postfix(loss=f"{ema:.4f}", samples_s=f"{rate:.0f}")
