@@ -64,6 +64,9 @@ class CoconutConfig(BaseModel):
     text_format: Literal["reference", "compact"] = Field(
         "reference", description="compact: the model reads ProsQA facts as 's t |' (engine.data.compact); "
                                  "questions in the reference sentences are rewritten before tokenizing")
+    symbols: int = Field(0, ge=0, description="compact models trained with per-question symbols "
+                                             "(engine.data.symbols): each question's names are renamed to these "
+                                             "many symbols before tokenizing, and the output is renamed back")
     stop_classifier: StopClassifierSpec | None = None
     training: dict[str, Any] | None = Field(None, description="how the trainer produced it")
 

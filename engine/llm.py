@@ -83,7 +83,8 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         watch = prompt.node_ids if prompt.graph and resolved.trace_top_k else None
         return Request(request_id, prompt.ids, sampling, resolved, self.checkpoint.markers.eot,
-                       starts_in_language=prompt.in_language, watch_token_ids=watch, graph=prompt.graph)
+                       starts_in_language=prompt.in_language, watch_token_ids=watch, graph=prompt.graph,
+                       renamed_tokens=prompt.renamed_tokens)
 
     def add_request(self, question: str | Request, sampling: SamplingParams | None = None,
                     latent: LatentPolicy | None = None, request_id: str | None = None) -> str:

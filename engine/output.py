@@ -39,8 +39,9 @@ class RequestOutput:
 
 
 class _TextState:
-    def __init__(self, tokenizer, stop: tuple[str, ...]):
+    def __init__(self, tokenizer, stop: tuple[str, ...], renamed_tokens: dict[int, str] | None = None):
         self.tokenizer = tokenizer
+        self.renamed = renamed_tokens or {}   # symbol token -> the question's word (symbols models)
         self.stop = stop
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.ids: list[int] = []
@@ -51,7 +52,20 @@ class _TextState:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if not self.renamed or not any(i in self.renamed for i in ids):
+            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        parts, run = [], []
+        for i in ids:
+            if i in self.renamed:
+                if run:
+                    parts.append(self.tokenizer.decode(run, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+                    run = []
+                parts.append(self.renamed[i])
+            else:
+                run.append(i)
+        if run:
+            parts.append(self.tokenizer.decode(run, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+        return "".join(parts)
 
     def add(self, new_ids: list[int], final: bool) -> None:
         if self.stopped:
@@ -85,7 +99,8 @@ class OutputProcessor:
         self._states: dict[str, tuple[Request, _TextState]] = {}
 
     def add(self, request: Request) -> None:
-        self._states[request.request_id] = (request, _TextState(self.tokenizer, request.sampling.stop))
+        self._states[request.request_id] = (request, _TextState(self.tokenizer, request.sampling.stop,
+                                                                         request.renamed_tokens))
 
     def process(self, outputs: list[CoreOutput]) -> tuple[list[RequestOutput], list[str]]:
         """Returns the user-facing outputs and the ids of requests a stop string ended
@@ -127,7 +142,9 @@ class OutputProcessor:
         """One thought's top tokens; for a graph question also its frontier view
         (``engine.frontier.thought_frontier``: the mass on the nodes within ``thought`` hops)."""
         tokens = self.tokenizer.convert_ids_to_tokens(entry.token_ids)
-        texts = [self.tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in entry.token_ids]
+        renamed = (request.renamed_tokens if request is not None else None) or {}
+        texts = [renamed.get(i) or self.tokenizer.decode([i], clean_up_tokenization_spaces=False)
+                 for i in entry.token_ids]
         out = {"token_ids": entry.token_ids, "tokens": tokens, "texts": texts, "probs": entry.probs}
         if request is not None and request.graph is not None and entry.watch_probs is not None:
             from engine.frontier import thought_frontier

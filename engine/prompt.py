@@ -34,6 +34,9 @@ class Prompt(NamedTuple):
     in_language: bool          # the prompt already ends in language mode
     graph: object | None       # the question's QuestionGraph (compact models), else None
     node_ids: list[int] | None = None   # one token id per graph.nodes entry (what a trace watches)
+    # a symbols model: token id -> the question's own word (with its leading space), to write
+    # the output in the question's names (engine.data.symbols)
+    renamed_tokens: dict[int, str] | None = None
 
 
 class PromptFormat:
@@ -46,16 +49,32 @@ class PromptFormat:
         return self._encode(question)[0]
 
     def _encode(self, question: str):
-        """(question ids, graph, node ids); graph and node ids only for compact models."""
+        """(question ids, graph, node ids, renamed tokens); graph and node ids only for compact
+        models, renamed tokens only for symbols models."""
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string")
-        graph = node_ids = None
+        graph = node_ids = renamed = None
         if self.config.text_format == "compact":
             graph, node_ids = self._read(question)      # refuses control characters too
             question = graph.compact()
+            if self.config.symbols:
+                question, node_ids, renamed = self._rename(graph)
         else:
             _refuse_control_characters(question)
-        return list(self.tokenizer(question + self.config.question_suffix)["input_ids"]), graph, node_ids
+        ids = list(self.tokenizer(question + self.config.question_suffix)["input_ids"])
+        return ids, graph, node_ids, renamed
+
+    def _rename(self, graph):
+        """The question in symbols (a fixed assignment per question), each node's symbol token
+        (``graph.nodes`` order) and the symbol tokens mapped back to the question's words."""
+        from engine.data.question import node_token_ids, parse_question
+        from engine.data.symbols import SymbolMap
+
+        names = SymbolMap.for_text(graph.compact(), self.config.symbols, seed=graph.compact())
+        renamed = parse_question(names.rename(graph.compact()))
+        node_ids = node_token_ids(renamed, self.tokenizer)
+        assert list(renamed.nodes) == [names.forward[n] for n in graph.nodes]   # same order, renamed
+        return renamed.compact(), node_ids, {i: " " + n for i, n in zip(node_ids, graph.nodes)}
 
     def read_graph(self, question: str):
         """The question's graph, if a compact model can read it (``ValueError`` saying why not)."""
@@ -68,6 +87,13 @@ class PromptFormat:
             graph = parse_question(question)
         except ValueError as e:
             raise ValueError(f"this model reads ProsQA questions only: {e}") from None
+        if self.config.symbols:   # any word will do: it is renamed to a symbol
+            from engine.data.symbols import names_in
+
+            if len(names_in(graph.compact())) > self.config.symbols:
+                raise ValueError(f"the question names {len(graph.nodes)} people and concepts; this model "
+                                 f"reads at most {self.config.symbols}")
+            return graph, None
         node_ids = node_token_ids(graph, self.tokenizer)
         unknown = [w for w, i in zip(graph.nodes, node_ids) if i is None]
         if unknown:
@@ -78,15 +104,15 @@ class PromptFormat:
 
     def build(self, question: str, latent: ResolvedLatent) -> Prompt:
         """The prompt ids, whether they already end in language mode, and the graph."""
-        ids, graph, node_ids = self._encode(question)
+        ids, graph, node_ids, renamed = self._encode(question)
         m = self.markers
         if latent.mode == "none":
-            return Prompt(ids, True, graph, node_ids)
+            return Prompt(ids, True, graph, node_ids, renamed)
         if latent.feed == "pause":
-            return Prompt(ids + [m.bot] + [m.latent] * latent.thoughts + [m.eot], True, graph, node_ids)
+            return Prompt(ids + [m.bot] + [m.latent] * latent.thoughts + [m.eot], True, graph, node_ids, renamed)
         if latent.mode == "fixed" and latent.thoughts == 0:
-            return Prompt(ids + [m.bot, m.eot], True, graph, node_ids)
-        return Prompt(ids + [m.bot], False, graph, node_ids)
+            return Prompt(ids + [m.bot, m.eot], True, graph, node_ids, renamed)
+        return Prompt(ids + [m.bot], False, graph, node_ids, renamed)
 
     def answer(self, text: str) -> str:
         """The answer inside generated text: what follows the last answer prefix, stripped;

@@ -63,7 +63,8 @@ class RequestTimes:
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
                  latent: ResolvedLatent, eot_token_id: int, *, starts_in_language: bool,
-                 watch_token_ids: list[int] | None = None, graph=None):
+                 watch_token_ids: list[int] | None = None, graph=None,
+                 renamed_tokens: dict[int, str] | None = None):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling = sampling
@@ -76,6 +77,8 @@ class Request:
         # and that graph (an engine.data.question.QuestionGraph) for the trace's frontier view
         self.watch_token_ids = list(watch_token_ids or [])
         self.graph = graph
+        # a symbols model: symbol token id -> the question's word, for the output text
+        self.renamed_tokens = renamed_tokens
         self.graph_hops: dict[str, int] | None = None
         if graph is not None:
             from engine.data.question import hop_distances

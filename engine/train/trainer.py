@@ -117,7 +117,7 @@ class Trainer:
         self.coconut = CoconutConfig(question_suffix=cfg.question_suffix, step_suffix=cfg.step_suffix,
                                      answer_prefix=cfg.answer_prefix, c_thought=max(1, cfg.c_thought),
                                      max_latent_stage=cfg.max_latent_stage, method=cfg.method,
-                                     text_format=cfg.text_format)
+                                     text_format=cfg.text_format, symbols=cfg.symbols)
         model, self.tokenizer, self.markers = build_model(built_cfg, first_records, self.coconut,
                                                           tokenizer=scratch_tokenizer)
         self.model = model.to(self.dist.device)
