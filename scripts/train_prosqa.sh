@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Train the ProsQA CPU recipe (configs/prosqa_{cot,coconut,no_cot}.yaml), one run after the
-# other, each from the bundled linear-chain model (a curriculum of graph sizes).
+# other, each from the bundled linear-chain model (a curriculum of graph sizes); and
+# `superposition` (configs/prosqa_superposition.yaml: COCONUT from scratch with symbols,
+# frontier targets and teacher-forced thoughts). Not named: coconut, cot and no_cot.
 # A run resumes exactly from its last checkpoint_<E> when interrupted: rerun the same command
 # (a finished run is not trained again; --set num_epochs=N trains a finished one further).
 # Extra --set options apply to every run named.
-# Usage: scripts/train_prosqa.sh [coconut|cot|no_cot ...] [-- --set key=value ...]
+# Usage: scripts/train_prosqa.sh [coconut|cot|no_cot|superposition ...] [-- --set key=value ...]
 # Model selection uses the official ProsQA validation split when ../shared/data holds it,
 # else the configs' generator split (seed 4242).
 set -euo pipefail

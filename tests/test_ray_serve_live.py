@@ -95,6 +95,8 @@ def test_errors_and_request_ids_are_the_single_servers(cluster):
     big = httpx.post(url + "/v1/reason", headers={**AUTH, "content-type": "application/json"},
                      content=b"x" * (2 << 20))
     assert big.status_code == 413
+    long = httpx.post(url + "/v1/reason", headers=AUTH, json={"question": QUESTION, "max_tokens": 100000})
+    assert long.status_code == 400 and "max_tokens" in long.text      # too long for the sequence limit
     ok = httpx.post(url + "/v1/chat/completions", headers={**AUTH, "x-request-id": "client-id-7"},
                     json={"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8, "temperature": 0})
     assert ok.status_code == 200, ok.text
