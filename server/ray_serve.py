@@ -243,8 +243,15 @@ def serve_on_ray(settings: ServerSettings) -> int:
         node_id = ray.get_runtime_context().get_node_id()
         stop.wait()
         log.info("shutting down: draining every replica (up to %.0f s)", settings.drain_timeout_s)
-        serve.delete(APP_NAME)
-        serve.shutdown()
+        # bounded: if Ray's own processes were stopped too (a SIGTERM sent to the whole
+        # process group reaches a local cluster's processes), the delete would wait forever
+        drained = threading.Thread(target=lambda: (serve.delete(APP_NAME), serve.shutdown()), daemon=True)
+        drained.start()
+        drained.join(settings.drain_timeout_s + 30)
+        if drained.is_alive():
+            log.error("Ray did not finish the shutdown within %.0f s (were its processes stopped too? send "
+                      "SIGTERM to this process only, not to its process group)", settings.drain_timeout_s + 30)
+            os._exit(1)
         if settings.ray_ingress == "haproxy" and settings.ray_address is None:
             _kill_leftover_haproxy(node_id)
         return 0
