@@ -13,6 +13,7 @@ checkpoint formats.
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +101,10 @@ class Objective(torch.nn.Module):
         self.frontier_loss_weight = frontier_loss_weight
         self.last_frontier_loss: float | None = None
         self.teacher_probability = 0.0   # chance a batch gets teacher-forced thoughts (the trainer sets it)
+        # drawn from a generator every rank seeds alike (the trainer reseeds it per epoch), so all
+        # ranks take the same forward for a batch (sharded training needs the same passes) and a
+        # resumed run draws as the original did
+        self.teacher_rng = random.Random(0)
 
     def forward(self, batch: dict) -> torch.Tensor:
         min_passes = 0
@@ -109,7 +114,7 @@ class Objective(torch.nn.Module):
             dist.all_reduce(n, op=dist.ReduceOp.MAX)
             min_passes = int(n) + 1
         if (self.teacher_probability > 0 and self.latent_token_id is not None
-                and batch.get("frontier_ids") is not None and float(torch.rand(())) < self.teacher_probability):
+                and batch.get("frontier_ids") is not None and self.teacher_rng.random() < self.teacher_probability):
             out = teacher_thought_hidden_states(self.model, batch, self.latent_token_id, batch["frontier_ids"])
         else:
             out = coconut_hidden_states(self.model, batch, self.latent_token_id, min_passes=min_passes)

@@ -75,14 +75,12 @@ def frontier_token_ids(tokenizer, question: str, max_distance: int,
     from engine.data.question import hop_distances, parse_question
 
     distances = hop_distances(parse_question(question))
+    cache = {} if cache is None else cache
     out: list[list[int]] = [[] for _ in range(max_distance + 1)]
     for word, d in distances.items():
         if d <= max_distance:
-            if cache is None or word not in cache:
-                token = tokenizer(" " + word, add_special_tokens=False)["input_ids"][0]
-                if cache is None:
-                    cache = {}
-                cache[word] = token
+            if word not in cache:
+                cache[word] = tokenizer(" " + word, add_special_tokens=False)["input_ids"][0]
             # within-k target: a node at distance d belongs to every frontier j >= d
             for j in range(d, (max_distance + 1) if within else d + 1):
                 out[j].append(cache[word])

@@ -58,6 +58,7 @@ class Trainer:
         self.saving = not config.debug
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.dist.main)
         self._file_cache: tuple[str, list] | None = None
+        self._frontier_words: dict[str, int] = {}   # node word -> token id, for the frontier targets
 
     # ------------------------------------------------------------------ data
 
@@ -268,6 +269,7 @@ class Trainer:
         if self.config.teacher_thoughts_epochs or self.config.teacher_anneal_epochs:
             p = teacher_probability(self.config, epoch)
             D.unwrap(self.objective).teacher_probability = p
+            D.unwrap(self.objective).teacher_rng = random.Random(f"{self.config.seed}/teacher/{epoch}")
             log.info("epoch %d: a batch's chance of teacher-forced thoughts: %.2f", epoch + 1, p)
         from torch.utils.data.distributed import DistributedSampler
         from tqdm import tqdm
@@ -281,8 +283,8 @@ class Trainer:
             from dataclasses import replace
 
             depth = cfg.max_latent_stage * max(1, cfg.c_thought)
-            words = self.__dict__.setdefault("_frontier_words", {})
-            tokenized = [replace(t, frontier=frontier_token_ids(self.tokenizer, r.question, depth, words, within=cfg.frontier_within))
+            tokenized = [replace(t, frontier=frontier_token_ids(self.tokenizer, r.question, depth, self._frontier_words,
+                                                                  within=cfg.frontier_within))
                          for t, r in zip(tokenized, records)]
         sampler = DistributedSampler(range(len(tokenized)), num_replicas=self.dist.world, rank=self.dist.rank,
                                      shuffle=True, seed=cfg.seed)
