@@ -132,7 +132,7 @@ class OutputProcessor:
             request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
             token_ids=list(request.output_token_ids), text=state.text,
             delta=state.take_delta(final=finished),
-            answer=self.prompt_format.answer(state.text), num_thoughts=request.thoughts_done,
+            answer=self.prompt_format.answer(state.text, request.graph), num_thoughts=request.thoughts_done,
             finished=finished, finish_reason=finish_reason,
             logprobs=list(request.output_logprobs) if request.sampling.logprobs else None,
             latent_trace=trace, stop_probs=list(request.stop_probs),

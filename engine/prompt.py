@@ -90,9 +90,10 @@ class PromptFormat:
         if self.config.symbols:   # any word will do: it is renamed to a symbol
             from engine.data.symbols import names_in
 
-            if len(names_in(graph.compact())) > self.config.symbols:
-                raise ValueError(f"the question names {len(graph.nodes)} people and concepts; this model "
-                                 f"reads at most {self.config.symbols}")
+            named = len(names_in(graph.compact()))
+            if named > self.config.symbols:
+                raise ValueError(f"the question names {named} people and concepts; this model reads ProsQA "
+                                 f"questions that name at most {self.config.symbols}")
             return graph, None
         node_ids = node_token_ids(graph, self.tokenizer)
         unknown = [w for w, i in zip(graph.nodes, node_ids) if i is None]
@@ -114,9 +115,10 @@ class PromptFormat:
             return Prompt(ids + [m.bot, m.eot], True, graph, node_ids, renamed)
         return Prompt(ids + [m.bot], False, graph, node_ids, renamed)
 
-    def answer(self, text: str) -> str:
+    def answer(self, text: str, graph=None) -> str:
         """The answer inside generated text: what follows the last answer prefix, stripped;
-        a compact model's ``Tom yumpus`` in the question's wording, ``Tom is a yumpus.``."""
+        a compact model's ``Tom yumpus`` in the question's wording, ``Tom is a yumpus.``
+        (``an`` where the question's ``graph`` wrote that word after "an")."""
         marker = self.config.answer_prefix.strip()
         answer = text.strip()
         if marker:
@@ -126,7 +128,8 @@ class PromptFormat:
         if self.config.text_format == "compact":
             words = answer.split()
             if len(words) == 2 and all(w.isascii() and w.isalpha() for w in words):
-                return f"{words[0]} is a {words[1]}."
+                article = "an" if graph is not None and words[1] in getattr(graph, "with_an", ()) else "a"
+                return f"{words[0]} is {article} {words[1]}."
         return answer
 
 

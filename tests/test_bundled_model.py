@@ -22,6 +22,7 @@ from engine.models import REPO_MODELS_DIR, DEFAULT_MODEL_NAME
 from tests.live_server import LiveServer
 
 MODEL_DIR = REPO_MODELS_DIR / DEFAULT_MODEL_NAME
+SYMBOLS = json.loads((MODEL_DIR / "coconut.json").read_text()).get("symbols") if MODEL_DIR.is_dir() else None
 
 
 def test_bundled_model_directory_is_complete():
@@ -82,12 +83,21 @@ def test_eval_json_accuracy_holds_over_http(server):
     assert all(a["usage"]["latent_thoughts"] == thoughts for a in answers)
 
 
+def _concept(i: int) -> str:
+    return f"{chr(98 + i // 26)}{chr(97 + i % 26)}pus"
+
+
 @pytest.mark.parametrize("question, says", [
     ("Is Tom a yumpus or a zumpus?", "states no facts"),
     ("Every wumpus is a yumpus. Tom is a wumpus.", "must end with 'Is X a A or B?'"),
     ("What is the capital of France?", "must end with 'Is X a A or B?'"),
     ("Zoë is a wumpus. Is Zoë a wumpus or zumpus?", "not a plain ASCII word"),
     ("Sam is a wumpus.\u0000 Is Sam a wumpus or zumpus?", "control character (U+0000"),
+    # a model that renames every question to its symbols reads any word, up to so many names;
+    # one that reads words as they are has a token for the words of its training data only
+    (" ".join(f"Every {_concept(i)} is a {_concept(i + 1)}." for i in range(80))
+     + f" Tom is a {_concept(0)}. Is Tom a {_concept(80)} or zumpus?",
+     "reads ProsQA questions that name at most") if SYMBOLS else
     ("Tom is a wumpus. Is Tom a zorblaxpus or wumpus?", "no token for 'zorblaxpus'"),
     ("Tom is a wumpus. Is Sam a wumpus or zumpus?", "no fact mentions 'Sam'"),
 ])

@@ -48,6 +48,10 @@ def reached(edges, root: str, k: int) -> set[str]:
 
 def oracle_masses(engine, question: str, thoughts: int) -> list[tuple[float, float]]:
     compact = engine.prompt_format.read_graph(question).compact()
+    if engine.coconut.symbols:   # the model reads the question renamed, one fixed assignment per question
+        from engine.data.symbols import SymbolMap
+
+        compact = SymbolMap.for_text(compact, engine.coconut.symbols, seed=compact).rename(compact)
     root, edges = facts_of(compact)
     ref = reference(engine, compact, thoughts, 4, trace_top_k=1)
     token = {w: engine.tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for e in edges for w in e}

@@ -63,3 +63,19 @@ def test_hand_written_question_and_variants():
 def test_unreadable_questions_are_refused_with_what_is_expected(question, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_question(question)
+
+
+@pytest.mark.parametrize("question, generated, answer", [
+    ("Every cat is a mammal. Every mammal is an animal. Rex is a cat. Is Rex an animal or a fish?",
+     " ### Rex animal", "Rex is an animal."),
+    ("Every cat is a mammal. Rex is a cat. Is Rex a mammal or an eel?", " ### Rex mammal", "Rex is a mammal."),
+    # ProsQA writes "a" before every concept, vowel or not; the answer keeps the question's article
+    ("Every ompus is a yumpus. Tom is a ompus. Is Tom a ompus or zumpus?", " ### Tom ompus", "Tom is a ompus."),
+    ("ompus yumpus | Tom ompus | ? Tom yumpus zumpus", " ### Tom yumpus", "Tom is a yumpus."),
+])
+def test_the_answer_is_written_with_the_article_the_question_used(question, generated, answer):
+    from engine.checkpoint import CoconutConfig
+    from engine.prompt import PromptFormat
+
+    fmt = PromptFormat(None, CoconutConfig(text_format="compact", answer_prefix=" ### "), None)
+    assert fmt.answer(generated, parse_question(question)) == answer

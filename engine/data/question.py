@@ -30,6 +30,7 @@ from dataclasses import dataclass
 _WORD = r"[A-Za-z]+"
 FACT = re.compile(rf"^(?:Every ({_WORD})|({_WORD})) is an? ({_WORD})\.$")   # "Every A is a B." or "X is a B."
 ASK = re.compile(rf"^Is ({_WORD}) an? ({_WORD}) or (?:an? )?({_WORD})\?$")   # "Is X a A or B?"
+_WITH_AN = re.compile(rf"\ban ({_WORD})\b")
 _COMPACT_FACT = re.compile(rf"^({_WORD}) ({_WORD})$")
 _COMPACT_ASK = re.compile(rf"^\? ({_WORD}) ({_WORD}) ({_WORD})$")
 
@@ -42,6 +43,8 @@ class QuestionGraph:
     name: str                               # the asked entity (X in "Is X a A or B?")
     options: tuple[str, str]                # A and B, in the order asked
     edges: tuple[tuple[str, str], ...]      # (source, target) per fact, in the order stated
+    # the words the question wrote after "an" ("an animal"), so an answer can say it alike
+    with_an: frozenset[str] = frozenset()
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -124,7 +127,8 @@ def parse_question(text: str) -> QuestionGraph:
     if name not in mentioned:
         raise ValueError(f"no fact mentions {name!r}, the one the question asks about: state facts such as "
                          f"'{name} is a wumpus.' before 'Is {name} a {options[0]} or {options[1]}?'")
-    return QuestionGraph(name=name, options=options, edges=tuple(edges))
+    with_an = frozenset() if compact else frozenset(_WITH_AN.findall(stripped))
+    return QuestionGraph(name=name, options=options, edges=tuple(edges), with_an=with_an)
 
 
 def node_token_ids(graph: QuestionGraph, tokenizer) -> list[int | None]:
