@@ -17,6 +17,8 @@ class EngineConfig:
     ``max_prefill_tokens``: prompt tokens prefilled in one step; a longer prompt is
     prefilled in chunks over several steps, interleaved with decoding, so this bounds the
     latency a burst of arrivals adds to the running requests' next token.
+    ``compile``: run the decode step through ``torch.compile`` (rows padded to batch
+    buckets, every bucket compiled when the engine is built; needs a C++ compiler on CPU).
     """
 
     device: str = "cpu"
@@ -25,6 +27,7 @@ class EngineConfig:
     max_seq_len: int | None = None
     max_prefill_tokens: int = 8192
     seed: int | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:

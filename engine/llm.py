@@ -45,10 +45,13 @@ class Engine:
         max_seq_len = min(checkpoint.max_seq_len, self.config.max_seq_len or DEFAULT_MAX_SEQ_LEN)
         self.runner = ModelRunner(checkpoint.model, checkpoint.markers.pad, checkpoint.stop_classifier,
                                   seed=self.config.seed, num_slots=self.config.max_batch_size,
-                                  max_seq_len=max_seq_len)
+                                  max_seq_len=max_seq_len, compile=self.config.compile)
         cache_bytes = self.runner.allocate()
         log.info("KV cache: %d slots x %d positions, %.1f MiB", self.config.max_batch_size, max_seq_len,
                  cache_bytes / 2**20)
+        if self.config.compile:
+            log.info("compiling the decode step for batch sizes %s ...", self.runner.decode_buckets)
+            log.info("decode step compiled in %.1f s", self.runner.warm_up())
         self.core = EngineCore(self.runner, self.config, max_seq_len, checkpoint.markers.eos)
         self.outputs = OutputProcessor(checkpoint.tokenizer, self.prompt_format)
         self._ids = itertools.count()

@@ -44,7 +44,8 @@ def load_engine(settings: ServerSettings) -> Engine:
     return Engine.from_pretrained(settings.model_dir(), device=settings.resolved_device(),
                                   dtype=settings.resolved_dtype(), max_batch_size=settings.max_batch_size,
                                   max_seq_len=settings.max_seq_len,
-                                  max_prefill_tokens=settings.max_prefill_tokens, seed=settings.seed)
+                                  max_prefill_tokens=settings.max_prefill_tokens, seed=settings.seed,
+                                  compile=settings.compile)
 
 
 def create_app(settings: ServerSettings | None = None, engine: Engine | None = None,

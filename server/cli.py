@@ -37,6 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Serve a COCONUT checkpoint over HTTP. Every flag can also be set "
                        "by an environment variable COCONUT_<FLAG> (e.g. COCONUT_PORT=9000).")
     for name, field in ServerSettings.model_fields.items():
+        if field.annotation is bool:   # --compile / --no-compile
+            p.add_argument("--" + name.replace("_", "-"), dest=_DEST + name, default=None,
+                           action=argparse.BooleanOptionalAction, help=flag_help(name, field))
+            continue
         kind = int if name in _INT_FIELDS else float if name in _FLOAT_FIELDS else str
         p.add_argument("--" + name.replace("_", "-"), dest=_DEST + name, type=kind, default=None,
                        choices=_choices(name, field.annotation), metavar=None if _choices(

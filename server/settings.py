@@ -35,6 +35,8 @@ class ServerSettings(BaseSettings):
     max_seq_len: int | None = Field(None, ge=2, description="positions per request (default: the model's, at most 4096); the KV cache holds max_batch_size x max_seq_len")
     max_prefill_tokens: int = Field(8192, ge=1, description="prompt tokens prefilled per step (longer prompts are prefilled in chunks, interleaved with decoding)")
     seed: int | None = Field(None, description="seed of the engine's shared generator (unseeded requests)")
+    compile: bool = Field(False, description="compile the decode step with torch.compile (rows padded to "
+                          "batch buckets, all compiled at start-up; on CPU it needs a C++ compiler)")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch ops (default: "
                                       "torch's choice; 1 is fastest for small models on busy CPUs)")
 

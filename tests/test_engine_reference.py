@@ -73,7 +73,29 @@ def test_churn_every_step_with_chunked_prefill_matches_reference(churn_engine):
     """A request arrives at every step and rows finish at every few steps (short answers,
     thought counts 0-5), with one request aborted mid-answer: every other answer is the
     naive reference's, token for token."""
-    engine = churn_engine
+    check_churn(churn_engine)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def compiled_churn_engine(request, tiny_checkpoint):
+    return Engine.from_pretrained(tiny_checkpoint(request.param), max_batch_size=4, max_prefill_tokens=7,
+                                  compile=True)
+
+
+def test_compiled_decode_step_under_churn_matches_reference(compiled_churn_engine):
+    """The same churn through the compiled decode step (rows padded to batch buckets 1, 2, 4,
+    compiled at start-up): still the naive reference's tokens, and no compile after warm-up."""
+    import torch._dynamo.utils
+
+    engine = compiled_churn_engine
+    assert engine.runner.decode_buckets == [1, 2, 4]
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert frames > 0, "warm-up compiled nothing"
+    check_churn(engine)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames, "compiled again while serving"
+
+
+def check_churn(engine):
     plan = [(QUESTIONS[i % len(QUESTIONS)], i % 6, 1 + (i * 7) % 6) for i in range(16)]
     ids, done, step, aborted = {}, {}, 0, None
     while len(done) < len(plan):

@@ -11,6 +11,11 @@
 3. one prefill forward over this step's prompt chunks (right-padded), each written into
    its slot at its own positions.
 
+With ``compile=True`` the decode forward runs through ``torch.compile``: its rows are
+padded to a batch bucket (1, 2, 4, ... up to the slot count, the extra slots riding along
+as padding), and ``warm_up()`` compiles every bucket before the first request. Prefill
+stays eager (its shapes vary too much to pay back a compile).
+
 It returns one ``RowOutput`` per decode row and per last prefill chunk: a sampled token,
 the stop classifier's probability, the thought's trace, as the plan asks. The runner owns
 the slot table (each slot's length and last hidden state) and the per-request random
@@ -22,6 +27,8 @@ Tensor shapes: n decode rows, b prefill rows of T tokens, d hidden size, V vocab
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from engine.runner.adapter import DecoderAdapter
@@ -32,7 +39,8 @@ from engine.runner.slot_cache import SlotCache, slot_attention_masks
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, pad_token_id: int, stop_classifier: torch.nn.Module | None = None,
-                 seed: int | None = None, *, num_slots: int = 32, max_seq_len: int = 2048):
+                 seed: int | None = None, *, num_slots: int = 32, max_seq_len: int = 2048,
+                 compile: bool = False):
         self.adapter = DecoderAdapter(model)
         self.pad_token_id = pad_token_id
         self.stop_classifier = stop_classifier
@@ -44,6 +52,12 @@ class ModelRunner:
         self.lengths = [0] * num_slots            # positions written per slot
         self.hidden = torch.zeros((num_slots, self.adapter.hidden_size), dtype=self.adapter.dtype,
                                   device=self.device)   # each slot's newest output state
+        self.compiled = compile
+        self.decode_buckets = batch_buckets(num_slots) if compile else None
+        self._decode_forward = self.adapter.forward
+        if compile:
+            # dynamic: one graph serves every key length and bucket (sizes 1 get their own)
+            self._decode_forward = torch.compile(self.adapter.forward, dynamic=True)
         self.generators: dict[str, torch.Generator] = {}
         self.generator = torch.Generator(device=self.device)
         if seed is not None:
@@ -78,6 +92,20 @@ class ModelRunner:
         self.lengths[0] = 0
         return self.cache.memory_bytes
 
+    @torch.inference_mode()
+    def warm_up(self) -> float:
+        """Compile the decode step for every batch bucket now (two key lengths each, so the
+        graphs cover any length), not at the first requests. Returns the seconds it took."""
+        start = time.perf_counter()
+        if self.compiled:
+            for bucket in self.decode_buckets:
+                rows = [DecodeRow(request_id="", slot=slot, feed_token=self.pad_token_id) for slot in range(bucket)]
+                for _ in range(3):   # key lengths 1, 2, 3: sizes 1 are compiled apart
+                    self._decode(rows)
+                for slot in range(bucket):
+                    self.lengths[slot] = 0
+        return time.perf_counter() - start
+
     def reset(self) -> None:
         """Forget every slot (after an error left the cache in an unknown state)."""
         self.lengths = [0] * self.num_slots
@@ -87,6 +115,8 @@ class ModelRunner:
 
     def _decode(self, rows: list[DecodeRow]) -> dict[str, RowOutput]:
         n = max(r.slot for r in rows) + 1
+        if self.decode_buckets:
+            n = next(b for b in self.decode_buckets if b >= n)
         scratch = self.max_seq_len
         tokens = [self.pad_token_id] * n
         positions = [scratch] * n            # where each slot's new key goes
@@ -112,7 +142,7 @@ class ModelRunner:
                               kv_len, rows_are_leading=True)
         full, sliding = slot_attention_masks(query, torch.tensor(valid, device=dev)[:, None], kv_len,
                                              self.adapter.dtype, self.adapter.sliding_window)
-        out = self.adapter.forward(embeds[:, None], self.adapter.mask_argument(full, sliding), query,
+        out = self._decode_forward(embeds[:, None], self.adapter.mask_argument(full, sliding), query,
                                    self.cache)[:, -1]                                   # [n, d]
         slots = torch.tensor([r.slot for r in rows], device=dev)
         hidden = out.index_select(0, slots)                                             # [rows, d]
@@ -194,3 +224,13 @@ class ModelRunner:
             for j, i in enumerate(asking):
                 out[rows[i].request_id].stop_prob = probs[j]
         return out
+
+
+def batch_buckets(num_slots: int) -> list[int]:
+    """The decode batch sizes a compiled step is built for: powers of two below
+    ``num_slots``, and ``num_slots`` itself."""
+    buckets, b = [], 1
+    while b < num_slots:
+        buckets.append(b)
+        b *= 2
+    return buckets + [num_slots]
