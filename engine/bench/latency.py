@@ -11,6 +11,11 @@ so only side-by-side ratios mean something), through:
    LM head, greedy), the floor any engine on this model pays. It runs in lockstep with
    the engine: one engine step, one bare step, and so on.
 
+With ``--compile`` a second engine, its decode step compiled (``EngineConfig.compile``),
+runs the same rounds, each right after the eager engine's, also in lockstep with the bare
+forward: rows ``compiled b=1`` / ``compiled b=N`` and the ratios compiled step / bare step
+and compiled throughput / eager engine throughput.
+
 Reports medians of per-request latency, throughput and time per step, and the ratios its targets are
 stated in: reference / engine at batch 1 (>= 7x) and engine step / bare step at
 batch N (<= 1.15x). The default model is a random GPT-2-small-sized model (768 wide, 12
@@ -40,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=32, help="requests submitted at once")
     p.add_argument("--reference-questions", type=int, default=3, help="questions run through the slow reference")
     p.add_argument("--rounds", type=int, default=3, help="alternating engine/bare rounds at the full batch")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure an engine with the compiled decode step, side by side")
     p.add_argument("--plot", default=None, metavar="PNG", help="save a bar chart of the timings")
     p.set_defaults(func=run)
 
@@ -140,18 +147,28 @@ def run(args: argparse.Namespace) -> int:
         # The whole burst is prefilled in one step, as the bare forward does it.
         engine = Engine.from_pretrained(model_dir(args, tmp), device=args.device, dtype=args.dtype, max_batch_size=args.batch,
                                         max_prefill_tokens=args.batch * 4 * args.prompt_tokens, seed=args.seed)
-        results = measure(engine, args, reference_generate, LatentPolicy, SamplingParams)
+        compiled = None
+        if args.compile:
+            log("building the compiled engine (every decode batch bucket is compiled now)")
+            t0 = time.perf_counter()
+            compiled = Engine.from_pretrained(model_dir(args, tmp), device=args.device, dtype=args.dtype,
+                                              max_batch_size=args.batch, seed=args.seed, compile=True,
+                                              max_prefill_tokens=args.batch * 4 * args.prompt_tokens)
+            log(f"compiled in {time.perf_counter() - t0:.1f} s")
+        results = measure(engine, args, reference_generate, LatentPolicy, SamplingParams, compiled)
     report(results, args)
     return 0
 
 
-def measure(engine, args, reference_generate, LatentPolicy, SamplingParams) -> dict:
+def measure(engine, args, reference_generate, LatentPolicy, SamplingParams, compiled=None) -> dict:
     ck = engine.checkpoint
     questions = make_questions(ck.tokenizer, args.batch, args.prompt_tokens, args.seed)
     sampling = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
     latent = LatentPolicy(mode="fixed", thoughts=args.thoughts)
     prompts = [engine.make_request(q, sampling, latent).prompt_token_ids for q in questions]
     engine.generate(questions[:1], sampling, latent)  # warm-up
+    if compiled is not None:
+        compiled.generate(questions[:1], sampling, latent)
     n_ref = min(args.reference_questions, len(questions))
     out: dict = {"config": {k: v for k, v in vars(args).items() if k not in ("func",)},
                  "prompt_tokens_mean": statistics.mean(len(p) for p in prompts)}
@@ -161,6 +178,7 @@ def measure(engine, args, reference_generate, LatentPolicy, SamplingParams) -> d
     # load from other processes hits both sides alike.
     log(f"batch 1: {n_ref} questions, each through the reference, then engine and bare in lockstep")
     ref_times, ref_tokens, singles = [], [], []
+    compiled_singles, compiled_rounds = [], []
     for q, prompt in zip(questions[:n_ref], prompts):
         t0 = time.perf_counter()
         r = reference_generate(ck.model, ck.tokenizer, q, question_suffix=ck.config.question_suffix,
@@ -169,22 +187,35 @@ def measure(engine, args, reference_generate, LatentPolicy, SamplingParams) -> d
         ref_times.append(time.perf_counter() - t0)
         ref_tokens.append(r.token_ids)
         singles.append(lockstep(engine, [q], [prompt], sampling, latent))
+        if compiled is not None:
+            compiled_singles.append(lockstep(compiled, [q], [prompt], sampling, latent))
     rounds = []
     for i in range(args.rounds):
         log(f"batch {args.batch}, round {i + 1}/{args.rounds}: engine and bare forward in lockstep")
         rounds.append(lockstep(engine, questions, prompts, sampling, latent))
+        if compiled is not None:
+            compiled_rounds.append(lockstep(compiled, questions, prompts, sampling, latent))
 
     med = statistics.median
     mean = statistics.mean
     check = engine.generate(questions[:n_ref], sampling, latent)
     out["engine_matches_reference"] = all(c.token_ids == t for c, t in zip(check, ref_tokens))
+    if compiled is not None:
+        check = compiled.generate(questions[:n_ref], sampling, latent)
+        out["compiled_matches_reference"] = all(c.token_ids == t for c, t in zip(check, ref_tokens))
     out["rows"] = {"reference b=1": {"requests": 1, "latency_s": med(ref_times)}}
-    for name, runs, n in (("b=1", singles, 1), (f"b={args.batch}", rounds, args.batch)):
-        for side in ("engine", "bare"):
-            out["rows"][f"{side} {name}"] = {
-                "requests": n, "latency_s": med(r[f"{side}_total"] for r in runs),
-                "step_ms": 1000 * med(mean(r[f"{side}_steps"]) for r in runs),
-                "prefill_s": med(r[f"{side}_prefill"] for r in runs)}
+    arms = [("engine", singles, rounds)] + ([("compiled", compiled_singles, compiled_rounds)] if compiled else [])
+    for name, n in (("b=1", 1), (f"b={args.batch}", args.batch)):
+        for label, arm_singles, arm_rounds in arms:
+            runs = arm_singles if n == 1 else arm_rounds
+            for side in ("engine", "bare"):
+                row = label if side == "engine" else "bare"
+                if side == "bare" and label != "engine":
+                    continue   # the bare forward beside the eager engine is the one reported
+                out["rows"][f"{row} {name}"] = {
+                    "requests": n, "latency_s": med(r[f"{side}_total"] for r in runs),
+                    "step_ms": 1000 * med(mean(r[f"{side}_steps"]) for r in runs),
+                    "prefill_s": med(r[f"{side}_prefill"] for r in runs)}
     for row in out["rows"].values():
         row["throughput_req_s"] = row["requests"] / row["latency_s"]
         row["tokens_per_s"] = row["throughput_req_s"] * args.max_tokens
@@ -199,6 +230,15 @@ def measure(engine, args, reference_generate, LatentPolicy, SamplingParams) -> d
         f"throughput_b{args.batch}_over_b1": rows[f"engine b={args.batch}"]["throughput_req_s"]
         / rows["engine b=1"]["throughput_req_s"],
     }
+    if compiled is not None:
+        out["ratios"].update({
+            "compiled_step_over_bare_b1": step_ratio(compiled_singles),
+            f"compiled_step_over_bare_b{args.batch}": step_ratio(compiled_rounds),
+            f"compiled_over_engine_throughput_b{args.batch}": med(
+                e["engine_total"] / c["engine_total"] for e, c in zip(rounds, compiled_rounds)),
+            "compiled_over_engine_step_b1": med(
+                mean(c["engine_steps"]) / mean(e["engine_steps"]) for e, c in zip(singles, compiled_singles)),
+        })
     return out
 
 
@@ -207,7 +247,9 @@ def report(results: dict, args) -> None:
         print(json.dumps(results, indent=2))
     else:
         print(f"prompt tokens (mean) {results['prompt_tokens_mean']:.0f}, thoughts {args.thoughts}, "
-              f"answer tokens {args.max_tokens}; engine output == reference: {results['engine_matches_reference']}")
+              f"answer tokens {args.max_tokens}; engine output == reference: {results['engine_matches_reference']}"
+              + (f", compiled == reference: {results['compiled_matches_reference']}"
+                 if "compiled_matches_reference" in results else ""))
         print(f"{'':16} {'latency s':>10} {'req/s':>8} {'tok/s':>8} {'step ms':>8}")
         for name, row in results["rows"].items():
             step = f"{row['step_ms']:8.1f}" if "step_ms" in row else f"{'-':>8}"
