@@ -15,7 +15,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Engine": "engine.llm",
+    "Engine": "engine.sync_engine",
     "EngineConfig": "engine.config",
     "SamplingParams": "engine.params",
     "LatentPolicy": "engine.params",

@@ -31,7 +31,7 @@ import time
 from typing import AsyncIterator, Callable
 
 from engine.core import StepStats
-from engine.llm import Engine
+from engine.sync_engine import Engine
 from engine.output import RequestOutput
 from engine.params import LatentPolicy, SamplingParams
 from engine.request import Request

@@ -20,7 +20,7 @@ from fastapi import FastAPI
 
 import engine as engine_pkg
 from engine.async_engine import AsyncEngine
-from engine.llm import Engine
+from engine.sync_engine import Engine
 from server import errors
 from server.metrics import ServerMetrics
 from server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware

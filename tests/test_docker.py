@@ -391,7 +391,7 @@ def test_dockerignore_keeps_the_context_small():
                  "coconut_serve.egg-info/PKG-INFO", "tests/test_docker.py", "docker/Dockerfile"]:
         assert excluded(path, rules), path
     needed = ["scripts/setup.sh", "pyproject.toml", "README.md", "engine/cli.py", "server/app.py",
-              "clients/python/pyproject.toml", "models/prosqa-linear-coconut/coconut.json",
+              "clients/python/pyproject.toml", "models/prosqa-coconut/coconut.json", "models/prosqa-linear-coconut/coconut.json",
               "docker/healthcheck.py"]
     for path in needed:
         assert not excluded(path, rules), path

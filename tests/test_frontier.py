@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 
 from engine.data.records import parse_records
-from engine.llm import Engine
+from engine.sync_engine import Engine
 from engine.models import default_model_dir
 from engine.params import LatentPolicy, SamplingParams
 from engine.train.evaluate import evaluate

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_gpu_recipe_smoke_runs_on_cpu(path, tmp_path, tiny_checkpoint):
-    from engine.llm import Engine
+    from engine.sync_engine import Engine
     from engine.train.trainer import Trainer
 
     recipe = load_config(path)

@@ -168,7 +168,7 @@ def test_sampled_completion_logprobs_are_of_the_unmodified_distribution(client, 
     text) rescored by the full forward."""
     import torch
 
-    from engine.llm import Engine
+    from engine.sync_engine import Engine
     from engine.params import LatentPolicy, SamplingParams
 
     got = client.completions.create(model=checkpoint.name, prompt=QUESTION, max_tokens=6, temperature=1.5,
@@ -267,7 +267,7 @@ def test_a_list_of_prompts_gives_one_choice_per_prompt(client, checkpoint):
 
 
 def test_a_list_of_prompts_equals_the_offline_engine(client, checkpoint):
-    from engine.llm import Engine
+    from engine.sync_engine import Engine
     from engine.params import LatentPolicy, SamplingParams
 
     engine = Engine.from_pretrained(checkpoint)

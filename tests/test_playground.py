@@ -546,7 +546,7 @@ def masses(f: dict) -> str:
 def take_screenshot(model_dir: str, out: str, example: int = 0) -> None:
     """The page after answering one example question, trace shown, saved as a small PNG
     (a 128-colour palette keeps it well under 300 KB). Run:
-    ``python -m tests.test_playground models/prosqa-linear-coconut docs/playground.png``."""
+    ``python -m tests.test_playground models/prosqa-coconut docs/playground.png``."""
     from playwright.sync_api import sync_playwright
 
     path = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"

@@ -34,7 +34,7 @@ def server(checkpoint):
 
 @pytest.fixture(scope="module")
 def oracle(checkpoint):
-    from engine.llm import Engine
+    from engine.sync_engine import Engine
     return Engine.from_pretrained(checkpoint)
 
 

@@ -35,14 +35,14 @@ def checkpoint(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    from engine.llm import Engine
+    from engine.sync_engine import Engine
 
     with InProcessServer(checkpoint, engine=Engine.from_pretrained(checkpoint)) as live:
         yield live
 
 
 def test_auto_policy_answers_like_the_engine_and_counts_early_exits(server, checkpoint):
-    from engine.llm import Engine
+    from engine.sync_engine import Engine
     from engine.params import LatentPolicy, SamplingParams
 
     oracle = Engine.from_pretrained(checkpoint)

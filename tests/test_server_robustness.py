@@ -143,7 +143,7 @@ def _inject_fault(monkeypatch, engine, when):
 
 
 def test_an_engine_error_fails_only_its_request(checkpoint, monkeypatch):
-    from engine.llm import Engine
+    from engine.sync_engine import Engine
     from engine.params import SamplingParams
 
     engine = Engine.from_pretrained(checkpoint)
@@ -173,7 +173,7 @@ def test_an_engine_error_fails_only_its_request(checkpoint, monkeypatch):
 
 
 def test_a_dead_engine_loop_is_reported_and_refused(checkpoint, monkeypatch):
-    from engine.llm import Engine
+    from engine.sync_engine import Engine
 
     engine = Engine.from_pretrained(checkpoint)
 

@@ -22,7 +22,7 @@ K = 16
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from engine.llm import Engine
+    from engine.sync_engine import Engine
     from engine.tiny import make_checkpoint, train_tokenizer
 
     words = " ".join(symbol_words(K))

@@ -91,7 +91,7 @@ def test_the_engine_prompt_uses_the_saved_tokenizer(tmp_path):
     """The prompt the engine feeds: the question's ids as the file encodes them, then <bot>."""
     from tokenizers import Tokenizer
 
-    from engine.llm import Engine
+    from engine.sync_engine import Engine
     from engine.tiny import make_checkpoint
 
     directory = make_checkpoint(tmp_path / "q", "qwen2", hidden=32, layers=1, heads=2,

@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         import torch
 
-        from engine.llm import Engine
+        from engine.sync_engine import Engine
         from engine.params import LatentPolicy, SamplingParams
 
         if args.torch_threads is not None:

@@ -85,7 +85,7 @@ def _only_eval(config) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from engine.data.source import resolve_source
-    from engine.llm import Engine
+    from engine.sync_engine import Engine
     from engine.params import LatentPolicy
     from engine.train.evaluate import evaluate
 

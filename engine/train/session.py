@@ -45,7 +45,7 @@ class EvalSession:
 
     def engine(self, model, coconut, stop_classifier=None):
         from engine.config import EngineConfig
-        from engine.llm import Engine
+        from engine.sync_engine import Engine
 
         m = self.t.markers
         checkpoint = Checkpoint(path=self.t.run_dir, model=model.eval(), tokenizer=self.t.tokenizer, config=coconut,
