@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-DEFAULT_MODEL_NAME = "prosqa-linear-coconut"
+DEFAULT_MODEL_NAME = "prosqa-coconut"
 REPO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
 
