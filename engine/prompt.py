@@ -128,7 +128,7 @@ class PromptFormat:
         if self.config.text_format == "compact":
             words = answer.split()
             if len(words) == 2 and all(w.isascii() and w.isalpha() for w in words):
-                article = "an" if graph is not None and words[1] in getattr(graph, "with_an", ()) else "a"
+                article = "an" if graph is not None and words[1] in graph.with_an else "a"
                 return f"{words[0]} is {article} {words[1]}."
         return answer
 

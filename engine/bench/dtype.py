@@ -78,14 +78,15 @@ def run(args: argparse.Namespace) -> int:
             engines[name] = Engine.from_pretrained(path, device=args.device, dtype=dtype, max_batch_size=args.batch,
                                                    max_prefill_tokens=args.batch * 4 * args.prompt_tokens,
                                                    seed=args.seed, compile=compiled)
-        first = next(iter(engines.values()))
+        records = None
         if args.data:   # a real model's own questions (a compact model reads nothing else)
             from engine.data.records import load_records
 
             records = load_records(args.data)
             questions = [records[i % len(records)].question for i in range(args.batch)]
         else:
-            questions = make_questions(first.tokenizer, args.batch, args.prompt_tokens, args.seed)
+            tokenizer = next(iter(engines.values())).tokenizer
+            questions = make_questions(tokenizer, args.batch, args.prompt_tokens, args.seed)
         sampling = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
         latent = LatentPolicy(mode="fixed", thoughts=args.thoughts)
         for engine in engines.values():
@@ -98,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
                 runs[name].append(timed_burst(engine, questions, sampling, latent))
                 singles[name].append(timed_burst(engine, questions[:1], sampling, latent))
         results = summarize(runs, singles, args)
-        if args.data:
-            results["accuracy"] = accuracy(engines, args.data, args.max_tokens)
+        if records is not None:
+            results["accuracy"] = accuracy(engines, records, args.data, args.max_tokens)
     report(results, args)
     return 0
 
@@ -122,11 +123,9 @@ def summarize(runs: dict, singles: dict, args) -> dict:
     return out
 
 
-def accuracy(engines: dict, data: str, max_tokens: int) -> dict:
-    from engine.data.records import load_records
+def accuracy(engines: dict, records: list, data: str, max_tokens: int) -> dict:
     from engine.train.evaluate import evaluate
 
-    records = load_records(data)
     scores = {}
     for name, engine in engines.items():
         log(f"scoring {name} on {data}")

@@ -144,16 +144,16 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
+        path = model_dir(args, tmp)
         # The whole burst is prefilled in one step, as the bare forward does it.
-        engine = Engine.from_pretrained(model_dir(args, tmp), device=args.device, dtype=args.dtype, max_batch_size=args.batch,
-                                        max_prefill_tokens=args.batch * 4 * args.prompt_tokens, seed=args.seed)
+        options = dict(device=args.device, dtype=args.dtype, max_batch_size=args.batch, seed=args.seed,
+                       max_prefill_tokens=args.batch * 4 * args.prompt_tokens)
+        engine = Engine.from_pretrained(path, **options)
         compiled = None
         if args.compile:
             log("building the compiled engine (every decode batch bucket is compiled now)")
             t0 = time.perf_counter()
-            compiled = Engine.from_pretrained(model_dir(args, tmp), device=args.device, dtype=args.dtype,
-                                              max_batch_size=args.batch, seed=args.seed, compile=True,
-                                              max_prefill_tokens=args.batch * 4 * args.prompt_tokens)
+            compiled = Engine.from_pretrained(path, compile=True, **options)
             log(f"compiled in {time.perf_counter() - t0:.1f} s")
         results = measure(engine, args, reference_generate, LatentPolicy, SamplingParams, compiled)
     report(results, args)
@@ -204,18 +204,17 @@ def measure(engine, args, reference_generate, LatentPolicy, SamplingParams, comp
         check = compiled.generate(questions[:n_ref], sampling, latent)
         out["compiled_matches_reference"] = all(c.token_ids == t for c, t in zip(check, ref_tokens))
     out["rows"] = {"reference b=1": {"requests": 1, "latency_s": med(ref_times)}}
-    arms = [("engine", singles, rounds)] + ([("compiled", compiled_singles, compiled_rounds)] if compiled else [])
-    for name, n in (("b=1", 1), (f"b={args.batch}", args.batch)):
-        for label, arm_singles, arm_rounds in arms:
-            runs = arm_singles if n == 1 else arm_rounds
-            for side in ("engine", "bare"):
-                row = label if side == "engine" else "bare"
-                if side == "bare" and label != "engine":
-                    continue   # the bare forward beside the eager engine is the one reported
-                out["rows"][f"{row} {name}"] = {
-                    "requests": n, "latency_s": med(r[f"{side}_total"] for r in runs),
-                    "step_ms": 1000 * med(mean(r[f"{side}_steps"]) for r in runs),
-                    "prefill_s": med(r[f"{side}_prefill"] for r in runs)}
+    def row(runs, side: str, n: int) -> dict:
+        return {"requests": n, "latency_s": med(r[f"{side}_total"] for r in runs),
+                "step_ms": 1000 * med(mean(r[f"{side}_steps"]) for r in runs),
+                "prefill_s": med(r[f"{side}_prefill"] for r in runs)}
+
+    for name, n, eager, other in (("b=1", 1, singles, compiled_singles),
+                                  (f"b={args.batch}", args.batch, rounds, compiled_rounds)):
+        out["rows"][f"engine {name}"] = row(eager, "engine", n)
+        out["rows"][f"bare {name}"] = row(eager, "bare", n)   # the bare loop beside the eager engine
+        if compiled is not None:
+            out["rows"][f"compiled {name}"] = row(other, "engine", n)
     for row in out["rows"].values():
         row["throughput_req_s"] = row["requests"] / row["latency_s"]
         row["tokens_per_s"] = row["throughput_req_s"] * args.max_tokens

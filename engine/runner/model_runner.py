@@ -52,8 +52,7 @@ class ModelRunner:
         self.lengths = [0] * num_slots            # positions written per slot
         self.hidden = torch.zeros((num_slots, self.adapter.hidden_size), dtype=self.adapter.dtype,
                                   device=self.device)   # each slot's newest output state
-        self.compiled = compile
-        self.decode_buckets = batch_buckets(num_slots) if compile else None
+        self.decode_buckets = batch_buckets(num_slots) if compile else None   # None: eager
         self._decode_forward = self.adapter.forward
         if compile:
             # dynamic: one graph serves every key length and bucket (sizes 1 get their own)
@@ -94,10 +93,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up(self) -> float:
-        """Compile the decode step for every batch bucket now (two key lengths each, so the
-        graphs cover any length), not at the first requests. Returns the seconds it took."""
+        """Compile the decode step for every batch bucket now (key lengths 1, 2 and 3 each, so
+        the dynamic graphs cover any length), not at the first requests. Returns the seconds
+        it took (0 for an eager runner)."""
         start = time.perf_counter()
-        if self.compiled:
+        if self.decode_buckets:
             for bucket in self.decode_buckets:
                 rows = [DecodeRow(request_id="", slot=slot, feed_token=self.pad_token_id) for slot in range(bucket)]
                 for _ in range(3):   # key lengths 1, 2, 3: sizes 1 are compiled apart
