@@ -16,6 +16,12 @@ bias from the key column instead, which is the key's position in a slot cache.
 ``last_hidden_state``, which is the hidden state after the final norm, the same tensor
 as ``outputs.hidden_states[-1]`` of the full model. Logits are computed separately and
 only for the rows that need them: a row in latent mode never pays for the LM head.
+
+With ``inference=True`` on CPU the adapter keeps a copy of the LM head's weight laid out
+[d, V] (the head's matrix-vector product streams it about 1.7x faster than the [V, d]
+layout at batch 1: 5.8 against 9.7 ms for GPT-2's 50,257 x 768 head on one thread), at
+the cost of V x d more memory; the copy does not follow later changes to the weight, so
+the trainer (which updates it) uses the default.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from transformers import DynamicCache
 
 
 class DecoderAdapter:
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, *, inference: bool = False):
         self.model = model
         self.decoder = model.get_decoder()
         self.embedding = model.get_input_embeddings()
@@ -58,6 +64,9 @@ class DecoderAdapter:
         self.vocab_size = self.lm_head.weight.shape[0]
         self.device = self.embedding.weight.device
         self.dtype = self.embedding.weight.dtype
+        self.head_columns = None         # [d, V]: the head's weight, column-major, for inference on CPU
+        if inference and self.device.type == "cpu" and type(self.lm_head) is torch.nn.Linear:
+            self.head_columns = self.lm_head.weight.detach().t().contiguous()
 
     def new_cache(self) -> DynamicCache:
         # For the trainer's batched passes (the engine uses the slot cache): no config, so
@@ -87,7 +96,12 @@ class DecoderAdapter:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., d] -> [..., V] float32 logits, as the model's own head computes them."""
-        logits = self.lm_head(hidden)
+        if self.head_columns is not None:
+            logits = hidden @ self.head_columns
+            if self.lm_head.bias is not None:
+                logits = logits + self.lm_head.bias
+        else:
+            logits = self.lm_head(hidden)
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
         if self.softcap:

@@ -9,7 +9,8 @@
    without a decode row (free, or between prefill chunks) ride along as padding rows that
    see one key and write into the cache's scratch column;
 3. one prefill forward over this step's prompt chunks (right-padded), each written into
-   its slot at its own positions.
+   its slot at its own positions; when every chunk starts a prompt, the attention reads
+   the chunks' own new keys, nothing is gathered from the cache.
 
 With ``compile=True`` the decode forward runs through ``torch.compile``: its rows are
 padded to a batch bucket (1, 2, 4, ... up to the slot count, the extra slots riding along
@@ -41,7 +42,7 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, pad_token_id: int, stop_classifier: torch.nn.Module | None = None,
                  seed: int | None = None, *, num_slots: int = 32, max_seq_len: int = 2048,
                  compile: bool = False):
-        self.adapter = DecoderAdapter(model)
+        self.adapter = DecoderAdapter(model, inference=True)
         self.pad_token_id = pad_token_id
         self.stop_classifier = stop_classifier
         self.device = self.adapter.device
@@ -168,7 +169,7 @@ class ModelRunner:
         kv_len = int((starts + sizes).max())
         self.cache.plan_write(torch.tensor([c.slot for c in chunks], device=dev),
                               torch.where(valid, positions, torch.full_like(positions, self.max_seq_len)),
-                              kv_len, rows_are_leading=False)
+                              kv_len, rows_are_leading=False, fresh=all(c.start == 0 for c in chunks))
         full, sliding = slot_attention_masks(positions, valid, kv_len, self.adapter.dtype,
                                              self.adapter.sliding_window)
         query = torch.where(valid, positions, starts[:, None].expand_as(positions))

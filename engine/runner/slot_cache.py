@@ -12,8 +12,10 @@ them in place and returns the keys and values the attention reads:
 
 - ``rows_are_leading``: batch row i is slot i for i < B (the decode forward, which runs
   over the leading slots, free ones included): a view of the first B slots, no copy;
-- otherwise (a prefill chunk of some slots): those slots' columns, gathered (a copy of the
-  joining rows only).
+- ``fresh`` (prompt chunks that all start at position 0): the new keys themselves, which
+  are all the rows hold, no copy;
+- otherwise (prompt chunks of some slots that continue earlier chunks): those slots'
+  columns, gathered (a copy of those rows' first ``kv_len`` columns only).
 
 Both are cut to ``kv_len`` columns. Which columns a query may see is the attention mask's
 business (``slot_attention_masks``): the cache has no notion of lengths, padding,
@@ -56,8 +58,10 @@ class SlotLayer(CacheLayerMixin):
         if write.rows_are_leading:
             rows = key_states.shape[0]
             return self.keys[:rows, :, :write.kv_len], self.values[:rows, :, :write.kv_len]
-        return (self.keys.index_select(0, write.slots)[:, :, :write.kv_len],
-                self.values.index_select(0, write.slots)[:, :, :write.kv_len])
+        if write.fresh:
+            return key_states, value_states
+        return (self.keys[:, :, :write.kv_len].index_select(0, write.slots),
+                self.values[:, :, :write.kv_len].index_select(0, write.slots))
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.owner.write.kv_len, 0
@@ -75,13 +79,16 @@ class SlotLayer(CacheLayerMixin):
 
 
 class SlotWrite:
-    """Where one forward's new keys go: ``slots`` [B], ``positions`` [B, T], ``kv_len``."""
+    """Where one forward's new keys go: ``slots`` [B], ``positions`` [B, T], ``kv_len``;
+    ``fresh``: the T new tokens of every row are its positions 0..T-1 (kv_len == T)."""
 
-    def __init__(self, slots: torch.Tensor, positions: torch.Tensor, kv_len: int, rows_are_leading: bool):
+    def __init__(self, slots: torch.Tensor, positions: torch.Tensor, kv_len: int, rows_are_leading: bool,
+                 fresh: bool = False):
         self.slots = slots
         self.positions = positions
         self.kv_len = kv_len
         self.rows_are_leading = rows_are_leading
+        self.fresh = fresh
 
 
 class SlotCache(Cache):
@@ -92,10 +99,13 @@ class SlotCache(Cache):
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
 
     def plan_write(self, slots: torch.Tensor, positions: torch.Tensor, kv_len: int,
-                   rows_are_leading: bool) -> None:
+                   rows_are_leading: bool, fresh: bool = False) -> None:
         if kv_len > self.max_seq_len:
             raise ValueError(f"kv_len {kv_len} exceeds the cache's {self.max_seq_len} positions")
-        self.write = SlotWrite(slots, positions.clamp(max=self.max_seq_len - 1), kv_len, rows_are_leading)
+        if fresh and kv_len != positions.shape[1]:
+            raise ValueError(f"a fresh write of {positions.shape[1]} tokens per row must have kv_len "
+                             f"{positions.shape[1]}, got {kv_len}")
+        self.write = SlotWrite(slots, positions.clamp(max=self.max_seq_len - 1), kv_len, rows_are_leading, fresh)
 
     @property
     def memory_bytes(self) -> int:
