@@ -50,6 +50,9 @@ class _TextState:
         self.text = ""
         self.sent = 0
         self.stopped = False
+        self._before: str | None = ""            # the text of ids[prefix_offset:read_offset]
+        self.answer_of: tuple[str, str] | None = None    # (text, its answer), recomputed when text changes
+        self.traces: list[dict] = []             # the trace entries made so far, as dicts
 
     def _decode(self, ids: list[int]) -> str:
         if not self.renamed or not any(i in self.renamed for i in ids):
@@ -71,12 +74,15 @@ class _TextState:
         if self.stopped:
             return
         self.ids.extend(new_ids)
-        before = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        if self._before is None:     # the window's text is the same until the offsets move
+            self._before = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        before = self._before
         after = self._decode(self.ids[self.prefix_offset:])
         if len(after) > len(before) and (final or not after.endswith("\ufffd")):
             start = len(self.text)
             self.text += after[len(before):]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            self._before = None
             self._find_stop(max(0, start - self.hold))
 
     def _find_stop(self, search_from: int) -> None:
@@ -127,12 +133,16 @@ class OutputProcessor:
                   finish_reason: str | None, finished: bool) -> RequestOutput:
         trace = None
         if request.latent.trace_top_k > 0:
-            trace = [self.trace_entry(e, request, k) for k, e in enumerate(request.trace, 1)]
+            for k in range(len(state.traces), len(request.trace)):   # entries never change once made
+                state.traces.append(self.trace_entry(request.trace[k], request, k + 1))
+            trace = list(state.traces)
+        if state.answer_of is None or state.answer_of[0] != state.text:
+            state.answer_of = (state.text, self.prompt_format.answer(state.text, request.graph))
         return RequestOutput(
             request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
             token_ids=list(request.output_token_ids), text=state.text,
             delta=state.take_delta(final=finished),
-            answer=self.prompt_format.answer(state.text, request.graph), num_thoughts=request.thoughts_done,
+            answer=state.answer_of[1], num_thoughts=request.thoughts_done,
             finished=finished, finish_reason=finish_reason,
             logprobs=list(request.output_logprobs) if request.sampling.logprobs else None,
             latent_trace=trace, stop_probs=list(request.stop_probs),

@@ -44,6 +44,19 @@ class PromptFormat:
         self.tokenizer = tokenizer
         self.config = config
         self.markers = markers
+        self._word_ids: dict[str, int | None] = {}   # node word -> its one token id (or None)
+
+    def _node_ids(self, graph) -> list[int | None]:
+        """``node_token_ids`` of the graph, remembered per word (a symbols model reads the
+        same few dozen words in every question)."""
+        from engine.data.question import node_token_ids
+
+        missing = [w for w in dict.fromkeys(graph.nodes) if w not in self._word_ids]
+        if missing:
+            if len(self._word_ids) > 100_000:   # open vocabularies: keep the memory bounded
+                self._word_ids.clear()
+            self._word_ids.update(zip(missing, node_token_ids(_Nodes(missing), self.tokenizer)))
+        return [self._word_ids[w] for w in graph.nodes]
 
     def question_ids(self, question: str) -> list[int]:
         return self._encode(question)[0]
@@ -67,12 +80,12 @@ class PromptFormat:
     def _rename(self, graph):
         """The question in symbols (a fixed assignment per question), each node's symbol token
         (``graph.nodes`` order) and the symbol tokens mapped back to the question's words."""
-        from engine.data.question import node_token_ids, parse_question
+        from engine.data.question import parse_question
         from engine.data.symbols import SymbolMap
 
         names = SymbolMap.for_text(graph.compact(), self.config.symbols, seed=graph.compact())
         renamed = parse_question(names.rename(graph.compact()))
-        node_ids = node_token_ids(renamed, self.tokenizer)
+        node_ids = self._node_ids(renamed)
         assert list(renamed.nodes) == [names.forward[n] for n in graph.nodes]   # same order, renamed
         return renamed.compact(), node_ids, {i: " " + n for i, n in zip(node_ids, graph.nodes)}
 
@@ -81,7 +94,7 @@ class PromptFormat:
         return self._read(question)[0]
 
     def _read(self, question: str):
-        from engine.data.question import node_token_ids, parse_question
+        from engine.data.question import parse_question
 
         try:
             graph = parse_question(question)
@@ -95,7 +108,7 @@ class PromptFormat:
                 raise ValueError(f"the question names {named} people and concepts; this model reads ProsQA "
                                  f"questions that name at most {self.config.symbols}")
             return graph, None
-        node_ids = node_token_ids(graph, self.tokenizer)
+        node_ids = self._node_ids(graph)
         unknown = [w for w, i in zip(graph.nodes, node_ids) if i is None]
         if unknown:
             raise ValueError(f"this model has no token for {', '.join(repr(w) for w in unknown)}: it reads "
@@ -138,3 +151,10 @@ def _refuse_control_characters(question: str) -> None:
         if ch not in "\n\r\t" and unicodedata.category(ch) == "Cc":
             raise ValueError(f"the question contains a control character (U+{ord(ch):04X} at position {i}); "
                              f"remove it")
+
+
+class _Nodes:
+    """A stand-in graph with just ``nodes``, for ``node_token_ids`` of a word list."""
+
+    def __init__(self, nodes: list[str]):
+        self.nodes = nodes

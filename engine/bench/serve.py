@@ -151,21 +151,29 @@ async def run_http(url: str, prompts: list[str], body: dict, concurrency: int, a
 # ---------------------------------------------------------------- offline engine
 
 
-def run_offline(engine, prompts: list[str], sampling, latent, concurrency: int) -> dict:
-    engine.generate(prompts[:min(4, len(prompts))], sampling, latent)  # warm-up
-    pending, inflight, done = deque(prompts), {}, []
+def run_offline(engine, prompts: list[str], sampling, latent, concurrency: int, per_token: bool = False) -> dict:
+    """Drive ``engine`` in a closed loop of ``concurrency`` requests. ``sampling``: one
+    ``SamplingParams`` for all prompts or a list with one per prompt. Gaps (ITL) are taken
+    between outputs with new text, as a streaming client sees them, or with
+    ``per_token`` between new tokens (text can lag a token, e.g. an incomplete character)."""
+    samplings = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+    warm = min(4, len(prompts))
+    engine.generate(prompts[:warm], samplings[:warm], latent)  # warm-up
+    pending, inflight, done = deque(zip(prompts, samplings)), {}, []
     start = time.perf_counter()
     while pending or inflight:
         while pending and len(inflight) < concurrency:
-            request_id = engine.add_request(pending.popleft(), sampling, latent)
+            prompt, params = pending.popleft()
+            request_id = engine.add_request(prompt, params, latent)
             inflight[request_id] = Trace(start=time.perf_counter())
         for out in engine.step():
             trace = inflight.get(out.request_id)
             if trace is None:
                 continue
             now = time.perf_counter()
-            if out.delta:
+            if (len(out.token_ids) > trace.tokens) if per_token else out.delta:
                 trace.chunk(now)
+                trace.tokens = len(out.token_ids)
             if out.finished:
                 trace.end, trace.tokens, trace.latent = now, len(out.token_ids), out.timings.get("latent", 0.0)
                 done.append(inflight.pop(out.request_id))
