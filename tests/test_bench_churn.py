@@ -16,7 +16,8 @@ def test_churn_bench_runs_and_reports_consistent_ratios():
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     ms, ratios = report["step_ms"], report["ratios"]
-    assert set(ms) == {"plain", "join", "leave"} and all(v > 0 for v in ms.values())
+    assert set(ms) == {"plain", "join", "leave", "alone"} and all(v > 0 for v in ms.values())
+    assert abs(ratios["join_extra_over_alone"] - (ms["join"] - ms["plain"]) / ms["alone"]) < 1e-9
     assert abs(ratios["join_over_plain"] - ms["join"] / ms["plain"]) < 1e-9
     assert abs(ratios["leave_over_plain"] - ms["leave"] / ms["plain"]) < 1e-9
     assert "cycle" in result.stderr          # progress is shown

@@ -1,5 +1,5 @@
 """``engine bench latency --compile`` end to end on a tiny random model: the eager engine,
-the compiled engine and the bare forward all run, both engines match the naive reference,
+the compiled engine, the bare forward and Hugging Face generate all run, both engines match the naive reference,
 and the report carries every row and ratio the issue's targets are stated in (timings
 themselves are the benchmark's business, not asserted here)."""
 
@@ -14,13 +14,14 @@ def test_bench_latency_compares_the_compiled_step_side_by_side():
     out = subprocess.run(
         [sys.executable, "-m", "engine.cli", "bench", "latency", "--hidden", "64", "--layers", "2", "--heads", "2",
          "--vocab", "400", "--batch", "4", "--prompt-tokens", "40", "--thoughts", "2", "--max-tokens", "3",
-         "--reference-questions", "2", "--rounds", "1", "--threads", "1", "--compile", "--json"],
+         "--reference-questions", "2", "--rounds", "1", "--threads", "1", "--compile", "--hf-generate", "--json"],
         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout)
     assert report["engine_matches_reference"] and report["compiled_matches_reference"]
     assert set(report["rows"]) == {"reference b=1", "engine b=1", "bare b=1", "compiled b=1",
-                                   "engine b=4", "bare b=4", "compiled b=4"}
+                                   "engine b=4", "bare b=4", "compiled b=4", "HF generate b=1", "HF generate b=4"}
     for key in ("compiled_step_over_bare_b1", "compiled_step_over_bare_b4",
-                "compiled_over_engine_throughput_b4", "compiled_over_engine_step_b1"):
+                "compiled_over_engine_throughput_b4", "compiled_over_engine_step_b1",
+                "engine_over_hf_generate_throughput_b1", "engine_over_hf_generate_throughput_b4"):
         assert report["ratios"][key] > 0

@@ -95,6 +95,23 @@ def test_compiled_decode_step_under_churn_matches_reference(compiled_churn_engin
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames, "compiled again while serving"
 
 
+@pytest.fixture(scope="module", params=ARCHS)
+def padded_keys_engine(request, tiny_checkpoint):
+    from engine.runner.model_runner import length_buckets
+
+    engine = Engine.from_pretrained(tiny_checkpoint(request.param), max_batch_size=4, max_prefill_tokens=7)
+    engine.runner.key_buckets = length_buckets(engine.runner.max_seq_len, smallest=4)
+    return engine
+
+
+def test_decode_keys_padded_to_buckets_under_churn_match_reference(padded_keys_engine):
+    """What CUDA graphs need, checked on CPU: every decode step attends to a key length padded
+    to a bucket (4, 8, 16, ...), the extra columns holding stale keys of earlier requests in
+    the slot; the mask hides them, so the answers are still the naive reference's."""
+    assert padded_keys_engine.runner.key_buckets[:3] == [4, 8, 16]
+    check_churn(padded_keys_engine)
+
+
 def check_churn(engine):
     plan = [(QUESTIONS[i % len(QUESTIONS)], i % 6, 1 + (i * 7) % 6) for i in range(16)]
     ids, done, step, aborted = {}, {}, 0, None

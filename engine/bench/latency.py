@@ -11,6 +11,10 @@ so only side-by-side ratios mean something), through:
    LM head, greedy), the floor any engine on this model pays. It runs in lockstep with
    the engine: one engine step, one bare step, and so on.
 
+With ``--hf-generate`` Hugging Face ``generate`` runs the same prompts (batch 1 and N, right
+after the engine's runs), greedy, for as many new positions as the engine feeds (thoughts,
+``<eot>``, the answer) but without latent mode: the floor a plain LM server stands on.
+
 With ``--compile`` a second engine, its decode step compiled (``EngineConfig.compile``),
 runs the same rounds, each right after the eager engine's, also in lockstep with the bare
 forward: rows ``compiled b=1`` / ``compiled b=N`` and the ratios compiled step / bare step
@@ -47,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating engine/bare rounds at the full batch")
     p.add_argument("--compile", action="store_true",
                    help="also measure an engine with the compiled decode step, side by side")
+    p.add_argument("--hf-generate", action="store_true",
+                   help="also time Hugging Face generate (no latent mode: the same number of new positions, "
+                        "greedy) on the same prompts, the floor of a plain LM server")
     p.add_argument("--plot", default=None, metavar="PNG", help="save a bar chart of the timings")
     p.set_defaults(func=run)
 
@@ -103,6 +110,23 @@ class BareDecoder:
             hidden = self._forward(self.embed(self.token)[:, None], self.next_position)
             self.token = self.head(hidden).argmax(-1)
             self.next_position = self.next_position + 1
+
+
+def hf_generate(model, prompts: list[list[int]], pad_id: int, new_positions: int) -> float:
+    """Seconds for ``model.generate`` to add ``new_positions`` greedy tokens to every
+    prompt (left-padded, one batch, end-of-sequence ignored)."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_positions,
+                       min_new_tokens=new_positions, do_sample=False, pad_token_id=pad_id)
+    if ids.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def lockstep(engine, questions, prompts, sampling, latent) -> dict:
@@ -179,6 +203,8 @@ def measure(engine, args, reference_generate, LatentPolicy, SamplingParams, comp
     log(f"batch 1: {n_ref} questions, each through the reference, then engine and bare in lockstep")
     ref_times, ref_tokens, singles = [], [], []
     compiled_singles, compiled_rounds = [], []
+    hf_singles, hf_rounds = [], []
+    new_positions = args.thoughts + 1 + args.max_tokens   # thoughts, <eot>, the answer
     for q, prompt in zip(questions[:n_ref], prompts):
         t0 = time.perf_counter()
         r = reference_generate(ck.model, ck.tokenizer, q, question_suffix=ck.config.question_suffix,
@@ -189,12 +215,16 @@ def measure(engine, args, reference_generate, LatentPolicy, SamplingParams, comp
         singles.append(lockstep(engine, [q], [prompt], sampling, latent))
         if compiled is not None:
             compiled_singles.append(lockstep(compiled, [q], [prompt], sampling, latent))
+        if args.hf_generate:
+            hf_singles.append(hf_generate(ck.model, [prompt], ck.markers.pad, new_positions))
     rounds = []
     for i in range(args.rounds):
         log(f"batch {args.batch}, round {i + 1}/{args.rounds}: engine and bare forward in lockstep")
         rounds.append(lockstep(engine, questions, prompts, sampling, latent))
         if compiled is not None:
             compiled_rounds.append(lockstep(compiled, questions, prompts, sampling, latent))
+        if args.hf_generate:
+            hf_rounds.append(hf_generate(ck.model, prompts, ck.markers.pad, new_positions))
 
     med = statistics.median
     mean = statistics.mean
@@ -215,6 +245,9 @@ def measure(engine, args, reference_generate, LatentPolicy, SamplingParams, comp
         out["rows"][f"bare {name}"] = row(eager, "bare", n)   # the bare loop beside the eager engine
         if compiled is not None:
             out["rows"][f"compiled {name}"] = row(other, "engine", n)
+    if args.hf_generate:
+        out["rows"]["HF generate b=1"] = {"requests": 1, "latency_s": med(hf_singles)}
+        out["rows"][f"HF generate b={args.batch}"] = {"requests": args.batch, "latency_s": med(hf_rounds)}
     for row in out["rows"].values():
         row["throughput_req_s"] = row["requests"] / row["latency_s"]
         row["tokens_per_s"] = row["throughput_req_s"] * args.max_tokens
@@ -229,6 +262,12 @@ def measure(engine, args, reference_generate, LatentPolicy, SamplingParams, comp
         f"throughput_b{args.batch}_over_b1": rows[f"engine b={args.batch}"]["throughput_req_s"]
         / rows["engine b=1"]["throughput_req_s"],
     }
+    if args.hf_generate:
+        out["ratios"].update({
+            "engine_over_hf_generate_throughput_b1": med(h / e["engine_total"] for h, e in zip(hf_singles, singles)),
+            f"engine_over_hf_generate_throughput_b{args.batch}": med(
+                h / e["engine_total"] for h, e in zip(hf_rounds, rounds)),
+        })
     if compiled is not None:
         out["ratios"].update({
             "compiled_step_over_bare_b1": step_ratio(compiled_singles),

@@ -93,7 +93,7 @@ def summarize(traces: list[Trace], duration: float) -> dict:
         "total_output_tokens": tokens,
         "ttft_ms": stats([t.first - t.start for t in ok if t.first is not None]),
         "tpot_ms": stats([(t.end - t.first) / (t.tokens - 1) for t in ok if t.first is not None and t.tokens > 1]),
-        "itl_ms": stats([gap for t in ok for gap in t.itl]),
+        "itl_ms": stats([gap for t in ok for gap in t.itl]), "itl_count": sum(len(t.itl) for t in ok),
         "e2e_ms": stats([t.end - t.start for t in ok]),
         "latent_ms": stats([t.latent for t in ok]),
         "errors": sorted({t.error for t in traces if t.error})[:5],

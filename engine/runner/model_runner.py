@@ -15,7 +15,11 @@
 With ``compile=True`` the decode forward runs through ``torch.compile``: its rows are
 padded to a batch bucket (1, 2, 4, ... up to the slot count, the extra slots riding along
 as padding), and ``warm_up()`` compiles every bucket before the first request. Prefill
-stays eager (its shapes vary too much to pay back a compile).
+stays eager (its shapes vary too much to pay back a compile). On CUDA the compiled step
+replays CUDA graphs (``mode="reduce-overhead"``): the key length is padded to
+``key_buckets`` too (16, 32, ... up to ``max_seq_len``; the extra columns are masked), and
+``warm_up()`` records every batch x key bucket. That path has not run on a GPU yet; its
+key padding is tested on CPU (set ``key_buckets`` on an eager runner).
 
 It returns one ``RowOutput`` per decode row and per last prefill chunk: a sampled token,
 the stop classifier's probability, the thought's trace, as the plan asks. The runner owns
@@ -54,10 +58,16 @@ class ModelRunner:
         self.hidden = torch.zeros((num_slots, self.adapter.hidden_size), dtype=self.adapter.dtype,
                                   device=self.device)   # each slot's newest output state
         self.decode_buckets = batch_buckets(num_slots) if compile else None   # None: eager
+        # CUDA graphs replay fixed shapes: on CUDA the compiled step also pads the key length
+        # to buckets, so that a few graphs (batch buckets x key buckets) serve every step
+        self.cuda_graphs = compile and self.device.type == "cuda"
+        self.key_buckets = length_buckets(max_seq_len) if self.cuda_graphs else None   # None: exact
         self._decode_forward = self.adapter.forward
         if compile:
-            # dynamic: one graph serves every key length and bucket (sizes 1 get their own)
-            self._decode_forward = torch.compile(self.adapter.forward, dynamic=True)
+            # dynamic: one compiled graph serves every key length and bucket (sizes 1 get their
+            # own); on CUDA, "reduce-overhead" records a CUDA graph per shape it meets
+            mode = "reduce-overhead" if self.cuda_graphs else None
+            self._decode_forward = torch.compile(self.adapter.forward, dynamic=True, mode=mode)
         self.generators: dict[str, torch.Generator] = {}
         self.generator = torch.Generator(device=self.device)
         if seed is not None:
@@ -103,6 +113,9 @@ class ModelRunner:
                 rows = [DecodeRow(request_id="", slot=slot, feed_token=self.pad_token_id) for slot in range(bucket)]
                 for _ in range(3):   # key lengths 1, 2, 3: sizes 1 are compiled apart
                     self._decode(rows)
+                for key_length in (self.key_buckets or [])[1:]:   # record each key bucket's graph
+                    self.lengths[0] = key_length - 1
+                    self._decode(rows)
                 for slot in range(bucket):
                     self.lengths[slot] = 0
         return time.perf_counter() - start
@@ -138,6 +151,8 @@ class ModelRunner:
         if any(latent):
             embeds = torch.where(torch.tensor(latent, device=dev)[:, None], self.hidden[:n].to(embeds.dtype), embeds)
         kv_len = max(query_positions) + 1
+        if self.key_buckets:    # the extra columns are masked (stale keys of earlier requests)
+            kv_len = next(b for b in self.key_buckets if b >= kv_len)
         query = torch.tensor(query_positions, device=dev)[:, None]                      # [n, 1]
         self.cache.plan_write(torch.arange(n, device=dev), torch.tensor(positions, device=dev)[:, None],
                               kv_len, rows_are_leading=True)
@@ -225,6 +240,16 @@ class ModelRunner:
             for j, i in enumerate(asking):
                 out[rows[i].request_id].stop_prob = probs[j]
         return out
+
+
+def length_buckets(max_seq_len: int, smallest: int = 16) -> list[int]:
+    """The key lengths a step is padded to when its shapes must be few (CUDA graphs): powers
+    of two from ``smallest`` below ``max_seq_len``, and ``max_seq_len`` itself."""
+    buckets, n = [], smallest
+    while n < max_seq_len:
+        buckets.append(n)
+        n *= 2
+    return buckets + [max_seq_len]
 
 
 def batch_buckets(num_slots: int) -> list[int]:

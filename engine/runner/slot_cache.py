@@ -44,6 +44,9 @@ class SlotLayer(CacheLayerMixin):
         self.values = torch.zeros(shape + (value_states.shape[-1],), dtype=value_states.dtype,
                                   device=value_states.device)
         self.device = key_states.device
+        if self.device.type == "cuda":   # written in place by CUDA graphs: a fixed address
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
