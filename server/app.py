@@ -37,15 +37,33 @@ log = logging.getLogger(__name__)
 STREAM_EVENT_MODELS = [ReasonStreamEvent, CompletionChunk, ChatCompletionChunk]
 
 
+def engine_options(settings: ServerSettings) -> dict:
+    """``Engine.from_pretrained`` keyword arguments from the settings."""
+    return dict(device=settings.resolved_device(), dtype=settings.resolved_dtype(),
+                max_batch_size=settings.max_batch_size, max_seq_len=settings.max_seq_len,
+                max_prefill_tokens=settings.max_prefill_tokens, seed=settings.seed, compile=settings.compile)
+
+
 def load_engine(settings: ServerSettings) -> Engine:
     if settings.torch_threads is not None:
         import torch
         torch.set_num_threads(settings.torch_threads)
-    return Engine.from_pretrained(settings.model_dir(), device=settings.resolved_device(),
-                                  dtype=settings.resolved_dtype(), max_batch_size=settings.max_batch_size,
-                                  max_seq_len=settings.max_seq_len,
-                                  max_prefill_tokens=settings.max_prefill_tokens, seed=settings.seed,
-                                  compile=settings.compile)
+    return Engine.from_pretrained(settings.model_dir(), **engine_options(settings))
+
+
+async def start_engine(settings: ServerSettings, engine: Engine | None, on_step):
+    """The running engine the routes drive: ``AsyncEngine`` over ``engine`` (or one loaded from
+    the settings), or with ``settings.engine_process`` a ``ProcessEngine``."""
+    if engine is None and settings.engine_process:
+        from engine.process_engine import ProcessEngine
+
+        running = await asyncio.to_thread(ProcessEngine, settings.model_dir(), engine_options(settings),
+                                          settings.max_queue, settings.torch_threads, on_step)
+    else:
+        core = engine if engine is not None else await asyncio.to_thread(load_engine, settings)
+        running = AsyncEngine(core, max_queue=settings.max_queue, on_step=on_step)
+    await running.start()
+    return running
 
 
 def create_app(settings: ServerSettings | None = None, engine: Engine | None = None,
@@ -59,15 +77,15 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        core = engine if engine is not None else await asyncio.to_thread(load_engine, settings)
-        async_engine = AsyncEngine(core, max_queue=settings.max_queue, on_step=metrics.on_step)
+        async_engine = await start_engine(settings, engine, metrics.on_step)
         metrics.bind_engine(lambda: async_engine.num_waiting, lambda: async_engine.num_running)
-        await async_engine.start()
+        core = async_engine.engine
         name = settings.served_model_name or core.model_name
         app.state.service = GenerationService(async_engine, metrics, name, settings.retry_after_s)
         app.state.engine = async_engine
-        log.info("serving %s (max_batch_size=%d, max_queue=%d, max_seq_len=%d)", name,
-                 core.config.max_batch_size, settings.max_queue, core.max_seq_len)
+        log.info("serving %s (max_batch_size=%d, max_queue=%d, max_seq_len=%d%s)", name,
+                 settings.max_batch_size if engine is None else core.config.max_batch_size, settings.max_queue,
+                 core.max_seq_len, ", engine in its own process" if engine is None and settings.engine_process else "")
         try:
             yield
         finally:

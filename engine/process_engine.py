@@ -1,0 +1,290 @@
+"""ProcessEngine: the engine loop in its own process, so that it never waits for the GIL.
+
+``AsyncEngine`` runs the engine loop in a thread of the caller's process: the HTTP event
+loop and the model's Python code then take turns on one interpreter lock, and a server
+uses about one core whatever the machine has. ``ProcessEngine`` has the same interface
+(``start``, ``generate``, ``abort``, ``make_request``, ``shutdown``, ``is_healthy``,
+``accepting``, ``num_waiting``, ``num_running``, ``on_step``) and runs the loop in a child
+process (vLLM's engine-core process, in miniature):
+
+- the parent validates and tokenizes (``make_request``, with a ``frontend`` ``Engine``
+  that holds the tokenizer and the limits; it is built with one slot on CPU) and sends
+  each ``Request`` to the child over a pipe;
+- the child owns the model and the KV cache (``Engine.from_pretrained(path, **config)``)
+  and after every step sends that step's ``RequestOutput`` list, its ``StepStats`` and its
+  queue counts in one message;
+- a reader thread of the parent receives them (unpickling is all it does; blocking reads
+  on a pipe of their own, whatever event loop the caller runs) and hands each step's
+  outputs to the event loop in one call.
+
+Errors: a request the child refuses gets the exception; if the child dies, every waiting
+caller gets ``EngineDeadError`` and ``is_healthy`` turns false. Aborts and the ``drain``
+of ``shutdown`` behave as in ``AsyncEngine``. The cost: the model's weights are loaded
+twice (the frontend's copy stays on CPU), each step's outputs are pickled once, and start-up
+spawns a Python process. This module knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import multiprocessing
+import threading
+import time
+from typing import AsyncIterator, Callable
+
+from engine.async_engine import EngineDeadError, EngineOverloadedError
+from engine.core import StepStats
+from engine.output import RequestOutput
+from engine.params import LatentPolicy, SamplingParams
+from engine.request import Request
+from engine.sync_engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+def _child_main(inbox, conn, path: str, config: dict, torch_threads: int | None) -> None:
+    """The engine loop of the child process: add, abort, step, report. ``inbox``: the
+    parent's messages; ``conn``: this process's reports."""
+    try:
+        import torch
+
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
+        engine = Engine.from_pretrained(path, **config)
+    except BaseException as e:  # the parent reports it and fails its start
+        conn.send(("dead", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", None))
+    added = 0
+    try:
+        while True:
+            if inbox.poll(0 if engine.has_unfinished() else 0.5):
+                while inbox.poll():
+                    kind, payload = inbox.recv()
+                    if kind == "stop":
+                        return
+                    if kind == "abort":
+                        engine.abort(payload)
+                        continue
+                    added += 1
+                    try:
+                        engine.add_request(payload)
+                    except Exception as e:  # validated in the parent: unexpected
+                        conn.send(("failed", (payload.request_id, e)))
+            if engine.has_unfinished():
+                outputs = [_pack(out) for out in engine.step()]
+                scheduler = engine.core.scheduler
+                conn.send(("step", (outputs, engine.core.last_stats, added, scheduler.num_waiting,
+                                    scheduler.num_running)))
+    except BaseException as e:  # the loop must never die silently
+        log.exception("engine process crashed")
+        try:
+            conn.send(("dead", f"{type(e).__name__}: {e}"))
+        except Exception:
+            pass
+
+
+# A step's outputs travel as tuples of their fields (pickled several times faster than the
+# dataclasses), without the prompt's ids, which the parent has.
+_FIELDS = [f.name for f in dataclasses.fields(RequestOutput)]
+_PROMPT = _FIELDS.index("prompt_token_ids")
+
+
+def _pack(out: RequestOutput) -> tuple:
+    values = [getattr(out, name) for name in _FIELDS]
+    values[_PROMPT] = None
+    return tuple(values)
+
+
+class ProcessEngine:
+    def __init__(self, path, config: dict, max_queue: int = 256, torch_threads: int | None = None,
+                 on_step: Callable[[StepStats], None] | None = None):
+        """``path``: the checkpoint; ``config``: ``Engine.from_pretrained`` keyword arguments
+        (device, dtype and ``EngineConfig`` fields) for the child's engine."""
+        self.path = str(path)
+        self.config = dict(config)
+        self.max_queue = max_queue
+        self.torch_threads = torch_threads
+        self.on_step = on_step
+        frontend = {k: v for k, v in self.config.items() if k in ("max_seq_len",)}
+        self.engine = Engine.from_pretrained(self.path, device="cpu", max_batch_size=1, **frontend)
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._prompts: dict[str, list[int]] = {}
+        self._process = None
+        self._conn = None           # parent -> child
+        self._reports = None        # child -> parent, read by the reader thread
+        self._reader: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fatal: str | None = None
+        self._accepting = False
+        self._stopping = False
+        self._sent = 0              # requests sent to the child
+        self._added = 0             # ... that it has added to its scheduler
+        self._waiting = 0
+        self._running = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        context = multiprocessing.get_context("spawn")
+        child_inbox, self._conn = context.Pipe(duplex=False)
+        self._reports, child_reports = context.Pipe(duplex=False)
+        self._process = context.Process(target=_child_main, name="engine-process", daemon=True,
+                                        args=(child_inbox, child_reports, self.path, self.config,
+                                              self.torch_threads))
+        self._process.start()
+        child_inbox.close()
+        child_reports.close()
+        try:
+            kind, payload = await self._loop.run_in_executor(None, self._reports.recv)
+        except EOFError:
+            kind, payload = "dead", "it exited while loading the model"
+        if kind != "ready":
+            self._fatal = payload
+            raise EngineDeadError(f"the engine process did not start: {payload}")
+        self._reader = threading.Thread(target=self._read_reports, name="engine-process-reader", daemon=True)
+        self._reader.start()
+        self._accepting = True
+
+    async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting; with ``drain`` wait for in-flight requests, then stop the child."""
+        self._accepting = False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if drain:
+            while self._streams and self.is_healthy:
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.02)
+        if self._process is None:
+            return
+        self._stopping = True
+        if self._process.is_alive():
+            try:
+                self._conn.send(("stop", None))
+            except OSError:
+                pass
+            await self._loop.run_in_executor(None, self._process.join, 10)
+        if self._process.is_alive():
+            self._process.kill()
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._process is not None and self._process.is_alive() and self._fatal is None
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting and self.is_healthy
+
+    @property
+    def num_waiting(self) -> int:
+        return (self._sent - self._added) + self._waiting
+
+    @property
+    def num_running(self) -> int:
+        return self._running
+
+    # ------------------------------------------------------------ requests
+
+    def make_request(self, question: str, sampling: SamplingParams | None = None,
+                     latent: LatentPolicy | None = None, request_id: str | None = None) -> Request:
+        """Validate, tokenize and check the length limit (raises ValueError)."""
+        request = self.engine.make_request(question, sampling, latent, request_id)
+        self.engine.core.check_fits(request)
+        return request
+
+    async def generate(self, question: str | Request, sampling: SamplingParams | None = None,
+                       latent: LatentPolicy | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        request = question if isinstance(question, Request) else self.make_request(
+            question, sampling, latent, request_id)
+        stream = self._submit(request)
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request.request_id, None)
+            self._prompts.pop(request.request_id, None)
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        if self.is_healthy:
+            try:
+                self._conn.send(("abort", request_id))
+            except OSError:
+                pass
+
+    def _submit(self, request: Request) -> asyncio.Queue:
+        if not self.accepting:
+            raise EngineDeadError("the engine is not accepting requests (shutting down or failed)")
+        if self.num_waiting >= self.max_queue:
+            raise EngineOverloadedError(f"the waiting queue is full ({self.max_queue} requests)")
+        if request.request_id in self._streams:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request.request_id] = stream
+        self._prompts[request.request_id] = request.prompt_token_ids
+        self._conn.send(("add", request))
+        self._sent += 1
+        return stream
+
+    # ------------------------------------------------------------ the reports
+
+    def _read_reports(self) -> None:
+        """The reader thread: one blocking receive after another, each handed to the loop."""
+        while True:
+            try:
+                message = self._reports.recv()
+            except (EOFError, OSError) as e:  # the child is gone
+                message = ("exited", f"the engine process exited ({type(e).__name__})")
+            try:
+                self._loop.call_soon_threadsafe(self._on_report, message)
+            except RuntimeError:   # the event loop is closed
+                return
+            if message[0] in ("dead", "exited"):
+                return
+
+    def _on_report(self, message) -> None:
+        kind, payload = message
+        if kind == "step":
+            self._on_step(*payload)
+        elif kind == "failed":
+            request_id, error = payload
+            self._put(request_id, error)
+        elif kind == "dead" or (kind == "exited" and not self._stopping):
+            self._die(payload)
+
+    def _on_step(self, outputs: list[tuple], stats: StepStats, added: int, waiting: int,
+                 running: int) -> None:
+        self._added, self._waiting, self._running = added, waiting, running
+        for values in outputs:
+            out = RequestOutput(*values)
+            out.prompt_token_ids = self._prompts.get(out.request_id, [])
+            self._put(out.request_id, out)
+        if self.on_step is not None:
+            try:
+                self.on_step(stats)
+            except Exception:
+                log.exception("on_step callback failed")
+
+    def _put(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put_nowait(item)
+
+    def _die(self, reason: str) -> None:
+        log.error("engine process failed: %s", reason)
+        self._fatal = reason
+        dead = EngineDeadError(f"the engine process failed: {reason}")
+        for request_id in list(self._streams):
+            self._put(request_id, dead)

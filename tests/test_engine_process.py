@@ -1,0 +1,115 @@
+"""``ProcessEngine``: the engine loop in a child process, driven like ``AsyncEngine``.
+
+Answers are the naive reference's token for token; an abandoned stream frees its slot; bad
+input is refused in the parent; a dead child fails every waiting caller and turns
+``is_healthy`` false; and ``engine serve --engine-process`` answers over HTTP, streamed
+and not, as the in-process server does."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from engine.async_engine import EngineDeadError
+from engine.core import RequestTooLongError
+from engine.params import LatentPolicy, SamplingParams
+from engine.process_engine import ProcessEngine
+from tests.engine_helpers import QUESTIONS, reference
+from tests.live_server import LiveServer
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=240))
+
+
+async def collect(engine, question, sampling, latent):
+    outs = [out async for out in engine.generate(question, sampling, latent)]
+    return outs[-1]
+
+
+def test_answers_match_the_reference_and_an_abandoned_stream_frees_its_slot(gpt2_checkpoint):
+    async def main():
+        engine = ProcessEngine(gpt2_checkpoint, {"max_batch_size": 4, "max_prefill_tokens": 16})
+        await engine.start()
+        try:
+            sampling = SamplingParams(max_tokens=6, ignore_eos=True)
+            latent = LatentPolicy(mode="fixed", thoughts=2)
+            finals = await asyncio.gather(*(collect(engine, q, sampling, latent) for q in QUESTIONS[:6]))
+            for question, final in zip(QUESTIONS[:6], finals):
+                expected = reference(engine.engine, question, 2, 6, ignore_eos=True)
+                assert final.token_ids == expected.token_ids, question
+                assert final.finished and final.finish_reason == "length" and final.num_thoughts == 2
+                assert final.prompt_token_ids == engine.make_request(question, sampling, latent).prompt_token_ids
+            # leave a stream after its first output: the child aborts it, the slot comes back
+            stream = engine.generate(QUESTIONS[0], SamplingParams(max_tokens=50, ignore_eos=True), latent)
+            first = await stream.__anext__()
+            assert not first.finished
+            await stream.aclose()
+            for _ in range(200):
+                if engine.num_running == 0 and engine.num_waiting == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert engine.num_running == 0 and engine.num_waiting == 0
+            again = await collect(engine, QUESTIONS[1], sampling, latent)
+            assert again.token_ids == reference(engine.engine, QUESTIONS[1], 2, 6, ignore_eos=True).token_ids
+        finally:
+            await engine.shutdown()
+        assert not engine.is_healthy
+
+    run(main())
+
+
+def test_bad_input_is_refused_in_the_parent_and_a_dead_child_fails_callers(gpt2_checkpoint):
+    async def main():
+        engine = ProcessEngine(gpt2_checkpoint, {"max_batch_size": 2})
+        await engine.start()
+        try:
+            with pytest.raises(ValueError, match="non-empty"):
+                engine.make_request("   ")
+            with pytest.raises(RequestTooLongError, match="positions"):
+                engine.make_request(QUESTIONS[0], SamplingParams(max_tokens=600))
+            # 450 answer tokens: the child is still decoding when it is killed
+            stream = engine.generate(QUESTIONS[0], SamplingParams(max_tokens=450, ignore_eos=True))
+            await stream.__anext__()
+            engine._process.kill()                      # the child dies mid-answer
+            with pytest.raises(EngineDeadError):
+                async for _ in stream:
+                    pass
+            assert not engine.is_healthy and not engine.accepting
+            with pytest.raises(EngineDeadError):
+                await collect(engine, QUESTIONS[1], SamplingParams(max_tokens=2), None)
+        finally:
+            await engine.shutdown()
+
+    run(main())
+
+
+def test_a_checkpoint_that_does_not_load_fails_the_start(tmp_path, gpt2_checkpoint):
+    engine = ProcessEngine(gpt2_checkpoint, {"dtype": "float32", "device": "no-such-device"})
+    with pytest.raises(EngineDeadError, match="did not start"):
+        run(engine.start())
+
+
+def test_engine_serve_with_the_engine_in_its_own_process(gpt2_checkpoint):
+    from engine.sync_engine import Engine
+
+    oracle = Engine.from_pretrained(gpt2_checkpoint)
+    want = oracle.generate(QUESTIONS[2], SamplingParams(max_tokens=8), LatentPolicy(mode="fixed", thoughts=3))[0]
+    with LiveServer(gpt2_checkpoint, "--engine-process", "--max-batch-size", "4") as live:
+        with httpx.Client(base_url=live.url, timeout=60) as http:
+            body = {"question": QUESTIONS[2], "max_tokens": 8, "latent": {"mode": "fixed", "thoughts": 3}}
+            r = http.post("/v1/reason", json=body)
+            assert r.status_code == 200, r.text
+            assert r.json()["text"] == want.text and r.json()["usage"]["latent_thoughts"] == 3
+            pieces = []
+            with http.stream("POST", "/v1/reason", json={**body, "stream": True}) as s:
+                for line in s.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        pieces.append(json.loads(line[6:]).get("delta") or "")
+            assert "".join(pieces) == want.text
+            assert http.post("/v1/reason", json={"question": ""}).status_code == 422
+            assert http.get("/ready").status_code == 200
+        assert "engine in its own process" in live.output()
