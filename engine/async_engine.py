@@ -47,7 +47,54 @@ class EngineDeadError(RuntimeError):
     """The engine loop is not running (stopped, or crashed)."""
 
 
-class AsyncEngine:
+class RequestStreams:
+    """What ``AsyncEngine`` and ``engine.process_engine.ProcessEngine`` share: validation in
+    the caller's thread and one asyncio queue of outputs per request. A subclass provides
+    ``engine`` (validates and tokenizes), ``_streams``, ``_submit(request) -> queue`` and
+    ``abort(request_id)``."""
+
+    engine: Engine
+    _streams: dict[str, asyncio.Queue]
+
+    def make_request(self, question: str, sampling: SamplingParams | None = None,
+                     latent: LatentPolicy | None = None, request_id: str | None = None) -> Request:
+        """Validate, tokenize and check the length limit (raises ValueError)."""
+        request = self.engine.make_request(question, sampling, latent, request_id)
+        self.engine.core.check_fits(request)
+        return request
+
+    async def generate(self, question: str | Request, sampling: SamplingParams | None = None,
+                       latent: LatentPolicy | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        request = question if isinstance(question, Request) else self.make_request(
+            question, sampling, latent, request_id)
+        stream = self._submit(request)
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._forget(request.request_id)
+            if not finished:
+                self.abort(request.request_id)
+
+    def _forget(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
+    def _submit(self, request: Request) -> asyncio.Queue:
+        raise NotImplementedError
+
+    def abort(self, request_id: str) -> None:
+        raise NotImplementedError
+
+
+class AsyncEngine(RequestStreams):
     def __init__(self, engine: Engine, max_queue: int = 256,
                  on_step: Callable[[StepStats], None] | None = None):
         self.engine = engine
@@ -103,35 +150,6 @@ class AsyncEngine:
         return self.engine.core.scheduler.num_running
 
     # ------------------------------------------------------------ requests
-
-    def make_request(self, question: str, sampling: SamplingParams | None = None,
-                     latent: LatentPolicy | None = None, request_id: str | None = None) -> Request:
-        """Validate, tokenize and check the length limit (raises ValueError)."""
-        request = self.engine.make_request(question, sampling, latent, request_id)
-        self.engine.core.check_fits(request)
-        return request
-
-    async def generate(self, question: str | Request, sampling: SamplingParams | None = None,
-                       latent: LatentPolicy | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        request = question if isinstance(question, Request) else self.make_request(
-            question, sampling, latent, request_id)
-        stream = self._submit(request)
-        finished = False
-        try:
-            while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            self._streams.pop(request.request_id, None)
-            if not finished:
-                self.engine.abort(request.request_id)
-                self._wake.set()
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)

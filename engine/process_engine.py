@@ -32,12 +32,11 @@ import logging
 import multiprocessing
 import threading
 import time
-from typing import AsyncIterator, Callable
+from typing import Callable
 
-from engine.async_engine import EngineDeadError, EngineOverloadedError
+from engine.async_engine import EngineDeadError, EngineOverloadedError, RequestStreams
 from engine.core import StepStats
 from engine.output import RequestOutput
-from engine.params import LatentPolicy, SamplingParams
 from engine.request import Request
 from engine.sync_engine import Engine
 
@@ -98,7 +97,7 @@ def _pack(out: RequestOutput) -> tuple:
     return tuple(values)
 
 
-class ProcessEngine:
+class ProcessEngine(RequestStreams):
     def __init__(self, path, config: dict, max_queue: int = 256, torch_threads: int | None = None,
                  on_step: Callable[[StepStats], None] | None = None):
         """``path``: the checkpoint; ``config``: ``Engine.from_pretrained`` keyword arguments
@@ -188,41 +187,16 @@ class ProcessEngine:
 
     # ------------------------------------------------------------ requests
 
-    def make_request(self, question: str, sampling: SamplingParams | None = None,
-                     latent: LatentPolicy | None = None, request_id: str | None = None) -> Request:
-        """Validate, tokenize and check the length limit (raises ValueError)."""
-        request = self.engine.make_request(question, sampling, latent, request_id)
-        self.engine.core.check_fits(request)
-        return request
-
-    async def generate(self, question: str | Request, sampling: SamplingParams | None = None,
-                       latent: LatentPolicy | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        request = question if isinstance(question, Request) else self.make_request(
-            question, sampling, latent, request_id)
-        stream = self._submit(request)
-        finished = False
-        try:
-            while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            self._streams.pop(request.request_id, None)
-            self._prompts.pop(request.request_id, None)
-            if not finished:
-                self.abort(request.request_id)
-
     def abort(self, request_id: str) -> None:
         if self.is_healthy:
             try:
                 self._conn.send(("abort", request_id))
             except OSError:
                 pass
+
+    def _forget(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self._prompts.pop(request_id, None)
 
     def _submit(self, request: Request) -> asyncio.Queue:
         if not self.accepting:
