@@ -55,6 +55,8 @@ class RequestStreams:
 
     engine: Engine
     _streams: dict[str, asyncio.Queue]
+    _accepting: bool
+    is_healthy: bool
 
     def make_request(self, question: str, sampling: SamplingParams | None = None,
                      latent: LatentPolicy | None = None, request_id: str | None = None) -> Request:
@@ -83,6 +85,18 @@ class RequestStreams:
             self._forget(request.request_id)
             if not finished:
                 self.abort(request.request_id)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting and self.is_healthy
+
+    async def _drain(self, timeout: float | None) -> None:
+        """Wait until every stream has ended (or the engine failed, or ``timeout`` passed)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._streams and self.is_healthy:
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            await asyncio.sleep(0.02)
 
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
@@ -122,12 +136,8 @@ class AsyncEngine(RequestStreams):
     async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop accepting; with ``drain`` wait for in-flight requests, then stop the loop."""
         self._accepting = False
-        deadline = None if timeout is None else time.monotonic() + timeout
         if drain:
-            while self._streams and self.is_healthy:
-                if deadline is not None and time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.02)
+            await self._drain(timeout)
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -136,10 +146,6 @@ class AsyncEngine(RequestStreams):
     @property
     def is_healthy(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._fatal is None
-
-    @property
-    def accepting(self) -> bool:
-        return self._accepting and self.is_healthy
 
     @property
     def num_waiting(self) -> int:

@@ -31,7 +31,6 @@ import dataclasses
 import logging
 import multiprocessing
 import threading
-import time
 from typing import Callable
 
 from engine.async_engine import EngineDeadError, EngineOverloadedError, RequestStreams
@@ -151,12 +150,8 @@ class ProcessEngine(RequestStreams):
     async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop accepting; with ``drain`` wait for in-flight requests, then stop the child."""
         self._accepting = False
-        deadline = None if timeout is None else time.monotonic() + timeout
         if drain:
-            while self._streams and self.is_healthy:
-                if deadline is not None and time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.02)
+            await self._drain(timeout)
         if self._process is None:
             return
         self._stopping = True
@@ -172,10 +167,6 @@ class ProcessEngine(RequestStreams):
     @property
     def is_healthy(self) -> bool:
         return self._process is not None and self._process.is_alive() and self._fatal is None
-
-    @property
-    def accepting(self) -> bool:
-        return self._accepting and self.is_healthy
 
     @property
     def num_waiting(self) -> int:
