@@ -239,8 +239,11 @@ def load_tokenizer(directory: str | Path):
     return AutoTokenizer.from_pretrained(directory)
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32") -> Checkpoint:
-    """Load and validate a checkpoint directory. Raises ``CheckpointError`` naming the problem."""
+def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
+                    weights: bool = True) -> Checkpoint:
+    """Load and validate a checkpoint directory. Raises ``CheckpointError`` naming the problem.
+    ``weights=False``: the model is built on the meta device from its config (shapes, no
+    memory) and no stop classifier is loaded; for a process that only tokenizes."""
     from transformers import AutoModelForCausalLM
 
     from engine.stop_classifier import StopClassifier
@@ -258,10 +261,13 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str | torch.dt
     except Exception as e:  # transformers raises many kinds here
         raise CheckpointError(f"{directory}: the tokenizer does not load ({e})") from e
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, use_safetensors=True)
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, use_safetensors=True)
+            model.to(device).eval()
+        else:
+            model = _model_without_weights(directory, torch_dtype)
     except Exception as e:
         raise CheckpointError(f"{directory}: the model does not load ({e})") from e
-    model.to(device).eval()
     markers = MarkerIds(
         bot=token_id(tokenizer, config.bot_token, "bot_token"),
         eot=token_id(tokenizer, config.eot_token, "eot_token"),
@@ -278,7 +284,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str | torch.dt
             raise CheckpointError(f"{directory}: {name}_token id {getattr(markers, name)} is outside "
                                   f"the model's embedding table ({vocab} rows)")
     classifier = None
-    if config.stop_classifier is not None:
+    if config.stop_classifier is not None and weights:
         hidden = model.get_input_embeddings().weight.shape[1]
         classifier = StopClassifier.load(directory / config.stop_classifier.path, hidden,
                                          config.stop_classifier.hidden_size)
@@ -286,6 +292,16 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str | torch.dt
     return Checkpoint(path=directory, model=model, tokenizer=tokenizer, config=config,
                       markers=markers, stop_classifier=classifier,
                       max_seq_len=model_max_len(model.config), name=directory.name)
+
+
+def _model_without_weights(directory: Path, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=dtype)
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model.eval()
 
 
 def save_checkpoint(directory: str | Path, model, tokenizer, config: CoconutConfig,

@@ -37,12 +37,7 @@ DEFAULT_MAX_SEQ_LEN = 4096
 
 class Engine:
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None):
-        self.checkpoint = checkpoint
-        self.config = config or EngineConfig()
-        self.tokenizer = checkpoint.tokenizer
-        self.coconut = checkpoint.config
-        self.prompt_format = PromptFormat(checkpoint.tokenizer, checkpoint.config, checkpoint.markers)
-        max_seq_len = min(checkpoint.max_seq_len, self.config.max_seq_len or DEFAULT_MAX_SEQ_LEN)
+        max_seq_len = self._init_text(checkpoint, config)
         self.runner = ModelRunner(checkpoint.model, checkpoint.markers.pad, checkpoint.stop_classifier,
                                   seed=self.config.seed, num_slots=self.config.max_batch_size,
                                   max_seq_len=max_seq_len, compile=self.config.compile)
@@ -53,8 +48,31 @@ class Engine:
             log.info("compiling the decode step for batch sizes %s ...", self.runner.decode_buckets)
             log.info("decode step compiled in %.1f s", self.runner.warm_up())
         self.core = EngineCore(self.runner, self.config, max_seq_len, checkpoint.markers.eos)
+
+    def _init_text(self, checkpoint: Checkpoint, config: EngineConfig | None) -> int:
+        """Everything but the model runner: tokenizer, prompt format, output processing.
+        Returns the sequence limit."""
+        self.checkpoint = checkpoint
+        self.config = config or EngineConfig()
+        self.tokenizer = checkpoint.tokenizer
+        self.coconut = checkpoint.config
+        self.prompt_format = PromptFormat(checkpoint.tokenizer, checkpoint.config, checkpoint.markers)
         self.outputs = OutputProcessor(checkpoint.tokenizer, self.prompt_format)
         self._ids = itertools.count()
+        return min(checkpoint.max_seq_len, self.config.max_seq_len or DEFAULT_MAX_SEQ_LEN)
+
+    @classmethod
+    def frontend(cls, path: str | Path, max_seq_len: int | None = None) -> "Engine":
+        """The text side of an engine without its weights or KV cache (the model stays on
+        the meta device): ``make_request``, the limits and ``outputs`` work, ``step`` does
+        not. For a process that tokenizes while the model runs in another
+        (``engine.process_engine``)."""
+        engine = cls.__new__(cls)
+        limit = engine._init_text(load_checkpoint(path, weights=False),
+                                  EngineConfig(max_batch_size=1, max_seq_len=max_seq_len))
+        engine.runner = None
+        engine.core = EngineCore(None, engine.config, limit, engine.checkpoint.markers.eos)
+        return engine
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu", dtype: str = "float32",

@@ -39,7 +39,7 @@ class ServerSettings(BaseSettings):
                           "batch buckets, all compiled at start-up; on CPU it needs a C++ compiler)")
     engine_process: bool = Field(False, description="run the engine loop in its own process (the HTTP "
                                  "work and the model then never wait for each other's interpreter lock; the "
-                                 "weights load once more, on CPU, for tokenizing)")
+                                 "server's process only tokenizes)")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch ops (default: "
                                       "torch's choice; 1 is fastest for small models on busy CPUs)")
 

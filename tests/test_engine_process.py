@@ -31,6 +31,10 @@ async def collect(engine, question, sampling, latent):
 
 
 def test_answers_match_the_reference_and_an_abandoned_stream_frees_its_slot(gpt2_checkpoint):
+    from engine.sync_engine import Engine
+
+    oracle = Engine.from_pretrained(gpt2_checkpoint)   # the reference needs weights: the frontend has none
+
     async def main():
         engine = ProcessEngine(gpt2_checkpoint, {"max_batch_size": 4, "max_prefill_tokens": 16})
         await engine.start()
@@ -39,7 +43,7 @@ def test_answers_match_the_reference_and_an_abandoned_stream_frees_its_slot(gpt2
             latent = LatentPolicy(mode="fixed", thoughts=2)
             finals = await asyncio.gather(*(collect(engine, q, sampling, latent) for q in QUESTIONS[:6]))
             for question, final in zip(QUESTIONS[:6], finals):
-                expected = reference(engine.engine, question, 2, 6, ignore_eos=True)
+                expected = reference(oracle, question, 2, 6, ignore_eos=True)
                 assert final.token_ids == expected.token_ids, question
                 assert final.finished and final.finish_reason == "length" and final.num_thoughts == 2
                 assert final.prompt_token_ids == engine.make_request(question, sampling, latent).prompt_token_ids
@@ -54,12 +58,47 @@ def test_answers_match_the_reference_and_an_abandoned_stream_frees_its_slot(gpt2
                 await asyncio.sleep(0.02)
             assert engine.num_running == 0 and engine.num_waiting == 0
             again = await collect(engine, QUESTIONS[1], sampling, latent)
-            assert again.token_ids == reference(engine.engine, QUESTIONS[1], 2, 6, ignore_eos=True).token_ids
+            assert again.token_ids == reference(oracle, QUESTIONS[1], 2, 6, ignore_eos=True).token_ids
+            assert engine.engine.checkpoint.model.device.type == "meta"    # no second copy of the weights
         finally:
             await engine.shutdown()
         assert not engine.is_healthy
 
     run(main())
+
+
+def test_text_stop_strings_and_traces_are_made_in_the_parent(gpt2_checkpoint):
+    """The child sends token ids only: the parent's text, its stop strings (which end the
+    request in the child), log-probabilities and latent traces equal the in-process engine's."""
+    from engine.sync_engine import Engine
+
+    oracle = Engine.from_pretrained(gpt2_checkpoint)
+    latent = LatentPolicy(mode="fixed", thoughts=3, trace_top_k=3)
+    full = oracle.generate(QUESTIONS[3], SamplingParams(max_tokens=12, ignore_eos=True), latent)[0]
+    assert len(full.text) > 6
+    stop = full.text[3:6]
+    sampling = SamplingParams(max_tokens=12, ignore_eos=True, stop=[stop], logprobs=True)
+    want = oracle.generate(QUESTIONS[3], sampling, latent)[0]
+    assert want.finish_reason == "stop" and stop not in want.text
+
+    async def main():
+        engine = ProcessEngine(gpt2_checkpoint, {"max_batch_size": 2})
+        await engine.start()
+        try:
+            outs = [out async for out in engine.generate(QUESTIONS[3], sampling, latent)]
+            again = await collect(engine, QUESTIONS[3], SamplingParams(max_tokens=12, ignore_eos=True), latent)
+            return outs, again, engine.num_running
+        finally:
+            await engine.shutdown()
+
+    outs, again, _ = run(main())
+    final = outs[-1]
+    assert final.finish_reason == "stop" and final.text == want.text
+    assert "".join(out.delta for out in outs) == want.text
+    assert final.logprobs == pytest.approx(want.logprobs)
+    assert [t["token_ids"] for t in final.latent_trace] == [t["token_ids"] for t in want.latent_trace]
+    assert final.timings["total"] >= final.timings["decode"] > 0
+    assert again.text == full.text and again.finish_reason == "length"
 
 
 def test_bad_input_is_refused_in_the_parent_and_a_dead_child_fails_callers(gpt2_checkpoint):

@@ -87,8 +87,9 @@ class BareDecoder:
         self.decoder = model.get_decoder()
         self.head, self.embed = model.get_output_embeddings(), model.get_input_embeddings()
         width = max(len(p) for p in prompts)
-        self.ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-        self.mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        device = self.embed.weight.device
+        self.ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+        self.mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
 
     def _forward(self, embeds, positions):
         return self.decoder(inputs_embeds=embeds, attention_mask=self.mask, position_ids=positions,
@@ -102,6 +103,13 @@ class BareDecoder:
             positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
             self.token = self.head(self._forward(self.embed(self.ids), positions)).argmax(-1)
             self.next_position = self.mask.sum(-1, keepdim=True)
+        self._wait()
+
+    def _wait(self) -> None:
+        """On CUDA, let the step's kernels finish, so that its time is the step's (the engine
+        waits for its sampled tokens anyway)."""
+        if self.token.is_cuda:
+            self.torch.cuda.synchronize()
 
     def step(self) -> None:
         torch = self.torch
@@ -110,6 +118,7 @@ class BareDecoder:
             hidden = self._forward(self.embed(self.token)[:, None], self.next_position)
             self.token = self.head(hidden).argmax(-1)
             self.next_position = self.next_position + 1
+        self._wait()
 
 
 def hf_generate(model, prompts: list[list[int]], pad_id: int, new_positions: int) -> float:
