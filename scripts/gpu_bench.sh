@@ -4,6 +4,9 @@
 #   scripts/gpu_bench.sh fetch            # here, with PyPI: wheels the GPU image lacks -> .whl/
 #   scripts/gpu_bench.sh run OUTDIR       # there, from the repository root (carry .whl)
 #
+# On the lent device: run(command="scripts/gpu_bench.sh run /tmp/gb && cp /tmp/gb.tgz $OUT/",
+# carry=[".whl"], timeout_s=600).
+#
 # `run` installs the carried wheels into /tmp/site (no network needed), then writes JSON and
 # plots into OUTDIR: `engine bench latency` (bf16 and fp32, the compiled step with CUDA graphs,
 # against the bare forward and Hugging Face generate), `engine bench churn`, `engine bench
@@ -30,7 +33,8 @@ fetch)
 run)
     out=${2:?usage: scripts/gpu_bench.sh run OUTDIR}
     mkdir -p "$out"
-    if compgen -G ".whl/*.whl" > /dev/null; then
+    # the wheels are for the GPU image's Python 3.12 (a rehearsal elsewhere uses its own packages)
+    if compgen -G ".whl/*.whl" > /dev/null && python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
         export PYTHONPATH=/tmp/site
     fi
@@ -70,6 +74,7 @@ run)
         kill "$server"; wait "$server" || true
     done
     ls -l "$out"
+    tar -czf "$out.tgz" -C "$out" . && echo "wrote $out.tgz"   # one file: the device returns at most 8
     ;;
 *)
     sed -n 2,12p "$0"
