@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The fast path's figures on a GPU, as one prepared run (about 8 minutes on one H200).
+# The fast path's figures on a GPU, as one prepared run (sized for one 10-minute device call;
+# not yet run on a GPU: rehearsed on CPU only).
 #
 #   scripts/gpu_bench.sh fetch            # here, with PyPI: wheels the GPU image lacks -> .whl/
 #   scripts/gpu_bench.sh run OUTDIR       # there, from the repository root (carry .whl)
@@ -77,7 +78,7 @@ run)
     tar -czf "$out.tgz" -C "$out" . && echo "wrote $out.tgz"   # one file: the device returns at most 8
     ;;
 *)
-    sed -n 2,12p "$0"
+    sed -n 2,13p "$0"
     exit 2
     ;;
 esac
