@@ -21,7 +21,8 @@ replays CUDA graphs (``mode="reduce-overhead"``): the key length is padded to
 ``warm_up()`` records every batch x key bucket. That path has not run on a GPU yet; its
 key padding is tested on CPU (set ``key_buckets`` on an eager runner).
 
-It returns one ``RowOutput`` per decode row and per last prefill chunk: a sampled token,
+It returns one ``RowOutput`` per decode row and per last prefill chunk (both kinds share
+one LM head product and one sampling call): a sampled token,
 the stop classifier's probability, the thought's trace, as the plan asks. The runner owns
 the slot table (each slot's length and last hidden state) and the per-request random
 generators of seeded requests; it knows nothing of requests' states, text or latent
@@ -86,12 +87,17 @@ class ModelRunner:
         for released in plan.released:
             self.lengths[released.slot] = 0
             self.generators.pop(released.request_id, None)
-        outputs: dict[str, RowOutput] = {}
-        if plan.decode:
-            outputs.update(self._decode(plan.decode))
-        if plan.prefill:
-            outputs.update(self._prefill(plan.prefill))
-        return outputs
+        rows: list[RowWork] = []
+        states: list[torch.Tensor] = []
+        for forward, work in ((self._decode, plan.decode), (self._prefill, plan.prefill)):
+            if work:
+                done, hidden = forward(work)
+                rows += done
+                states.append(hidden)
+        if not rows:
+            return {}
+        # one LM head product and one sampling call for the decode rows and the finished prompts
+        return self._row_outputs(rows, states[0] if len(states) == 1 else torch.cat(states))
 
     def allocate(self) -> int:
         """Allocate the slot cache now (one throwaway one-token prefill into slot 0) rather
@@ -127,7 +133,7 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- forwards
 
-    def _decode(self, rows: list[DecodeRow]) -> dict[str, RowOutput]:
+    def _decode(self, rows: list[DecodeRow]) -> tuple[list[DecodeRow], torch.Tensor]:
         n = max(r.slot for r in rows) + 1
         if self.decode_buckets:
             n = next(b for b in self.decode_buckets if b >= n)
@@ -165,9 +171,9 @@ class ModelRunner:
         self.hidden[slots] = hidden
         for r in rows:
             self.lengths[r.slot] += 1
-        return self._row_outputs(rows, hidden)
+        return rows, hidden
 
-    def _prefill(self, chunks: list[PrefillChunk]) -> dict[str, RowOutput]:
+    def _prefill(self, chunks: list[PrefillChunk]) -> tuple[list[PrefillChunk], torch.Tensor]:
         width = max(len(c.token_ids) for c in chunks)
         dev = self.device
         ids = torch.full((len(chunks), width), self.pad_token_id, dtype=torch.long, device=dev)
@@ -194,11 +200,11 @@ class ModelRunner:
             self.lengths[c.slot] = c.start + len(c.token_ids)
         done = [i for i, c in enumerate(chunks) if c.last]
         if not done:
-            return {}
+            return [], out.new_zeros((0, out.shape[-1]))
         last = out[torch.tensor(done, device=dev), (sizes - 1)[done]]                   # [done, d]
         rows = [chunks[i] for i in done]
         self.hidden[torch.tensor([r.slot for r in rows], device=dev)] = last
-        return self._row_outputs(rows, last)
+        return rows, last
 
     # ---------------------------------------------------------------- outputs
 
