@@ -349,6 +349,21 @@ def test_non_streaming_client_disconnect_aborts_the_request(server):
 # ---------------------------------------------------------------- benchmark script
 
 
+def test_bench_serve_compares_two_servers_side_by_side(server, capsys, tmp_path):
+    """`--compare-url` drives a second server (here the same one) at every level: both rows
+    complete every request, the ratio is the one their figures give, and the plot is written."""
+    from engine.cli import main
+    argv = ["bench", "serve", "--url", server.url, "--compare-url", server.url, "--concurrency", "2",
+            "--num-prompts", "4", "--max-tokens", "3", "--json", "--plot", str(tmp_path / "serve.png")]
+    assert main(argv) == 0
+    row = json.loads(capsys.readouterr().out)["results"][0]
+    for side in ("http", "compare"):
+        assert row[side]["completed"] == 4 and row[side]["failed"] == 0 and row[side]["total_output_tokens"] == 12
+    assert row["compare_ratio"] == pytest.approx(row["http"]["request_throughput"]
+                                                 / row["compare"]["request_throughput"])
+    assert (tmp_path / "serve.png").stat().st_size > 0
+
+
 def test_bench_serve_drives_the_server_and_the_engine(server, checkpoint, capsys):
     """`engine bench serve` end to end on a tiny run: every request completes on both
     sides with the same token count, and the ratio is reported (its value is not judged)."""

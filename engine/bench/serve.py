@@ -10,7 +10,9 @@ Metrics follow vLLM's serving benchmark: request throughput (completed / wall ti
 output token throughput (answer tokens / wall time), TTFT (send to first answer text),
 TPOT ((E2E - TTFT) / (output tokens - 1), per request), ITL (gaps between streamed
 chunks), E2E latency; mean, median and p99 of each, plus the latent phase time the
-server reports (``timings.latent``). With ``--model`` the same questions run through an
+server reports (``timings.latent``). With ``--compare-url`` a second server gets the same
+requests right after the first at every level and repeat (both see the same machine load),
+and the table adds the ratio of their requests/s. With ``--model`` the same questions run through an
 in-process ``Engine`` at the same concurrency (the offline baseline), and the table
 shows HTTP / offline output throughput (target >= 0.9 at concurrency 32). At each level
 the offline run follows the HTTP run (the server then sits idle), so both see the same
@@ -43,6 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads of the offline engine (match the server's --torch-threads)")
     p.add_argument("--repeats", type=int, default=1, help="runs per level; the median is reported (default 1)")
+    p.add_argument("--compare-url", default=None,
+                   help="a second running server (e.g. the same model with --engine-process), driven right after "
+                        "--url at every level and repeat; the table adds its rows and the ratio url / compare-url")
+    p.add_argument("--plot", default=None, metavar="PNG", help="save a chart of requests/s and ITL per level")
     p.add_argument("--api-key", default=None, help="Bearer key, if the server wants one")
     p.add_argument("--seed", type=int, default=0, help="seed of the question generator")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -193,7 +199,7 @@ def table(results: list[dict]) -> str:
             f"{'latent med':>10} {'fail':>4}")
     lines = [head, "-" * len(head)]
     for row in results:
-        for side in ("http", "offline"):
+        for side in ("http", "compare", "offline"):
             r = row.get(side)
             if r is None:
                 continue
@@ -204,6 +210,8 @@ def table(results: list[dict]) -> str:
                          f"{r['failed']:>4}")
         if row.get("ratio") is not None:
             lines.append(f"{'':>4} {'ratio':>7} HTTP/offline output throughput = {row['ratio']:.3f}")
+        if row.get("compare_ratio") is not None:
+            lines.append(f"{'':>4} {'ratio':>7} url / compare-url requests/s = {row['compare_ratio']:.3f}")
     return "\n".join(lines)
 
 
@@ -240,17 +248,24 @@ def run(args: argparse.Namespace) -> int:
     for c in levels:
         # HTTP then offline back to back at each level, so both see the same machine load;
         # with --repeats, the run with the median output throughput is kept.
-        http_runs, offline_runs = [], []
+        http_runs, compare_runs, offline_runs = [], [], []
         for _ in range(args.repeats):
             http_runs.append(asyncio.run(run_http(args.url.rstrip("/"), prompts, body, c, args.api_key)))
+            if args.compare_url:
+                compare_runs.append(asyncio.run(run_http(args.compare_url.rstrip("/"), prompts, body, c,
+                                                         args.api_key)))
             if engine is not None:
                 offline_runs.append(run_offline(engine, prompts, sampling, latent, c))
         row = {"concurrency": c, "http": _median_run(http_runs)}
+        if compare_runs:
+            row["compare"] = _median_run(compare_runs)
+            row["compare_ratio"] = row["http"]["request_throughput"] / row["compare"]["request_throughput"]
         if offline_runs:
             row["offline"] = _median_run(offline_runs)
             row["ratio"] = row["http"]["output_throughput"] / row["offline"]["output_throughput"]
         results.append(row)
-    report = {"url": args.url, "num_prompts": args.num_prompts, "max_tokens": args.max_tokens,
+    report = {"url": args.url, "compare_url": args.compare_url, "num_prompts": args.num_prompts,
+              "max_tokens": args.max_tokens,
               "thoughts": args.thoughts, "model": args.model, "results": results}
     if args.json:
         print(json.dumps(report, indent=2))
@@ -259,5 +274,33 @@ def run(args: argparse.Namespace) -> int:
         for row in results:
             if row["http"]["errors"]:
                 print(f"concurrency {row['concurrency']}: errors: {row['http']['errors']}", file=sys.stderr)
-    failed = any(row["http"]["failed"] for row in results)
+    if args.plot:
+        _plot(report, args.plot)
+    failed = any(row[side]["failed"] for row in results for side in ("http", "compare") if side in row)
     return 1 if failed else 0
+
+
+def _plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    sides = [side for side in ("http", "compare", "offline") if side in rows[0]]
+    names = {"http": report["url"], "compare": report["compare_url"] or "", "offline": "engine, no HTTP"}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9.5, 3.6))
+    width = 0.8 / len(sides)
+    for k, side in enumerate(sides):
+        xs = [i + (k - (len(sides) - 1) / 2) * width for i in range(len(rows))]
+        a.bar(xs, [row[side]["request_throughput"] for row in rows], width, label=names[side])
+        b.bar(xs, [row[side]["itl_ms"]["p99"] for row in rows], width, label=names[side])
+    for ax, label in ((a, "requests / s"), (b, "ITL p99, ms")):
+        ax.set_xticks(range(len(rows)), [str(row["concurrency"]) for row in rows])
+        ax.set(xlabel="concurrency", ylabel=label)
+    a.legend(fontsize=7)
+    fig.suptitle(f"engine bench serve: {report['num_prompts']} streamed requests of {report['max_tokens']} tokens "
+                 "per level", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}", file=sys.stderr)
