@@ -49,6 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a second running server (e.g. the same model with --engine-process), driven right after "
                         "--url at every level and repeat; the table adds its rows and the ratio url / compare-url")
     p.add_argument("--plot", default=None, metavar="PNG", help="save a chart of requests/s and ITL per level")
+    p.add_argument("--labels", default=None, metavar="A,B",
+                   help="names of --url and --compare-url in the table's plot (default: the URLs)")
     p.add_argument("--api-key", default=None, help="Bearer key, if the server wants one")
     p.add_argument("--seed", type=int, default=0, help="seed of the question generator")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -264,7 +266,9 @@ def run(args: argparse.Namespace) -> int:
             row["offline"] = _median_run(offline_runs)
             row["ratio"] = row["http"]["output_throughput"] / row["offline"]["output_throughput"]
         results.append(row)
-    report = {"url": args.url, "compare_url": args.compare_url, "num_prompts": args.num_prompts,
+    labels = (args.labels or "").split(",")
+    report = {"url": args.url, "compare_url": args.compare_url, "labels": labels if len(labels) == 2 else None,
+              "num_prompts": args.num_prompts,
               "max_tokens": args.max_tokens,
               "thoughts": args.thoughts, "model": args.model, "results": results}
     if args.json:
@@ -288,7 +292,8 @@ def _plot(report: dict, path: str) -> None:
 
     rows = report["results"]
     sides = [side for side in ("http", "compare", "offline") if side in rows[0]]
-    names = {"http": report["url"], "compare": report["compare_url"] or "", "offline": "engine, no HTTP"}
+    url, compare = report.get("labels") or (report["url"], report["compare_url"] or "")
+    names = {"http": url, "compare": compare, "offline": "engine, no HTTP"}
     fig, (a, b) = plt.subplots(1, 2, figsize=(9.5, 3.6))
     width = 0.8 / len(sides)
     for k, side in enumerate(sides):
