@@ -38,9 +38,19 @@ class RequestOutput:
     error: str | None = None
 
 
+def text_decoder(tokenizer):
+    """ids -> text without special tokens and without clean-up: the tokenizer's own
+    ``decode``, or, for a ``tokenizers``-backed one, its backend's (the same call without
+    the Python wrapper, several times faster per streamed token)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "decode"):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
 class _TextState:
-    def __init__(self, tokenizer, stop: tuple[str, ...], renamed_tokens: dict[int, str] | None = None):
-        self.tokenizer = tokenizer
+    def __init__(self, decode, stop: tuple[str, ...], renamed_tokens: dict[int, str] | None = None):
+        self.decode = decode
         self.renamed = renamed_tokens or {}   # symbol token -> the question's word (symbols models)
         self.stop = stop
         self.hold = max((len(s) for s in stop), default=1) - 1
@@ -56,18 +66,18 @@ class _TextState:
 
     def _decode(self, ids: list[int]) -> str:
         if not self.renamed or not any(i in self.renamed for i in ids):
-            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            return self.decode(ids)
         parts, run = [], []
         for i in ids:
             if i in self.renamed:
                 if run:
-                    parts.append(self.tokenizer.decode(run, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+                    parts.append(self.decode(run))
                     run = []
                 parts.append(self.renamed[i])
             else:
                 run.append(i)
         if run:
-            parts.append(self.tokenizer.decode(run, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+            parts.append(self.decode(run))
         return "".join(parts)
 
     def add(self, new_ids: list[int], final: bool) -> None:
@@ -102,10 +112,11 @@ class OutputProcessor:
     def __init__(self, tokenizer, prompt_format: PromptFormat):
         self.tokenizer = tokenizer
         self.prompt_format = prompt_format
+        self._decode = text_decoder(tokenizer)
         self._states: dict[str, tuple[Request, _TextState]] = {}
 
     def add(self, request: Request) -> None:
-        self._states[request.request_id] = (request, _TextState(self.tokenizer, request.sampling.stop,
+        self._states[request.request_id] = (request, _TextState(self._decode, request.sampling.stop,
                                                                          request.renamed_tokens))
 
     def process(self, outputs: list[CoreOutput]) -> tuple[list[RequestOutput], list[str]]:
