@@ -33,7 +33,7 @@ class ServerSettings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, description="requests decoded together in one forward pass")
     max_queue: int = Field(256, ge=1, description="requests waiting for a batch slot before 503")
     max_seq_len: int | None = Field(None, ge=2, description="positions per request (default: the model's, at most 4096); the KV cache holds max_batch_size x max_seq_len")
-    max_prefill_tokens: int = Field(2048, ge=1, description="prompt tokens prefilled per step (longer prompts are prefilled in chunks, interleaved with decoding): lower for steadier gaps between tokens under arrivals, higher for sooner first tokens")
+    max_prefill_tokens: int = Field(512, ge=1, description="prompt tokens prefilled per step (longer prompts are prefilled in chunks, interleaved with decoding): lower for steadier gaps between tokens under arrivals, higher for sooner first tokens")
     seed: int | None = Field(None, description="seed of the engine's shared generator (unseeded requests)")
     compile: bool = Field(False, description="compile the decode step with torch.compile (rows padded to "
                           "batch buckets, all compiled at start-up; on CPU it needs a C++ compiler)")

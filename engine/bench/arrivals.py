@@ -14,7 +14,9 @@ tokens) median and p99, and the ratio ITL p99 / median (target <= 2x at concurre
 a budget bounds the prefill a step may carry, so it bounds the longest gap, at the price
 of a longer TTFT for a long prompt (prefilled over several steps). The engine is driven
 in-process (no HTTP), one step at a time. The default model is a random 6-layer,
-384-wide GPT-2 with ProsQA-length prompts (~250 tokens) and 4 thoughts. Gaps are taken
+384-wide GPT-2 with ProsQA-length prompts (~250 tokens) and 4 thoughts; ``--model`` with
+``--data`` measures a trained model on its own questions (e.g. the bundled model on its
+``test.json``). Gaps are taken
 between tokens (not text pieces, which a random model's byte tokens can hold back).
 """
 
@@ -41,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budgets", default="0,512,256,128",
                    help="comma-separated max_prefill_tokens per arm; 0 = unbounded (default 0,512,256,128)")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds over the arms (default 2)")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="take the questions from a records file (e.g. a model's test.json; --prompt-tokens "
+                        "is then ignored) instead of generated ~--prompt-tokens ones")
     p.add_argument("--plot", default=None, metavar="PNG", help="save a chart of ITL and TTFT per budget")
     p.set_defaults(func=run)
 
@@ -82,7 +87,16 @@ def run(args: argparse.Namespace) -> int:
                                                      max_batch_size=args.concurrency, max_seq_len=1024,
                                                      max_prefill_tokens=tokens, seed=args.seed)
         tokenizer = engines[budgets[0]].checkpoint.tokenizer
-        prompts = make_questions(tokenizer, args.num_requests, args.prompt_tokens, args.seed)
+        if args.data:
+            from engine.data.records import load_records
+
+            records = load_records(args.data)
+            prompts = [records[i % len(records)].question for i in range(args.num_requests)]
+        else:
+            prompts = make_questions(tokenizer, args.num_requests, args.prompt_tokens, args.seed)
+        first = engines[budgets[0]]
+        prompt_tokens = statistics.mean(len(first.make_request(q, samplings[0], latent).prompt_token_ids)
+                                        for q in prompts)
         for r in range(args.rounds):
             for budget in budgets:
                 log(f"round {r + 1}/{args.rounds}: budget {budget or 'unbounded'}")
@@ -97,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         itl = kept["itl_ms"]
         arms.append({"budget": budget, "itl_p99_over_median": itl["p99"] / itl["median"], **kept})
     report = {"concurrency": args.concurrency, "num_requests": args.num_requests,
-              "prompt_tokens": args.prompt_tokens, "max_tokens_mean": statistics.mean(lengths),
+              "prompt_tokens": round(prompt_tokens, 1), "data": args.data, "max_tokens_mean": statistics.mean(lengths),
               "thoughts": args.thoughts, "threads": args.threads, "model": args.model or
               f"random GPT-2 {args.layers}x{args.hidden}, vocab {args.vocab}", "arms": arms}
     if args.json:
