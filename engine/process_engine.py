@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 def _child_main(inbox, conn, path: str, config: dict, torch_threads: int | None) -> None:
     """The engine loop of the child process: add, abort, step, report. ``inbox``: the
     parent's messages; ``conn``: this process's reports."""
+    import signal
+
+    # Ctrl-C reaches the whole process group: the parent drains and then stops this process
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import torch
 

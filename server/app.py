@@ -3,11 +3,12 @@
     app = create_app(ServerSettings(model="/ckpt", max_batch_size=32))
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-The lifespan loads the checkpoint (unless an ``Engine`` is passed in, as tests do),
-starts one ``AsyncEngine`` whose background loop owns the model (every request goes
-through it, so concurrent requests share forward passes), and on shutdown drains it:
+The lifespan starts one running engine whose loop owns the model (every request goes
+through it, so concurrent requests share forward passes): a ``ProcessEngine`` (the loop
+in a child process, the default) or, with ``engine_process`` off or an ``Engine`` passed
+in (as tests do), an ``AsyncEngine`` (the loop in a thread). On shutdown it drains it:
 uvicorn first stops accepting connections and waits for the open ones (in-flight
-requests finish), then ``AsyncEngine.shutdown(drain=True)`` stops the loop.
+requests finish), then ``shutdown(drain=True)`` stops the loop.
 """
 
 from __future__ import annotations

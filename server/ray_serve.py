@@ -106,7 +106,8 @@ class CoconutReplica:
         from ray import serve
 
         name = serve.get_replica_context().replica_tag
-        app = create_app(self.settings, replica_name=name)
+        # a replica is a process of its own already: its engine runs in it (no child process)
+        app = create_app(self.settings.model_copy(update={"engine_process": False}), replica_name=name)
         hub = metrics_hub(ray)
 
         async def render_metrics() -> bytes:

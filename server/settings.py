@@ -37,9 +37,10 @@ class ServerSettings(BaseSettings):
     seed: int | None = Field(None, description="seed of the engine's shared generator (unseeded requests)")
     compile: bool = Field(False, description="compile the decode step with torch.compile (rows padded to "
                           "batch buckets, all compiled at start-up; on CPU it needs a C++ compiler)")
-    engine_process: bool = Field(False, description="run the engine loop in its own process (the HTTP "
+    engine_process: bool = Field(True, description="run the engine loop in its own process (the HTTP "
                                  "work and the model then never wait for each other's interpreter lock; the "
-                                 "server's process only tokenizes)")
+                                 "server's process only tokenizes); --no-engine-process runs it in a thread of "
+                                 "the server's process. Ray Serve replicas always run their engine in-process")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch ops (default: "
                                       "torch's choice; 1 is fastest for small models on busy CPUs)")
 

@@ -2,8 +2,8 @@
 
 Answers are the naive reference's token for token; an abandoned stream frees its slot; bad
 input is refused in the parent; a dead child fails every waiting caller and turns
-``is_healthy`` false; and ``engine serve --engine-process`` answers over HTTP, streamed
-and not, as the in-process server does."""
+``is_healthy`` false; and ``engine serve`` (the engine in its own process by default)
+answers over HTTP, streamed and not, as the in-process server (``--no-engine-process``) does."""
 
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def test_engine_serve_with_the_engine_in_its_own_process(gpt2_checkpoint):
 
     oracle = Engine.from_pretrained(gpt2_checkpoint)
     want = oracle.generate(QUESTIONS[2], SamplingParams(max_tokens=8), LatentPolicy(mode="fixed", thoughts=3))[0]
-    with LiveServer(gpt2_checkpoint, "--engine-process", "--max-batch-size", "4") as live:
+    with LiveServer(gpt2_checkpoint, "--max-batch-size", "4") as live:      # the default
         with httpx.Client(base_url=live.url, timeout=60) as http:
             body = {"question": QUESTIONS[2], "max_tokens": 8, "latent": {"mode": "fixed", "thoughts": 3}}
             r = http.post("/v1/reason", json=body)
@@ -152,3 +152,7 @@ def test_engine_serve_with_the_engine_in_its_own_process(gpt2_checkpoint):
             assert http.post("/v1/reason", json={"question": ""}).status_code == 422
             assert http.get("/ready").status_code == 200
         assert "engine in its own process" in live.output()
+    with LiveServer(gpt2_checkpoint, "--no-engine-process", "--max-batch-size", "4") as live:
+        r = httpx.post(live.url + "/v1/reason", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["text"] == want.text
+        assert "engine in its own process" not in live.output()

@@ -81,7 +81,7 @@ def test_full_queue_answers_503_with_retry_after_and_leaks_nothing(checkpoint):
         assert metrics['coconut_requests_finished_total{reason="abort"}'] == 3
         assert metrics['coconut_requests_finished_total{reason="rejected"}'] == 3
         assert not any('status="500"' in k for k in metrics), "a 500 was answered"
-        assert server.async_engine._pending == 0 and not server.async_engine._streams
+        assert server.async_engine.num_waiting == 0 and not server.async_engine._streams
         assert http.post("/v1/reason", json={"question": QUESTION, "max_tokens": 4}).status_code == 200
 
 
