@@ -54,6 +54,7 @@ class RequestStreams:
     ``abort(request_id)``."""
 
     engine: Engine
+    max_queue: int
     _streams: dict[str, asyncio.Queue]
     _accepting: bool
     is_healthy: bool
@@ -100,6 +101,15 @@ class RequestStreams:
 
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
+
+    def _check_admission(self, request: Request) -> None:
+        """Raise if the request cannot be queued now (engine down, queue full, id in use)."""
+        if not self.accepting:
+            raise EngineDeadError("the engine is not accepting requests (shutting down or failed)")
+        if self.num_waiting >= self.max_queue:
+            raise EngineOverloadedError(f"the waiting queue is full ({self.max_queue} requests)")
+        if request.request_id in self._streams:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
 
     def _submit(self, request: Request) -> asyncio.Queue:
         raise NotImplementedError
@@ -162,13 +172,8 @@ class AsyncEngine(RequestStreams):
         self._wake.set()
 
     def _submit(self, request: Request) -> asyncio.Queue:
-        if not self.accepting:
-            raise EngineDeadError("the engine is not accepting requests (shutting down or failed)")
         with self._lock:
-            if self.num_waiting >= self.max_queue:
-                raise EngineOverloadedError(f"the waiting queue is full ({self.max_queue} requests)")
-            if request.request_id in self._streams:
-                raise ValueError(f"request id {request.request_id!r} is already in use")
+            self._check_admission(request)
             self._pending += 1
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request.request_id] = stream

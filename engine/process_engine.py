@@ -34,7 +34,7 @@ import multiprocessing
 import threading
 from typing import Callable
 
-from engine.async_engine import EngineDeadError, EngineOverloadedError, RequestStreams
+from engine.async_engine import EngineDeadError, RequestStreams
 from engine.core import StepStats
 from engine.output import RequestOutput
 from engine.request import Request
@@ -89,8 +89,9 @@ def _child_main(inbox, conn, path: str, config: dict, torch_threads: int | None)
             pass
 
 
-# A step's outputs travel as tuples of their fields (pickled several times faster than the
-# dataclasses), without the prompt's ids, which the parent has.
+# A step's outputs travel as tuples of their fields, without the prompt's ids, which the
+# parent has (packed, pickled, unpickled and rebuilt in 0.09 ms for 64 outputs, against
+# 0.16 ms for pickling the dataclasses themselves).
 _FIELDS = [f.name for f in dataclasses.fields(RequestOutput)]
 _PROMPT = _FIELDS.index("prompt_token_ids")
 
@@ -117,7 +118,6 @@ class ProcessEngine(RequestStreams):
         self._process = None
         self._conn = None           # parent -> child
         self._reports = None        # child -> parent, read by the reader thread
-        self._reader: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fatal: str | None = None
         self._accepting = False
@@ -147,8 +147,7 @@ class ProcessEngine(RequestStreams):
         if kind != "ready":
             self._fatal = payload
             raise EngineDeadError(f"the engine process did not start: {payload}")
-        self._reader = threading.Thread(target=self._read_reports, name="engine-process-reader", daemon=True)
-        self._reader.start()
+        threading.Thread(target=self._read_reports, name="engine-process-reader", daemon=True).start()
         self._accepting = True
 
     async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
@@ -194,12 +193,7 @@ class ProcessEngine(RequestStreams):
         self._prompts.pop(request_id, None)
 
     def _submit(self, request: Request) -> asyncio.Queue:
-        if not self.accepting:
-            raise EngineDeadError("the engine is not accepting requests (shutting down or failed)")
-        if self.num_waiting >= self.max_queue:
-            raise EngineOverloadedError(f"the waiting queue is full ({self.max_queue} requests)")
-        if request.request_id in self._streams:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self._check_admission(request)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request.request_id] = stream
         self._prompts[request.request_id] = request.prompt_token_ids

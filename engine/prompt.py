@@ -49,13 +49,13 @@ class PromptFormat:
     def _node_ids(self, graph) -> list[int | None]:
         """``node_token_ids`` of the graph, remembered per word (a symbols model reads the
         same few dozen words in every question)."""
-        from engine.data.question import node_token_ids
+        from engine.data.question import word_token_ids
 
         missing = [w for w in dict.fromkeys(graph.nodes) if w not in self._word_ids]
         if missing:
             if len(self._word_ids) > 100_000:   # open vocabularies: keep the memory bounded
                 self._word_ids.clear()
-            self._word_ids.update(zip(missing, node_token_ids(_Nodes(missing), self.tokenizer)))
+            self._word_ids.update(zip(missing, word_token_ids(missing, self.tokenizer)))
         return [self._word_ids[w] for w in graph.nodes]
 
     def question_ids(self, question: str) -> list[int]:
@@ -151,10 +151,3 @@ def _refuse_control_characters(question: str) -> None:
         if ch not in "\n\r\t" and unicodedata.category(ch) == "Cc":
             raise ValueError(f"the question contains a control character (U+{ord(ch):04X} at position {i}); "
                              f"remove it")
-
-
-class _Nodes:
-    """A stand-in graph with just ``nodes``, for ``node_token_ids`` of a word list."""
-
-    def __init__(self, nodes: list[str]):
-        self.nodes = nodes

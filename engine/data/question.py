@@ -134,7 +134,12 @@ def parse_question(text: str) -> QuestionGraph:
 def node_token_ids(graph: QuestionGraph, tokenizer) -> list[int | None]:
     """Each node's token id (``graph.nodes`` order, with the leading space the compact text
     gives), or None where the word does not encode as exactly one token."""
-    encoded = tokenizer([" " + w for w in graph.nodes], add_special_tokens=False)["input_ids"]
+    return word_token_ids(graph.nodes, tokenizer)
+
+
+def word_token_ids(words, tokenizer) -> list[int | None]:
+    """Each word's token id with a leading space, or None where it is not exactly one token."""
+    encoded = tokenizer([" " + w for w in words], add_special_tokens=False)["input_ids"]
     return [ids[0] if len(ids) == 1 else None for ids in encoded]
 
 
