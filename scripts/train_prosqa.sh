@@ -2,11 +2,13 @@
 # Train the ProsQA CPU recipe (configs/prosqa_{cot,coconut,no_cot}.yaml), one run after the
 # other, each from the bundled linear-chain model (a curriculum of graph sizes); and
 # `superposition` (configs/prosqa_superposition.yaml: COCONUT from scratch with symbols,
-# frontier targets and teacher-forced thoughts). Not named: coconut, cot and no_cot.
+# frontier targets and teacher-forced thoughts); `superposition_wide`
+# (configs/prosqa_superposition_wide.yaml: that run's best model widened to d=256, 8 heads, by
+# `engine widen`, function-preserving, then trained on). Not named: coconut, cot and no_cot.
 # A run resumes exactly from its last checkpoint_<E> when interrupted: rerun the same command
 # (a finished run is not trained again; --set num_epochs=N trains a finished one further).
 # Extra --set options apply to every run named.
-# Usage: scripts/train_prosqa.sh [coconut|cot|no_cot|superposition ...] [-- --set key=value ...]
+# Usage: scripts/train_prosqa.sh [coconut|cot|no_cot|superposition|superposition_wide ...] [-- --set key=value ...]
 # Model selection uses the official ProsQA validation split when ../shared/data holds it,
 # else the configs' generator split (seed 4242).
 set -euo pipefail
@@ -40,6 +42,13 @@ for m in "${methods[@]}"; do
   if [ -d "checkpoints/prosqa/prosqa_$m" ] && ! ls -d "runs/prosqa/prosqa_$m"/checkpoint_* >/dev/null 2>&1; then
     mkdir -p "runs/prosqa/prosqa_$m" && cp -r "checkpoints/prosqa/prosqa_$m"/. "runs/prosqa/prosqa_$m"/
     echo "continuing prosqa_$m from checkpoints/prosqa/prosqa_$m"
+  fi
+  # superposition_wide starts from the superposition run's best model widened (seed 0: the same
+  # bytes on every clone); only used when no checkpoint of the run exists.
+  wide_init=runs/prosqa/superposition_wide_init
+  if [ "$m" = superposition_wide ] && [ ! -f "$wide_init/model.safetensors" ]; then
+    "$engine" widen --from checkpoints/prosqa/prosqa_superposition/best --out "$wide_init" \
+      --hidden-size 256 --heads 8 --intermediate-size 1024 --noise 1e-5 --seed 0
   fi
   echo "training prosqa_$m (log: runs/prosqa/prosqa_$m.log)"
   "$engine" train "configs/prosqa_$m.yaml" "${extra[@]}" "$@" 2>&1 | tr '\r' '\n' | grep --line-buffered -v "it/s\]$\|s/it\]$" >> "runs/prosqa/prosqa_$m.log" || true

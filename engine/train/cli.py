@@ -7,6 +7,9 @@
   time. ``--data`` may be a file or a generator spec.
 - ``engine convert-reference CKPT --base MODEL_DIR --out DIR``: a reference checkpoint to
   our format.
+- ``engine widen --from DIR --out DIR --hidden-size D --heads H --intermediate-size I``: a
+  wider copy of a Llama-shaped checkpoint computing the same function
+  (``engine.train.widen``), to warm-start a wider run.
 """
 
 from __future__ import annotations
@@ -52,6 +55,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--c-thought", type=int, default=1, help="thoughts per reasoning step (default 1)")
     p.add_argument("--max-latent-stage", type=int, default=6, help="the last curriculum stage (default 6)")
     p.set_defaults(func=run_convert)
+
+    p = sub.add_parser("widen", help="widen a Llama-shaped checkpoint, preserving its function",
+                       description="Copy a checkpoint into a wider one (same head_dim, more heads, wider MLP): old "
+                                   "weights in the leading blocks, new writers into the residual stream ~0, "
+                                   "RMSNorm weights rescaled, so logits and continuous thoughts are unchanged.")
+    p.add_argument("--from", dest="source", required=True, help="checkpoint directory to widen")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--hidden-size", type=int, required=True, help="new residual width")
+    p.add_argument("--heads", type=int, required=True, help="new number of attention heads (head_dim is kept)")
+    p.add_argument("--intermediate-size", type=int, required=True, help="new MLP width")
+    p.add_argument("--noise", type=float, default=1e-5,
+                   help="std of the new entries that write into the residual stream (default 1e-5; 0: exact)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new entries (default 0)")
+    p.set_defaults(func=run_widen)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -124,6 +141,15 @@ def run_eval(args: argparse.Namespace) -> int:
             print(f"  thought {f['thought']}: mass on frontier {f['frontier_mass']:.3f}, "
                   f"one hop past {f['next_mass']:.3f}, rest {f['rest_mass']:.3f}")
     sys.stdout.flush()
+    return 0
+
+
+def run_widen(args: argparse.Namespace) -> int:
+    from engine.train.widen import widen_checkpoint
+
+    out = widen_checkpoint(args.source, args.out, args.hidden_size, args.heads, args.intermediate_size,
+                           noise=args.noise, seed=args.seed)
+    print(f"wrote {out}")
     return 0
 
 
