@@ -24,7 +24,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engine.errors import CheckpointError
-from engine.params import LatentPolicy, ResolvedLatent
+from engine.params import (ADAPTIVE_MODES, DEFAULT_ENTROPY_THRESHOLD, DEFAULT_PATIENCE, MAX_ENTROPY_THRESHOLD,
+                           MAX_THOUGHTS_CEILING, LatentFeedback, LatentPolicy, ResolvedLatent)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,30 @@ class StopClassifierSpec(BaseModel):
     max_thoughts: int = Field(16, ge=1, le=1024)
     hidden_size: int = Field(0, ge=0, description="width of the MLP's hidden layer; 0 = linear head")
     accuracy: float | None = Field(None, description="held-out accuracy measured by the trainer")
+
+
+class FeedbackSpec(BaseModel):
+    """``coconut.json: latent_feedback``: what a continuous thought feeds back
+    (``engine.params.LatentFeedback``; ``engine.feedback`` computes it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["hidden", "projection", "soft_embedding"] = "hidden"
+    file: str | None = Field(None, description="projection: the safetensors file of prj's state dict, "
+                                              "relative to the checkpoint directory")
+    temperature: float | None = Field(None, gt=0, le=100)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _fields_of_type(self) -> "FeedbackSpec":
+        if self.type == "projection" and not self.file:
+            raise ValueError("type 'projection' needs 'file' (e.g. latent_projection.safetensors)")
+        self.feedback()       # the same checks as a request's
+        return self
+
+    def feedback(self) -> LatentFeedback:
+        return LatentFeedback(self.type, self.temperature, self.top_k, self.top_p, self.file)
 
 
 class CoconutConfig(BaseModel):
@@ -68,6 +93,24 @@ class CoconutConfig(BaseModel):
                                              "(engine.data.symbols): each question's names are renamed to these "
                                              "many symbols before tokenizing, and the output is renamed back")
     stop_classifier: StopClassifierSpec | None = None
+    latent_feedback: FeedbackSpec = Field(default_factory=FeedbackSpec,
+                                          description="what a thought feeds back (default: the hidden state)")
+    latent_mode: Literal["fixed", "auto", "entropy", "token"] | None = Field(
+        None, description="the latent mode of a request that names none (None: fixed; CoT and no-CoT "
+                          "models answer without markers)")
+    max_thoughts: int = Field(16, ge=1, le=MAX_THOUGHTS_CEILING,
+                              description="the cap of the entropy and token modes")
+    entropy_threshold: float = Field(DEFAULT_ENTROPY_THRESHOLD, ge=0, le=MAX_ENTROPY_THRESHOLD,
+                                     description="the entropy mode's threshold, nats")
+    patience: int = Field(DEFAULT_PATIENCE, ge=1, le=MAX_THOUGHTS_CEILING,
+                          description="the entropy mode: thoughts in a row below the threshold")
+    latent_prefix_tokens: list[str] = Field(default_factory=list,
+                                            description="tokens between the question and <bot> (CODI: EOS)")
+    latent_suffix_tokens: list[str] = Field(default_factory=list,
+                                            description="tokens fed after <eot>, before the answer (CODI: EOS)")
+    suppress_token_ids: list[int] = Field(default_factory=list,
+                                          description="token ids the answer never picks (CODI: its last "
+                                                      "vocabulary entry)")
     training: dict[str, Any] | None = Field(None, description="how the trainer produced it")
 
     @model_validator(mode="after")
@@ -83,49 +126,94 @@ class CoconutConfig(BaseModel):
 
     @property
     def default_mode(self) -> str:
-        """CoT and no-CoT models answer without markers; every other method thinks."""
+        """``latent_mode`` when set; else CoT and no-CoT models answer without markers and
+        every other method thinks a fixed number of thoughts."""
+        if self.latent_mode is not None:
+            return self.latent_mode
         return "none" if self.method in ("cot", "no_cot") else "fixed"
 
     def resolve(self, policy: LatentPolicy | None) -> ResolvedLatent:
         """Fill a request's latent policy with this checkpoint's defaults (the only place
-        they are applied: an unset policy or mode takes ``default_mode``, unset counts and
-        thresholds the checkpoint's)."""
+        they are applied: an unset policy or mode takes ``default_mode``, unset counts,
+        thresholds and feedback parameters the checkpoint's)."""
         if policy is None:
-            policy = LatentPolicy(mode=self.default_mode)  # type: ignore[arg-type]
-        elif policy.mode is None:  # nothing but trace_top_k was given (LatentPolicy infers the rest)
-            policy = LatentPolicy(mode=self.default_mode, trace_top_k=policy.trace_top_k)  # type: ignore[arg-type]
-        feed = "pause" if self.method == "pause_as_thought" else "hidden"
-        if policy.mode == "none":
+            policy = LatentPolicy(mode=None)
+        mode = policy.mode
+        if mode is None:   # nothing that implies a mode was given (at most max_thoughts, feedback, trace)
+            mode = self.default_mode
+            if policy.max_thoughts is not None and mode not in ADAPTIVE_MODES:
+                mode = "auto"
+            if mode == "none" and policy.feedback is not None:
+                raise ValueError("latent.feedback needs a latent mode: this checkpoint answers without "
+                                 "thoughts by default (set latent.mode)")
+        if mode == "none":
             return ResolvedLatent(mode="none", thoughts=0, trace_top_k=0)
-        if policy.mode == "fixed":
+        pause = self.method == "pause_as_thought"
+        feedback = self._feedback(policy.feedback, pause)
+        common = dict(feed="pause" if pause else "hidden", trace_top_k=policy.trace_top_k, feedback=feedback)
+        if mode == "fixed":
             n = self.num_thoughts if policy.thoughts is None else policy.thoughts
-            return ResolvedLatent(mode="fixed", feed=feed, thoughts=n,
-                                  trace_top_k=policy.trace_top_k)
+            return ResolvedLatent(mode="fixed", thoughts=n, **common)
+        if pause:
+            raise ValueError(f"latent mode {mode!r} is not available for pause_as_thought models "
+                             f"(their thoughts are fixed inputs): use mode 'fixed'")
+        if mode in ("entropy", "token"):
+            return ResolvedLatent(
+                mode=mode, thoughts=self.max_thoughts if policy.max_thoughts is None else policy.max_thoughts,
+                entropy_threshold=(self.entropy_threshold if policy.entropy_threshold is None
+                                   else float(policy.entropy_threshold)),
+                patience=self.patience if policy.patience is None else policy.patience, **common)
         spec = self.stop_classifier
         if spec is None:
             raise ValueError("latent mode 'auto' needs a stop classifier, and this checkpoint "
                              "has none (coconut.json: stop_classifier is null); use mode "
-                             "'fixed' or train one with `engine train` (stop classifier stage)")
-        if feed == "pause":
-            raise ValueError("latent mode 'auto' is not available for pause_as_thought models")
+                             "'fixed', 'entropy' or 'token', or train one with `engine train` "
+                             "(stop classifier stage)")
         return ResolvedLatent(
-            mode="auto", feed="hidden",
-            thoughts=spec.max_thoughts if policy.max_thoughts is None else policy.max_thoughts,
-            threshold=spec.threshold if policy.threshold is None else policy.threshold,
-            trace_top_k=policy.trace_top_k)
+            mode="auto", thoughts=spec.max_thoughts if policy.max_thoughts is None else policy.max_thoughts,
+            threshold=spec.threshold if policy.threshold is None else policy.threshold, **common)
+
+    def _feedback(self, asked: LatentFeedback | None, pause: bool) -> LatentFeedback:
+        """The checkpoint's feedback operator, or the request's: ``hidden`` or
+        ``soft_embedding`` on any checkpoint (soft parameters not given keep the
+        checkpoint's when it is a soft one), ``projection`` only where the checkpoint has it."""
+        own = self.latent_feedback.feedback()
+        if asked is None:
+            return own.resolved()
+        if pause and asked.type != "hidden":
+            raise ValueError("latent.feedback is not available for pause_as_thought models "
+                             "(their thoughts are the latent token's embedding)")
+        if asked.type == "projection":
+            if own.type != "projection":
+                raise ValueError("latent.feedback type 'projection' needs the checkpoint's learned "
+                                 "projection, and this checkpoint has none (coconut.json: latent_feedback "
+                                 f"is {own.type!r}); use 'hidden' or 'soft_embedding'")
+            return own
+        if asked.type == "soft_embedding" and own.type == "soft_embedding":
+            asked = LatentFeedback("soft_embedding",
+                                   *(own_value if value is None else value for value, own_value in
+                                     ((asked.temperature, own.temperature), (asked.top_k, own.top_k),
+                                      (asked.top_p, own.top_p))))
+        return asked.resolved()
 
     @classmethod
-    def read(cls, directory: str | Path) -> "CoconutConfig":
+    def read(cls, directory: str | Path, overrides: dict[str, Any] | None = None) -> "CoconutConfig":
+        """``coconut.json`` of a checkpoint, with ``overrides`` on top; without the file,
+        ``overrides`` alone (a plain Hugging Face model served as a latent reasoner)."""
         path = Path(directory) / COCONUT_JSON
-        if not path.is_file():
+        if not path.is_file() and overrides is None:
             raise CheckpointError(f"{directory}: missing {COCONUT_JSON} (not a COCONUT "
-                                  f"checkpoint; see README 'Checkpoint format')")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+                                  f"checkpoint; see README 'Checkpoint format'; a plain Hugging Face "
+                                  f"model is served with --latent-feedback and the marker flags)")
+        raw: Any = {}
+        if path.is_file():
+            try:
+                raw = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(raw, dict):
             raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        raw = {**raw, **(overrides or {})}
         try:
             return cls.model_validate(raw)
         except ValidationError as e:
@@ -145,6 +233,8 @@ class MarkerIds:
     latent: int
     eos: tuple[int, ...]
     pad: int
+    prefix: tuple[int, ...] = ()     # latent_prefix_tokens: between the question and <bot>
+    suffix: tuple[int, ...] = ()     # latent_suffix_tokens: after <eot>, before the answer
 
 
 @dataclass
@@ -159,6 +249,7 @@ class Checkpoint:
     stop_classifier: torch.nn.Module | None
     max_seq_len: int
     name: str
+    projection: torch.nn.Module | None = None    # latent_feedback type projection: prj
 
 
 def _check_weights_are_safetensors(directory: Path) -> None:
@@ -240,10 +331,16 @@ def load_tokenizer(directory: str | Path):
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
-                    weights: bool = True) -> Checkpoint:
+                    weights: bool = True, coconut: dict[str, Any] | None = None) -> Checkpoint:
     """Load and validate a checkpoint directory. Raises ``CheckpointError`` naming the problem.
     ``weights=False``: the model is built on the meta device from its config (shapes, no
-    memory) and no stop classifier is loaded; for a process that only tokenizes."""
+    memory) and no stop classifier is loaded; for a process that only tokenizes.
+
+    ``coconut``: ``coconut.json`` fields that override the file's; with them a plain Hugging
+    Face model directory (no ``coconut.json``) is served too (e.g. Soft Thinking:
+    ``{"latent_feedback": {"type": "soft_embedding"}, "bot_token": "<think>", "eot_token":
+    "</think>"}``). Markers such a model's tokenizer lacks are added as special tokens, with
+    new embedding rows (the mean of the others)."""
     from transformers import AutoModelForCausalLM
 
     from engine.stop_classifier import StopClassifier
@@ -251,7 +348,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str | torch.dt
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
-    config = CoconutConfig.read(directory)
+    plain = not (directory / COCONUT_JSON).is_file() and coconut is not None
+    config = CoconutConfig.read(directory, overrides=coconut)
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory}: missing config.json (the Hugging Face model config)")
     _check_weights_are_safetensors(directory)
@@ -268,30 +366,61 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str | torch.dt
             model = _model_without_weights(directory, torch_dtype)
     except Exception as e:
         raise CheckpointError(f"{directory}: the model does not load ({e})") from e
+    if plain:
+        _add_missing_markers(model, tokenizer, config, resize=weights)
     markers = MarkerIds(
         bot=token_id(tokenizer, config.bot_token, "bot_token"),
         eot=token_id(tokenizer, config.eot_token, "eot_token"),
         latent=token_id(tokenizer, config.latent_token, "latent_token"),
         eos=eos_ids(tokenizer, model),
-        pad=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+        pad=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                else (tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)),
+        prefix=tuple(token_id(tokenizer, t, "latent_prefix_tokens") for t in config.latent_prefix_tokens),
+        suffix=tuple(token_id(tokenizer, t, "latent_suffix_tokens") for t in config.latent_suffix_tokens),
     )
     if not markers.eos:
         raise CheckpointError(f"{directory}: the tokenizer has no eos_token and the model's "
                               f"generation config no eos_token_id")
-    vocab = model.get_input_embeddings().weight.shape[0]
+    vocab, hidden = model.get_input_embeddings().weight.shape
     for name in ("bot", "eot", "latent"):
         if getattr(markers, name) >= vocab:
             raise CheckpointError(f"{directory}: {name}_token id {getattr(markers, name)} is outside "
                                   f"the model's embedding table ({vocab} rows)")
-    classifier = None
+    bad = [i for i in config.suppress_token_ids if not 0 <= i < vocab]
+    if bad:
+        raise CheckpointError(f"{directory}: coconut.json field 'suppress_token_ids': {bad} outside the "
+                              f"vocabulary (0..{vocab - 1})")
+    classifier = projection = None
     if config.stop_classifier is not None and weights:
-        hidden = model.get_input_embeddings().weight.shape[1]
         classifier = StopClassifier.load(directory / config.stop_classifier.path, hidden,
                                          config.stop_classifier.hidden_size)
         classifier.to(device=device, dtype=torch_dtype).eval()
+    if config.latent_feedback.type == "projection" and weights:
+        from engine.feedback import LatentProjection
+
+        projection = LatentProjection.load(directory / config.latent_feedback.file, hidden)
+        projection.to(device=device, dtype=torch_dtype)
     return Checkpoint(path=directory, model=model, tokenizer=tokenizer, config=config,
                       markers=markers, stop_classifier=classifier,
-                      max_seq_len=model_max_len(model.config), name=directory.name)
+                      max_seq_len=model_max_len(model.config), name=directory.name, projection=projection)
+
+
+def _add_missing_markers(model, tokenizer, config: CoconutConfig, resize: bool) -> None:
+    """A plain model served with markers its tokenizer lacks: add them as special tokens and
+    grow the embedding (and untied LM head) with rows at the mean of the others."""
+    vocab = set(tokenizer.get_vocab())
+    missing = [t for t in dict.fromkeys([config.bot_token, config.eot_token, config.latent_token,
+                                         *config.latent_prefix_tokens, *config.latent_suffix_tokens])
+               if t not in vocab]
+    if not missing:
+        return
+    tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        if not resize:   # a frontend on the meta device: the shapes only
+            return
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    log.info("added markers %s to the tokenizer (%d tokens)", missing, len(tokenizer))
 
 
 def _model_without_weights(directory: Path, dtype: torch.dtype):

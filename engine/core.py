@@ -9,8 +9,11 @@ forward pass).
 
 The latent state machine lives in ``_advance``: after the prefill (which fed
 ``<bot>``) and after each thought, a request in latent mode either feeds its newest
-hidden state as the next thought or ends latent mode, which feeds ``<eot>``; ``fixed``
-counts thoughts, ``auto`` asks the stop classifier's probability.
+hidden state as the next thought (made by the request's feedback operator, in the
+runner) or ends latent mode, which feeds ``<eot>`` and the checkpoint's latent suffix;
+``fixed`` counts thoughts, ``auto`` asks the stop classifier's probability, ``entropy``
+reads the entropy of ``softmax(W h)`` (below the threshold ``patience`` times in a row),
+``token`` whether the argmax of ``W h`` is ``<eot>``.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class StepStats:
     num_prefilled: int = 0     # requests whose prompt was prefilled this step
     num_running: int = 0
     num_waiting: int = 0
-    early_stops: int = 0       # auto-policy requests the stop classifier ended before the cap
+    early_stops: int = 0       # adaptive-policy requests (auto, entropy, token) ended before the cap
 
 
 class EngineCore:
@@ -76,7 +79,7 @@ class EngineCore:
         """Raise ``RequestTooLongError`` if the request can never fit the sequence limit."""
         needed = request.max_positions
         if needed > self.max_seq_len:
-            latent = 0 if request.starts_in_language else request.latent.thoughts + 1
+            latent = 0 if request.starts_in_language else request.latent.thoughts + 1 + len(request.latent_suffix_ids)
             raise RequestTooLongError(
                 f"request needs up to {needed} positions (prompt {request.num_prompt_tokens} tokens"
                 f" + {latent} latent positions + max_tokens {request.sampling.max_tokens} - 1) but "
@@ -148,9 +151,11 @@ class EngineCore:
                     request.trace.append(row.trace)
                     result.new_trace.append(row.trace)
             else:
-                if request.latent.mode == "auto" and request.thoughts_done < request.latent.thoughts:
+                if request.latent.adaptive and request.thoughts_done < request.latent.thoughts:
                     early = True
                 request.end_latent_mode()
+        elif request.status == RequestStatus.DECODING and row.token_id is None and request.forced_tokens:
+            request.feed_forced_token()        # the latent suffix after <eot>: nothing sampled yet
         elif request.status == RequestStatus.DECODING:
             token = row.token_id
             assert token is not None
@@ -173,11 +178,22 @@ class EngineCore:
 
     @staticmethod
     def _wants_another_thought(request: Request, row: RowOutput) -> bool:
-        done, cap = request.thoughts_done, request.latent.thoughts
-        if done >= cap:
+        """After the state ``row`` produced: feed it as another thought? The adaptive modes
+        read the state after each thought (not the one at <bot>), so at least one is fed."""
+        done, latent = request.thoughts_done, request.latent
+        if done >= latent.thoughts:
             return False
-        if request.latent.mode == "auto" and done > 0:
-            return row.stop_prob is not None and row.stop_prob < request.latent.threshold
+        if done == 0 or latent.mode == "fixed":
+            return True
+        if latent.mode == "auto":
+            return row.stop_prob is not None and row.stop_prob < latent.threshold
+        if latent.mode == "entropy":
+            assert row.entropy is not None
+            request.low_entropy_run = request.low_entropy_run + 1 if row.entropy < latent.entropy_threshold else 0
+            return request.low_entropy_run < latent.patience
+        if latent.mode == "token":
+            assert row.argmax is not None
+            return row.argmax != request.eot_token_id
         return True
 
     def _drain_aborts(self) -> list[CoreOutput]:

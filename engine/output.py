@@ -160,13 +160,23 @@ class OutputProcessor:
             timings=request.times.phases(), error=out.error)
 
     def trace_entry(self, entry: TraceEntry, request: Request | None = None, thought: int = 1) -> dict:
-        """One thought's top tokens; for a graph question also its frontier view
+        """One thought's top tokens and entropy (nats), what was fed (``feed``: the operator,
+        and for a soft embedding the tokens mixed and their weights); for a graph question
+        also its frontier view
         (``engine.frontier.thought_frontier``: the mass on the nodes within ``thought`` hops)."""
         tokens = self.tokenizer.convert_ids_to_tokens(entry.token_ids)
         renamed = (request.renamed_tokens if request is not None else None) or {}
         texts = [renamed.get(i) or self.tokenizer.decode([i], clean_up_tokenization_spaces=False)
                  for i in entry.token_ids]
-        out = {"token_ids": entry.token_ids, "tokens": tokens, "texts": texts, "probs": entry.probs}
+        out = {"token_ids": entry.token_ids, "tokens": tokens, "texts": texts, "probs": entry.probs,
+               "entropy": entry.entropy}
+        feed = {"type": entry.feed_type}
+        if entry.feed_token_ids is not None:
+            feed.update(token_ids=entry.feed_token_ids, weights=entry.feed_weights,
+                        tokens=self.tokenizer.convert_ids_to_tokens(entry.feed_token_ids),
+                        texts=[renamed.get(i) or self.tokenizer.decode([i], clean_up_tokenization_spaces=False)
+                               for i in entry.feed_token_ids])
+        out["feed"] = feed
         if request is not None and request.graph is not None and entry.watch_probs is not None:
             from engine.frontier import thought_frontier
 

@@ -12,8 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-LatentMode = Literal["fixed", "auto", "none"]
-LATENT_MODES = ("fixed", "auto", "none")
+LatentMode = Literal["fixed", "auto", "entropy", "token", "none"]
+LATENT_MODES = ("fixed", "auto", "entropy", "token", "none")
+#: The modes whose end is decided after each thought (so at least one thought is fed).
+ADAPTIVE_MODES = ("auto", "entropy", "token")
+FeedbackType = Literal["hidden", "projection", "soft_embedding"]
+FEEDBACK_TYPES = ("hidden", "projection", "soft_embedding")
 
 #: Temperatures below this are greedy: dividing logits by a smaller one overflows float32
 #: (vLLM uses the same cut-off).
@@ -53,6 +57,18 @@ MIN_MAX_THOUGHTS = 1               # auto mode's cap
 MIN_THRESHOLD = 0.0
 MAX_THRESHOLD = 1.0
 MAX_TRACE_TOP_K = 50
+#: The entropy stop (``latent.mode: entropy``): nats of softmax(W h) over the vocabulary.
+MIN_ENTROPY_THRESHOLD = 0.0
+MAX_ENTROPY_THRESHOLD = 100.0
+DEFAULT_ENTROPY_THRESHOLD = 0.01   # Soft Thinking's cold-stop threshold
+DEFAULT_PATIENCE = 1
+MAX_PATIENCE = MAX_THOUGHTS_CEILING
+#: Soft-embedding feedback: softmax(W h / T) kept to its top-k, then top-p tokens.
+DEFAULT_SOFT_TEMPERATURE = 1.0
+DEFAULT_SOFT_TOP_K = 10
+DEFAULT_SOFT_TOP_P = 1.0
+MIN_SOFT_TEMPERATURE = 0.0         # exclusive
+MAX_SOFT_TEMPERATURE = 100.0
 #: The HTTP API's ``latent_trace_top_k`` (used when ``return_latent_trace`` is true).
 DEFAULT_TRACE_TOP_K = 5
 MIN_TRACE_TOP_K = 1
@@ -116,18 +132,90 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class LatentFeedback:
+    """What a continuous thought feeds back: an operator on the state ``h`` that the
+    previous position produced (after the final norm).
+
+    - ``hidden``: ``h`` itself (COCONUT).
+    - ``projection``: ``prj(h)``, the checkpoint's learned projection (CODI); only a
+      checkpoint that ships one (``coconut.json: latent_feedback``) can use it.
+    - ``soft_embedding``: ``sum_i p_i E[i]`` over the input embedding matrix ``E``, with
+      ``p = softmax(W h / temperature)`` kept to its ``top_k`` tokens (0: all), then to the
+      smallest set whose mass reaches ``top_p``, renormalised (Soft Thinking).
+
+    ``temperature``, ``top_k`` and ``top_p`` belong to ``soft_embedding`` alone; ``None``
+    is the default (1, 10, 1). ``file`` names the projection's weights in a checkpoint's
+    ``coconut.json``; a request never gives it.
+    """
+
+    type: FeedbackType = "hidden"
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    file: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.type in FEEDBACK_TYPES, "latent.feedback.type", self.type, f"one of {FEEDBACK_TYPES}")
+        _check(self.temperature is None or (_is_number(self.temperature)
+                                            and MIN_SOFT_TEMPERATURE < self.temperature <= MAX_SOFT_TEMPERATURE),
+               "latent.feedback.temperature", self.temperature,
+               f"null or a number in ({MIN_SOFT_TEMPERATURE:g}, {MAX_SOFT_TEMPERATURE:g}]")
+        _check(self.top_k is None or (_is_int(self.top_k) and self.top_k >= 0),
+               "latent.feedback.top_k", self.top_k, "null or an integer >= 0 (0 = the whole vocabulary)")
+        _check(self.top_p is None or (_is_number(self.top_p) and MIN_TOP_P < self.top_p <= MAX_TOP_P),
+               "latent.feedback.top_p", self.top_p, f"null or a number in ({MIN_TOP_P:g}, {MAX_TOP_P:g}]")
+        given = [name for name in ("temperature", "top_k", "top_p") if getattr(self, name) is not None]
+        if self.type != "soft_embedding" and given:
+            raise ValueError(f"latent.feedback.{given[0]} is only meaningful with type 'soft_embedding', "
+                             f"got type {self.type!r}")
+        if self.type != "projection" and self.file is not None:
+            raise ValueError(f"latent.feedback.file is only meaningful with type 'projection', "
+                             f"got type {self.type!r}")
+
+    def resolved(self) -> "LatentFeedback":
+        """Defaults filled in (soft embedding's temperature, top_k and top_p)."""
+        if self.type != "soft_embedding":
+            return self
+        return LatentFeedback("soft_embedding",
+                              DEFAULT_SOFT_TEMPERATURE if self.temperature is None else float(self.temperature),
+                              DEFAULT_SOFT_TOP_K if self.top_k is None else self.top_k,
+                              DEFAULT_SOFT_TOP_P if self.top_p is None else float(self.top_p))
+
+    @property
+    def is_identity(self) -> bool:
+        return self.type == "hidden"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
 class LatentPolicy:
-    """How many continuous thoughts to spend before answering.
+    """How many continuous thoughts to spend before answering, and what they feed back.
 
     - ``fixed``: exactly ``thoughts`` thoughts (``None``: the checkpoint's default).
     - ``auto``: after each thought the checkpoint's stop classifier reads the hidden
       state; a stop probability >= ``threshold`` ends latent mode; ``max_thoughts``
       caps it. ``None`` values take the checkpoint's defaults.
+    - ``entropy``: after each thought, the entropy (nats) of ``softmax(W h)`` of the state
+      that thought produced; latent mode ends once it has been below
+      ``entropy_threshold`` for ``patience`` thoughts in a row, or at ``max_thoughts``.
+    - ``token``: latent mode ends when the argmax of ``W h`` is the checkpoint's end token
+      (``eot_token``), or at ``max_thoughts``.
     - ``none``: no ``<bot>``/``<eot>`` markers and no thoughts (CoT / no-CoT models).
     - ``mode=None`` (what the HTTP API sends when ``latent.mode`` is unset): the fields
-      given imply it (``thoughts``: fixed; ``max_thoughts`` / ``threshold``: auto), else
-      it stays ``None`` and ``CoconutConfig.resolve`` takes the checkpoint's default mode.
+      given imply it (``thoughts``: fixed; ``threshold``: auto; ``entropy_threshold`` /
+      ``patience``: entropy), else ``CoconutConfig.resolve`` takes the checkpoint's default
+      mode (``max_thoughts`` alone goes with that default when it is adaptive, else auto).
 
+    ``auto``, ``entropy`` and ``token`` check after each thought, so at least one is fed.
+    ``feedback`` overrides the checkpoint's feedback operator (``hidden`` or
+    ``soft_embedding``; ``projection`` only where the checkpoint has one).
     ``trace_top_k > 0`` records, for every thought, the top-k tokens of
     ``softmax(W h)`` (the paper's projection of a thought onto the vocabulary).
     """
@@ -137,37 +225,62 @@ class LatentPolicy:
     max_thoughts: int | None = None
     threshold: float | None = None
     trace_top_k: int = 0
+    entropy_threshold: float | None = None
+    patience: int | None = None
+    feedback: LatentFeedback | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.feedback, dict):
+            object.__setattr__(self, "feedback", LatentFeedback(**self.feedback))
         if self.mode is None:
             if self.thoughts is not None:
                 object.__setattr__(self, "mode", "fixed")
-            elif self.max_thoughts is not None or self.threshold is not None:
+            elif self.threshold is not None:
                 object.__setattr__(self, "mode", "auto")
+            elif self.entropy_threshold is not None or self.patience is not None:
+                object.__setattr__(self, "mode", "entropy")
         _check(self.mode is None or self.mode in LATENT_MODES, "latent.mode", self.mode,
                f"one of {LATENT_MODES}")
-        _check(self.thoughts is None or (isinstance(self.thoughts, int)
+        _check(self.thoughts is None or (_is_int(self.thoughts)
                                          and MIN_THOUGHTS <= self.thoughts <= MAX_THOUGHTS_CEILING),
                "latent.thoughts", self.thoughts,
                f"null or an integer in [{MIN_THOUGHTS}, {MAX_THOUGHTS_CEILING}]")
-        _check(self.max_thoughts is None or (isinstance(self.max_thoughts, int)
+        _check(self.max_thoughts is None or (_is_int(self.max_thoughts)
                                              and MIN_MAX_THOUGHTS <= self.max_thoughts <= MAX_THOUGHTS_CEILING),
                "latent.max_thoughts", self.max_thoughts,
                f"null or an integer in [{MIN_MAX_THOUGHTS}, {MAX_THOUGHTS_CEILING}]")
-        _check(self.threshold is None or (isinstance(self.threshold, (int, float))
+        _check(self.threshold is None or (_is_number(self.threshold)
                                           and MIN_THRESHOLD <= self.threshold <= MAX_THRESHOLD),
                "latent.threshold", self.threshold,
                f"null or a number in [{MIN_THRESHOLD:g}, {MAX_THRESHOLD:g}]")
-        _check(isinstance(self.trace_top_k, int) and 0 <= self.trace_top_k <= MAX_TRACE_TOP_K,
+        _check(self.entropy_threshold is None or (_is_number(self.entropy_threshold) and MIN_ENTROPY_THRESHOLD
+                                                  <= self.entropy_threshold <= MAX_ENTROPY_THRESHOLD),
+               "latent.entropy_threshold", self.entropy_threshold,
+               f"null or a number of nats in [{MIN_ENTROPY_THRESHOLD:g}, {MAX_ENTROPY_THRESHOLD:g}]")
+        _check(self.patience is None or (_is_int(self.patience) and 1 <= self.patience <= MAX_PATIENCE),
+               "latent.patience", self.patience, f"null or an integer in [1, {MAX_PATIENCE}]")
+        _check(_is_int(self.trace_top_k) and 0 <= self.trace_top_k <= MAX_TRACE_TOP_K,
                "latent.trace_top_k", self.trace_top_k, f"an integer in [0, {MAX_TRACE_TOP_K}]")
+        _check(self.feedback is None or isinstance(self.feedback, LatentFeedback), "latent.feedback",
+               self.feedback, "null or a feedback object ({\"type\": \"hidden\" | \"soft_embedding\" | \"projection\"})")
+        if self.feedback is not None and self.feedback.file is not None:
+            raise ValueError("latent.feedback.file is the checkpoint's (coconut.json); a request cannot give it")
         if self.mode is None:
-            return                    # the checkpoint's default mode, nothing else given
+            return                    # the checkpoint's default mode
         if self.mode != "fixed" and self.thoughts is not None:
             raise ValueError(f"latent.thoughts is only meaningful with mode 'fixed', "
                              f"got mode {self.mode!r}")
-        if self.mode != "auto" and (self.max_thoughts is not None or self.threshold is not None):
-            raise ValueError(f"latent.max_thoughts and latent.threshold are only meaningful "
-                             f"with mode 'auto', got mode {self.mode!r}")
+        if self.mode not in ADAPTIVE_MODES and self.max_thoughts is not None:
+            raise ValueError(f"latent.max_thoughts is only meaningful with modes {ADAPTIVE_MODES}, "
+                             f"got mode {self.mode!r}")
+        if self.mode != "auto" and self.threshold is not None:
+            raise ValueError(f"latent.threshold is only meaningful with mode 'auto' "
+                             f"(the entropy rule's is entropy_threshold), got mode {self.mode!r}")
+        if self.mode != "entropy" and (self.entropy_threshold is not None or self.patience is not None):
+            raise ValueError(f"latent.entropy_threshold and latent.patience are only meaningful "
+                             f"with mode 'entropy', got mode {self.mode!r}")
+        if self.mode == "none" and self.feedback is not None:
+            raise ValueError("latent.feedback is only meaningful when the request thinks; got mode 'none'")
 
 
 def broadcast(value, n: int, name: str) -> list:
@@ -184,16 +297,26 @@ def broadcast(value, n: int, name: str) -> list:
 class ResolvedLatent:
     """A ``LatentPolicy`` with the checkpoint's defaults filled in (``CoconutConfig.resolve``).
 
-    ``feed`` says what a thought is fed as: ``hidden`` (COCONUT: the last hidden state)
-    or ``pause`` (the ``pause_as_thought`` ablation: the latent token's embedding).
+    ``feed`` says what a thought is fed as: ``hidden`` (a continuous thought, made by
+    ``feedback`` from the last hidden state) or ``pause`` (the ``pause_as_thought``
+    ablation: the latent token's embedding). ``thoughts`` is the exact count (fixed) or
+    the cap (auto, entropy, token).
     """
 
     mode: LatentMode
     feed: Literal["hidden", "pause"] = "hidden"
-    thoughts: int = 0          # fixed: exact count; auto: the cap (max_thoughts)
+    thoughts: int = 0
     threshold: float = 0.5
     trace_top_k: int = 0
+    entropy_threshold: float = DEFAULT_ENTROPY_THRESHOLD
+    patience: int = DEFAULT_PATIENCE
+    feedback: LatentFeedback = LatentFeedback()
 
     @property
     def uses_markers(self) -> bool:
         return self.mode != "none"
+
+    @property
+    def adaptive(self) -> bool:
+        """The end is decided after each thought (auto, entropy, token)."""
+        return self.mode in ADAPTIVE_MODES

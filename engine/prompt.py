@@ -10,6 +10,11 @@ already, so the prefill's logits give the first answer token:
 - ``pause_as_thought`` models: ``... <bot> <latent>*N <eot>`` (their thoughts are the
   latent token's embedding, fixed inputs that need no feedback).
 
+A checkpoint may put tokens between the question and ``<bot>`` (``latent_prefix_tokens``)
+and after ``<eot>`` (``latent_suffix_tokens``): CODI's layout is ``question EOS <bot>``,
+thoughts, ``<eot> EOS``. A tokenizer with a chat template renders conversations
+(``build_chat``) before the markers.
+
 A checkpoint with ``text_format: compact`` was trained on ProsQA facts written as
 ``s t |``; a question in the reference sentences ("Every A is a B. ... Is X a A or B?")
 or already compact is parsed into its graph (``engine.data.question``) and rendered
@@ -119,14 +124,36 @@ class PromptFormat:
     def build(self, question: str, latent: ResolvedLatent) -> Prompt:
         """The prompt ids, whether they already end in language mode, and the graph."""
         ids, graph, node_ids, renamed = self._encode(question)
+        return self._with_markers(ids, latent, graph, node_ids, renamed)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def build_chat(self, messages: list[dict[str, str]], latent: ResolvedLatent) -> Prompt:
+        """A conversation rendered by the tokenizer's chat template (with the generation
+        prompt; its special tokens are the template's, none added), then the markers."""
+        if not self.has_chat_template:
+            raise ValueError("this model's tokenizer has no chat template")
+        for message in messages:
+            _refuse_control_characters(str(message.get("content", "")))
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._with_markers(ids, latent, None, None, None)
+
+    def _with_markers(self, ids: list[int], latent: ResolvedLatent, graph, node_ids, renamed) -> Prompt:
+        """``ids [prefix] <bot>`` for thoughts fed back (the engine feeds them, then ``<eot>
+        [suffix]``); the whole latent span when the prompt ends in language already."""
         m = self.markers
         if latent.mode == "none":
             return Prompt(ids, True, graph, node_ids, renamed)
+        opening = ids + list(m.prefix) + [m.bot]
+        closing = [m.eot] + list(m.suffix)
         if latent.feed == "pause":
-            return Prompt(ids + [m.bot] + [m.latent] * latent.thoughts + [m.eot], True, graph, node_ids, renamed)
+            return Prompt(opening + [m.latent] * latent.thoughts + closing, True, graph, node_ids, renamed)
         if latent.mode == "fixed" and latent.thoughts == 0:
-            return Prompt(ids + [m.bot, m.eot], True, graph, node_ids, renamed)
-        return Prompt(ids + [m.bot], False, graph, node_ids, renamed)
+            return Prompt(opening + closing, True, graph, node_ids, renamed)
+        return Prompt(opening, False, graph, node_ids, renamed)
 
     def answer(self, text: str, graph=None) -> str:
         """The answer inside generated text: what follows the last answer prefix, stripped;

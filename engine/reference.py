@@ -4,8 +4,11 @@ This is how the COCONUT reference implementation decodes, written as plainly as
 possible to serve as the oracle for the engine's tests and the baseline of
 ``engine bench latency``. It deliberately shares no code with the engine's runner: it
 calls the full ``model(inputs_embeds=...)`` with ``output_hidden_states=True``, feeds
-``hidden_states[-1][:, -1]`` back as the next input embedding, and reads the model's own
-logits. Greedy only (sampling is checked by the engine's own tests).
+``hidden_states[-1][:, -1]`` back as the next input embedding (or ``feedback`` of it:
+``projection_feedback``, ``soft_embedding_feedback``, written here on their own), and
+reads the model's own logits. Stop modes: fixed, auto (a stop classifier), entropy and
+token, each read after every thought. Greedy only (sampling is checked by the engine's
+own tests).
 """
 
 from __future__ import annotations
@@ -23,6 +26,39 @@ class ReferenceResult:
     thought_hiddens: list[torch.Tensor] = field(default_factory=list)  # state after each thought (auto/record)
     trace: list[list[int]] = field(default_factory=list)               # argsorted top ids per thought
     trace_probs: list[torch.Tensor] = field(default_factory=list)      # softmax(W h) per thought [V]
+    thought_entropies: list[float] = field(default_factory=list)       # after each thought (adaptive/record)
+    thought_argmaxes: list[int] = field(default_factory=list)          # argmax of W h after each thought
+
+
+def projection_feedback(prj):
+    """CODI: a thought is prj(h)."""
+    return lambda model, h, logits: prj(h)
+
+
+def soft_embedding_feedback(temperature: float = 1.0, top_k: int = 10, top_p: float = 1.0):
+    """Soft Thinking: a thought is sum_i p_i E[i], p = softmax(W h / T) kept to its top-k
+    tokens (0: all), then to the smallest set whose mass reaches top_p, renormalised."""
+    def feed(model, h, logits):
+        probs = torch.softmax(logits.float() / temperature, dim=-1)              # [V]
+        order = torch.argsort(probs, descending=True)
+        keep = order if top_k <= 0 else order[:top_k]
+        p = probs[keep] / probs[keep].sum()
+        kept, mass = [], 0.0
+        for token, weight in zip(keep.tolist(), p.tolist()):
+            if kept and mass >= top_p:
+                break
+            kept.append((token, weight))
+            mass += weight
+        total = sum(w for _, w in kept)
+        E = model.get_input_embeddings().weight
+        thought = sum((w / total) * E[t].float() for t, w in kept)
+        return thought.to(h.dtype).view(1, 1, -1)
+    return feed
+
+
+def _entropy(logits: torch.Tensor) -> float:
+    p = torch.softmax(logits.float(), dim=-1)
+    return float(-(p * torch.log(p.clamp_min(1e-45))).sum())
 
 
 @torch.inference_mode()
@@ -30,14 +66,20 @@ def reference_generate(model, tokenizer, question: str, *, question_suffix: str,
                        eos_ids: set[int], thoughts: int, max_tokens: int, mode: str = "fixed",
                        stop_classifier=None, threshold: float = 0.5, latent_token_id: int | None = None,
                        pause: bool = False, ignore_eos: bool = False, trace_top_k: int = 0,
-                       record_hiddens: bool = False) -> ReferenceResult:
-    """Decode one question. ``mode``: fixed (``thoughts`` thoughts), auto (stop classifier,
-    ``thoughts`` is the cap) or none. ``pause`` feeds the latent token's embedding instead
-    of hidden states (the pause_as_thought ablation)."""
+                       record_hiddens: bool = False, feedback=None, entropy_threshold: float = 0.0,
+                       patience: int = 1, prefix_ids: tuple[int, ...] = (), suffix_ids: tuple[int, ...] = (),
+                       suppress_ids: tuple[int, ...] = ()) -> ReferenceResult:
+    """Decode one question. ``mode``: fixed (``thoughts`` thoughts), auto (stop classifier),
+    entropy (below ``entropy_threshold`` nats ``patience`` times in a row), token (argmax is
+    ``eot_id``), each with ``thoughts`` as the cap, or none. ``pause`` feeds the latent
+    token's embedding instead of hidden states (the pause_as_thought ablation);
+    ``feedback(model, h [1, 1, d], logits [V])`` makes a thought from the state (default:
+    the state itself). ``prefix_ids`` go before ``<bot>``, ``suffix_ids`` after ``<eot>``;
+    ``suppress_ids`` are never chosen."""
     embed = model.get_input_embeddings()
     ids = tokenizer(question + question_suffix)["input_ids"]
     device = embed.weight.device
-    seq = embed(torch.tensor([ids], device=device))                       # [1, T, d]
+    seq = embed(torch.tensor([ids + list(prefix_ids)], device=device))      # [1, T, d]
     fed = 0
     result = ReferenceResult(token_ids=[], num_thoughts=0, positions_fed=0)
 
@@ -48,26 +90,40 @@ def reference_generate(model, tokenizer, question: str, *, question_suffix: str,
 
     if mode != "none":
         seq = torch.cat([seq, embed(torch.tensor([[bot_id]], device=device))], dim=1)
-        for _ in range(thoughts):                                         # N, or the cap for auto
+        low_run = 0
+        for _ in range(thoughts):                                         # N, or the cap
             if pause:
                 thought = embed(torch.tensor([[latent_token_id]], device=device))
             else:
                 out = run(seq)
                 thought = out.hidden_states[-1][:, -1:, :]               # [1, 1, d]
+                if feedback is not None:
+                    thought = feedback(model, thought, out.logits[0, -1])
                 if trace_top_k:
                     probs = out.logits[0, -1].float().softmax(-1)
                     result.trace.append(probs.topk(trace_top_k).indices.tolist())
                     result.trace_probs.append(probs)
             seq = torch.cat([seq, thought], dim=1)
             result.num_thoughts += 1
-            if mode == "auto" or record_hiddens:
-                after = run(seq).hidden_states[-1][0, -1]                 # state after this thought
+            if mode in ("auto", "entropy", "token") or record_hiddens:
+                out = run(seq)                                            # the state after this thought
+                after = out.hidden_states[-1][0, -1]
                 result.thought_hiddens.append(after)
+                result.thought_entropies.append(_entropy(out.logits[0, -1]))
+                result.thought_argmaxes.append(int(out.logits[0, -1].argmax()))
                 if mode == "auto" and float(stop_classifier(after)) >= threshold:
                     break
-        seq = torch.cat([seq, embed(torch.tensor([[eot_id]], device=device))], dim=1)
+                if mode == "entropy":
+                    low_run = low_run + 1 if result.thought_entropies[-1] < entropy_threshold else 0
+                    if low_run >= patience:
+                        break
+                if mode == "token" and result.thought_argmaxes[-1] == eot_id:
+                    break
+        seq = torch.cat([seq, embed(torch.tensor([[eot_id, *suffix_ids]], device=device))], dim=1)
     for _ in range(max_tokens):
-        logits = run(seq).logits[0, -1]
+        logits = run(seq).logits[0, -1].clone()
+        if suppress_ids:
+            logits[list(suppress_ids)] = float("-inf")
         token = int(logits.argmax())
         if token in eos_ids and not ignore_eos:
             break

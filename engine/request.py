@@ -4,8 +4,9 @@ The status enum is ordered so that "finished" is one comparison::
 
     WAITING -> LATENT (thoughts remaining) -> DECODING -> FINISHED_*
 
-A request in LATENT feeds the last hidden state of its previous position; a request in
-DECODING feeds ``pending_token`` (the ``<eot>`` marker, then each sampled token). Token
+A request in LATENT feeds a continuous thought made from the last hidden state of its
+previous position; a request in DECODING feeds ``pending_token`` (the ``<eot>`` marker and
+the checkpoint's ``latent_suffix_tokens`` one by one, then each sampled token). Token
 lists change only through methods. Timestamps are ``time.perf_counter()`` values.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from engine.params import ResolvedLatent, SamplingParams
@@ -64,12 +66,15 @@ class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
                  latent: ResolvedLatent, eot_token_id: int, *, starts_in_language: bool,
                  watch_token_ids: list[int] | None = None, graph=None,
-                 renamed_tokens: dict[int, str] | None = None):
+                 renamed_tokens: dict[int, str] | None = None, latent_suffix_ids: tuple[int, ...] = ()):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling = sampling
         self.latent = latent
         self.eot_token_id = eot_token_id
+        self.latent_suffix_ids = tuple(latent_suffix_ids)   # fed after <eot>, before sampling
+        self.forced_tokens: deque[int] = deque()             # what is left of them
+        self.low_entropy_run = 0     # entropy mode: thoughts in a row below the threshold
         # True when the prompt already ends in language mode (mode none, pause thoughts,
         # or zero thoughts): the prefill's logits give the first answer token.
         self.starts_in_language = starts_in_language
@@ -112,7 +117,7 @@ class Request:
     def max_positions(self) -> int:
         """The most cache positions this request can ever occupy (prompt, thoughts, <eot>,
         answer tokens except the last, which is never fed)."""
-        latent = 0 if self.starts_in_language else self.latent.thoughts + 1
+        latent = 0 if self.starts_in_language else self.latent.thoughts + 1 + len(self.latent_suffix_ids)
         return self.num_prompt_tokens + latent + self.sampling.max_tokens - 1
 
     def start(self) -> None:
@@ -123,10 +128,20 @@ class Request:
     def record_thought_fed(self) -> None:
         self.thoughts_done += 1
 
+    @property
+    def samples_next(self) -> bool:
+        """In language mode, the next position's output is sampled (no forced tokens are
+        left to feed before the answer)."""
+        return self.status == RequestStatus.DECODING and not self.forced_tokens
+
+    def feed_forced_token(self) -> None:
+        self.pending_token = self.forced_tokens.popleft()
+
     def end_latent_mode(self) -> None:
-        """Latent mode is over: feed <eot> next, then decode language."""
+        """Latent mode is over: feed <eot> (and the latent suffix) next, then decode language."""
         self.status = RequestStatus.DECODING
         self.pending_token = self.eot_token_id
+        self.forced_tokens = deque(self.latent_suffix_ids)
         self.times.latent_done = time.perf_counter()
 
     def append_token(self, token_id: int, logprob: float | None) -> None:

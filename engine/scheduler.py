@@ -86,23 +86,29 @@ class Scheduler:
     # ---------------------------------------------------------------- rows
 
     @staticmethod
-    def _output_fields(request: Request) -> dict:
-        """What the output of the request's next position must hold, from its state."""
+    def _output_fields(request: Request, thoughts_after: int) -> dict:
+        """What the output of the request's next position must hold, from its state
+        (``thoughts_after``: the thoughts fed once this position is in)."""
         if request.status == RequestStatus.DECODING:
-            return {"sampling": request.sampling}
-        return {"trace_top_k": request.latent.trace_top_k, "watch_token_ids": tuple(request.watch_token_ids)}
+            return {"sampling": request.sampling} if request.samples_next else {}
+        feedback = request.latent.feedback
+        may_feed = thoughts_after < request.latent.thoughts and not feedback.is_identity
+        return {"trace_top_k": request.latent.trace_top_k, "watch_token_ids": tuple(request.watch_token_ids),
+                "feedback": feedback if may_feed else None}
 
     def _decode_row(self, request: Request) -> DecodeRow:
         latent = request.status == RequestStatus.LATENT
+        mode = request.latent.mode
         return DecodeRow(request_id=request.request_id, slot=request.slot,
                          feed_token=None if latent else request.pending_token,
-                         ask_stop=latent and request.latent.mode == "auto", **self._output_fields(request))
+                         ask_stop=latent and mode == "auto", ask_entropy=latent and mode in ("entropy", "token"),
+                         **self._output_fields(request, request.thoughts_done + 1))
 
     def _add_chunk(self, plan: StepPlan, request: Request, budget: int) -> int:
         start = request.prefilled_tokens
         end = min(request.num_prompt_tokens, start + budget)
         last = end == request.num_prompt_tokens
-        fields = self._output_fields(request) if last else {}
+        fields = self._output_fields(request, 0) if last else {}
         plan.prefill.append(PrefillChunk(request_id=request.request_id, slot=request.slot,
                                          token_ids=tuple(request.prompt_token_ids[start:end]), start=start,
                                          last=last, **fields))

@@ -40,7 +40,9 @@ class Engine:
         max_seq_len = self._init_text(checkpoint, config)
         self.runner = ModelRunner(checkpoint.model, checkpoint.markers.pad, checkpoint.stop_classifier,
                                   seed=self.config.seed, num_slots=self.config.max_batch_size,
-                                  max_seq_len=max_seq_len, compile=self.config.compile)
+                                  max_seq_len=max_seq_len, compile=self.config.compile,
+                                  projection=checkpoint.projection,
+                                  suppress_token_ids=checkpoint.config.suppress_token_ids)
         cache_bytes = self.runner.allocate()
         log.info("KV cache: %d slots x %d positions, %.1f MiB", self.config.max_batch_size, max_seq_len,
                  cache_bytes / 2**20)
@@ -62,13 +64,14 @@ class Engine:
         return min(checkpoint.max_seq_len, self.config.max_seq_len or DEFAULT_MAX_SEQ_LEN)
 
     @classmethod
-    def frontend(cls, path: str | Path, max_seq_len: int | None = None) -> "Engine":
+    def frontend(cls, path: str | Path, max_seq_len: int | None = None,
+                 coconut: dict | None = None) -> "Engine":
         """The text side of an engine without its weights or KV cache (the model stays on
         the meta device): ``make_request``, the limits and ``outputs`` work, ``step`` does
         not. For a process that tokenizes while the model runs in another
         (``engine.process_engine``)."""
         engine = cls.__new__(cls)
-        limit = engine._init_text(load_checkpoint(path, weights=False),
+        limit = engine._init_text(load_checkpoint(path, weights=False, coconut=coconut),
                                   EngineConfig(max_batch_size=1, max_seq_len=max_seq_len))
         engine.runner = None
         engine.core = EngineCore(None, engine.config, limit, engine.checkpoint.markers.eos)
@@ -76,13 +79,15 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu", dtype: str = "float32",
-                        **config) -> "Engine":
+                        coconut: dict | None = None, **config) -> "Engine":
         """Load a checkpoint directory (default: the bundled model) and build an engine.
-        Extra keyword arguments are ``EngineConfig`` fields (``max_batch_size``, ...)."""
+        ``coconut``: ``coconut.json`` fields over the file's (or, for a plain Hugging Face
+        model directory, instead of it: ``load_checkpoint``). Extra keyword arguments are
+        ``EngineConfig`` fields (``max_batch_size``, ...)."""
         if path is None:
             from engine.models import default_model_dir
             path = default_model_dir()
-        checkpoint = load_checkpoint(path, device=device, dtype=dtype)
+        checkpoint = load_checkpoint(path, device=device, dtype=dtype, coconut=coconut)
         return cls(checkpoint, EngineConfig(device=device, dtype=dtype, **config))
 
     @property
@@ -95,17 +100,22 @@ class Engine:
 
     # ------------------------------------------------------------ step level
 
-    def make_request(self, question: str, sampling: SamplingParams | None = None,
+    def make_request(self, question: str | list[dict[str, str]], sampling: SamplingParams | None = None,
                      latent: LatentPolicy | None = None, request_id: str | None = None) -> Request:
-        """Validate and tokenize; raises ``ValueError`` with the reason for bad input."""
+        """Validate and tokenize; raises ``ValueError`` with the reason for bad input.
+        ``question`` may be chat messages (``[{"role", "content"}]``) when the tokenizer has
+        a chat template (``prompt_format.has_chat_template``)."""
         sampling = sampling or SamplingParams()
         resolved = self.coconut.resolve(latent)
-        prompt = self.prompt_format.build(question, resolved)
+        if isinstance(question, list):   # chat messages, for a tokenizer with a chat template
+            prompt = self.prompt_format.build_chat(question, resolved)
+        else:
+            prompt = self.prompt_format.build(question, resolved)
         request_id = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         watch = prompt.node_ids if prompt.graph and resolved.trace_top_k else None
         return Request(request_id, prompt.ids, sampling, resolved, self.checkpoint.markers.eot,
                        starts_in_language=prompt.in_language, watch_token_ids=watch, graph=prompt.graph,
-                       renamed_tokens=prompt.renamed_tokens)
+                       renamed_tokens=prompt.renamed_tokens, latent_suffix_ids=self.checkpoint.markers.suffix)
 
     def add_request(self, question: str | Request, sampling: SamplingParams | None = None,
                     latent: LatentPolicy | None = None, request_id: str | None = None) -> str:

@@ -93,9 +93,13 @@ def make_checkpoint(directory: str | Path, arch: str = "gpt2", *, hidden: int = 
                     bos: bool | None = None, vocab_size: int = 512, num_thoughts: int = 4,
                     method: str = "coconut", stop_classifier: torch.nn.Module | None = None,
                     stop_spec: StopClassifierSpec | None = None, tokenizer=None,
-                    dtype: torch.dtype = torch.float32, model_vocab_size: int | None = None) -> Path:
+                    dtype: torch.dtype = torch.float32, model_vocab_size: int | None = None,
+                    projection_size: int | None = None, projection_layer_norm: bool = True,
+                    coconut_fields: dict | None = None) -> Path:
     """Write a random checkpoint of ``arch``; returns its directory. ``model_vocab_size``
-    widens the embedding and LM head beyond the tokenizer (e.g. 50257 to cost like GPT-2)."""
+    widens the embedding and LM head beyond the tokenizer (e.g. 50257 to cost like GPT-2).
+    ``projection_size`` adds a random CODI projection (``latent_projection.safetensors``,
+    feedback type ``projection``); ``coconut_fields`` are more ``coconut.json`` fields."""
     from transformers import AutoModelForCausalLM
 
     if tokenizer is None:
@@ -109,5 +113,21 @@ def make_checkpoint(directory: str | Path, arch: str = "gpt2", *, hidden: int = 
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    coconut = CoconutConfig(num_thoughts=num_thoughts, method=method, stop_classifier=stop_spec)
-    return save_checkpoint(directory, model, tokenizer, coconut, stop_classifier=stop_classifier)
+    fields = dict(coconut_fields or {})
+    if projection_size:
+        fields["latent_feedback"] = {"type": "projection", "file": PROJECTION_FILE}
+    coconut = CoconutConfig(num_thoughts=num_thoughts, method=method, stop_classifier=stop_spec, **fields)
+    path = save_checkpoint(directory, model, tokenizer, coconut, stop_classifier=stop_classifier)
+    if projection_size:
+        from engine.feedback import LatentProjection
+
+        projection = LatentProjection(config.get_text_config().hidden_size, projection_size,
+                                      layer_norm=projection_layer_norm)
+        with torch.no_grad():   # random, and wide enough that a projected thought differs from h
+            for name, tensor in projection.named_parameters():
+                tensor.normal_(1.0 if name == "ln.weight" else 0.0, 0.3)
+        projection.save(path / PROJECTION_FILE)
+    return path
+
+
+PROJECTION_FILE = "latent_projection.safetensors"

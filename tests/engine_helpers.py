@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from engine.reference import ReferenceResult, reference_generate
+from engine.reference import (ReferenceResult, projection_feedback, reference_generate,
+                              soft_embedding_feedback)
 
 QUESTIONS = [
     "Every wumpus is a yumpus. Tom is a wumpus. Is Tom a yumpus or zumpus?",
@@ -20,10 +21,33 @@ QUESTIONS = [
 ]
 
 
-def reference(engine, question: str, thoughts: int, max_tokens: int, **kw) -> ReferenceResult:
-    """The oracle's answer for a question, with the engine's checkpoint."""
+def reference_feedback(engine, feedback: dict | None):
+    """The oracle's operator for a request's ``latent.feedback`` object (None: the
+    checkpoint's own), written independently of ``engine.feedback``."""
+    ck = engine.checkpoint
+    spec = feedback if feedback is not None else ck.config.latent_feedback.model_dump(exclude_none=True)
+    kind = spec.get("type", "hidden")
+    if kind == "hidden":
+        return None
+    if kind == "projection":
+        return projection_feedback(ck.projection)
+    own = ck.config.latent_feedback
+    inherit = own.type == "soft_embedding"
+    def pick(name, default):
+        if spec.get(name) is not None:
+            return spec[name]
+        return getattr(own, name) if inherit and getattr(own, name) is not None else default
+    return soft_embedding_feedback(pick("temperature", 1.0), pick("top_k", 10), pick("top_p", 1.0))
+
+
+def reference(engine, question: str, thoughts: int, max_tokens: int, feedback: dict | None = None,
+              **kw) -> ReferenceResult:
+    """The oracle's answer for a question, with the engine's checkpoint (its prompt layout,
+    suppressed tokens and, unless ``feedback`` names another, its feedback operator)."""
     ck = engine.checkpoint
     return reference_generate(ck.model, ck.tokenizer, question, question_suffix=ck.config.question_suffix,
                               bot_id=ck.markers.bot, eot_id=ck.markers.eot, eos_ids=set(ck.markers.eos),
                               thoughts=thoughts, max_tokens=max_tokens,
-                              latent_token_id=ck.markers.latent, **kw)
+                              latent_token_id=ck.markers.latent, feedback=reference_feedback(engine, feedback),
+                              prefix_ids=ck.markers.prefix, suffix_ids=ck.markers.suffix,
+                              suppress_ids=tuple(ck.config.suppress_token_ids), **kw)

@@ -23,7 +23,10 @@ key padding is tested on CPU (set ``key_buckets`` on an eager runner).
 
 It returns one ``RowOutput`` per decode row and per last prefill chunk (both kinds share
 one LM head product and one sampling call): a sampled token,
-the stop classifier's probability, the thought's trace, as the plan asks. The runner owns
+the stop classifier's probability, the entropy and argmax of ``softmax(W h)``, the
+thought's trace, as the plan asks. A row whose state becomes the next thought through a
+feedback operator (``engine.feedback``: CODI's projection, Soft Thinking's embedding
+mixture, which reuses the same ``W h``) writes that thought into its slot's buffer. The runner owns
 the slot table (each slot's length and last hidden state) and the per-request random
 generators of seeded requests; it knows nothing of requests' states, text or latent
 policies: the scheduler decides what each row feeds, the core what happens next.
@@ -37,6 +40,7 @@ import time
 
 import torch
 
+from engine.feedback import entropy_and_argmax, mix_embeddings, soft_mixture
 from engine.runner.adapter import DecoderAdapter
 from engine.runner.plan import DecodeRow, PrefillChunk, RowOutput, RowWork, StepPlan, TraceEntry
 from engine.runner.sampler import sample
@@ -46,18 +50,23 @@ from engine.runner.slot_cache import SlotCache, slot_attention_masks
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, pad_token_id: int, stop_classifier: torch.nn.Module | None = None,
                  seed: int | None = None, *, num_slots: int = 32, max_seq_len: int = 2048,
-                 compile: bool = False):
+                 compile: bool = False, projection: torch.nn.Module | None = None,
+                 suppress_token_ids: list[int] | tuple[int, ...] = ()):
         self.adapter = DecoderAdapter(model, inference=True)
         self.pad_token_id = pad_token_id
         self.stop_classifier = stop_classifier
+        self.projection = projection            # the checkpoint's latent projection (CODI's prj)
+        self.suppress_token_ids = list(suppress_token_ids)   # never sampled
         self.device = self.adapter.device
         self.num_slots = num_slots
         self.max_seq_len = max_seq_len
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.cache = SlotCache(config.num_hidden_layers, num_slots, max_seq_len)
         self.lengths = [0] * num_slots            # positions written per slot
-        self.hidden = torch.zeros((num_slots, self.adapter.hidden_size), dtype=self.adapter.dtype,
-                                  device=self.device)   # each slot's newest output state
+        # each slot's next continuous thought: its newest output state, passed through the
+        # feedback operator of the row that produced it (the identity for COCONUT)
+        self.thoughts = torch.zeros((num_slots, self.adapter.hidden_size), dtype=self.adapter.dtype,
+                                    device=self.device)
         self.decode_buckets = batch_buckets(num_slots) if compile else None   # None: eager
         # CUDA graphs replay fixed shapes: on CUDA the compiled step also pads the key length
         # to buckets, so that a few graphs (batch buckets x key buckets) serve every step
@@ -155,7 +164,7 @@ class ModelRunner:
         dev = self.device
         embeds = self.adapter.embed(torch.tensor(tokens, device=dev))                  # [n, d]
         if any(latent):
-            embeds = torch.where(torch.tensor(latent, device=dev)[:, None], self.hidden[:n].to(embeds.dtype), embeds)
+            embeds = torch.where(torch.tensor(latent, device=dev)[:, None], self.thoughts[:n].to(embeds.dtype), embeds)
         kv_len = max(query_positions) + 1
         if self.key_buckets:    # the extra columns are masked (stale keys of earlier requests)
             kv_len = next(b for b in self.key_buckets if b >= kv_len)
@@ -168,7 +177,7 @@ class ModelRunner:
                                    self.cache)[:, -1]                                   # [n, d]
         slots = torch.tensor([r.slot for r in rows], device=dev)
         hidden = out.index_select(0, slots)                                             # [rows, d]
-        self.hidden[slots] = hidden
+        self.thoughts[slots] = hidden
         for r in rows:
             self.lengths[r.slot] += 1
         return rows, hidden
@@ -203,7 +212,7 @@ class ModelRunner:
             return [], out.new_zeros((0, out.shape[-1]))
         last = out[torch.tensor(done, device=dev), (sizes - 1)[done]]                   # [done, d]
         rows = [chunks[i] for i in done]
-        self.hidden[torch.tensor([r.slot for r in rows], device=dev)] = last
+        self.thoughts[torch.tensor([r.slot for r in rows], device=dev)] = last
         return rows, last
 
     # ---------------------------------------------------------------- outputs
@@ -217,27 +226,59 @@ class ModelRunner:
         return generator
 
     def _row_outputs(self, rows: list[RowWork], hidden: torch.Tensor) -> dict[str, RowOutput]:
-        """hidden [R, d]: the output state of each row's newest position."""
+        """hidden [R, d]: the output state of each row's newest position. One LM head product
+        serves every row that needs ``W h``: sampling, the trace, the entropy and token stop
+        rules and the soft-embedding feedback."""
         out = {r.request_id: RowOutput() for r in rows}
         language = [i for i, r in enumerate(rows) if r.sampling is not None]
+        traced = [i for i, r in enumerate(rows) if r.trace_top_k > 0]
+        entropic = [i for i, r in enumerate(rows) if r.ask_entropy]
+        soft = [i for i, r in enumerate(rows) if r.feedback is not None and r.feedback.type == "soft_embedding"]
+        need = sorted(set(language) | set(traced) | set(entropic) | set(soft))
+        logits = None
+        at: dict[int, int] = {}
+        if need:
+            logits = self.adapter.logits(hidden[need] if len(need) < len(rows) else hidden)   # [N, V]
+            at = {i: j for j, i in enumerate(need)}
+
+        def logits_of(indices: list[int]) -> torch.Tensor:
+            if len(indices) == logits.shape[0]:
+                return logits
+            return logits.index_select(0, torch.tensor([at[i] for i in indices], device=logits.device))
+
         if language:
-            logits = self.adapter.logits(hidden[language])                               # [n, V]
-            picked = sample(logits, [rows[i].sampling for i in language],
+            chosen = logits_of(language)
+            if self.suppress_token_ids:
+                chosen = chosen.index_fill(-1, torch.tensor(self.suppress_token_ids, device=chosen.device),
+                                           float("-inf"))
+            picked = sample(chosen, [rows[i].sampling for i in language],
                             [self._generator_for(rows[i]) for i in language], self.generator)
             for j, i in enumerate(language):
                 out[rows[i].request_id].token_id = picked.token_ids[j]
                 out[rows[i].request_id].logprob = picked.logprobs[j]
-        traced = [i for i, r in enumerate(rows) if r.trace_top_k > 0]
+        if entropic:
+            entropies, argmaxes = entropy_and_argmax(logits_of(entropic))
+            for j, i in enumerate(entropic):
+                out[rows[i].request_id].entropy = entropies[j]
+                out[rows[i].request_id].argmax = argmaxes[j]
+        mixtures = self._feed_back(rows, hidden, soft, logits_of(soft) if soft else None)
         if traced:
-            probs = self.adapter.logits(hidden[traced]).softmax(dim=-1)                   # [n, V]
+            probs = logits_of(traced).softmax(dim=-1)                                     # [n, V]
             k = max(rows[i].trace_top_k for i in traced)
             top = probs.topk(min(k, probs.shape[-1]), dim=-1)
             values, indices = top.values.tolist(), top.indices.tolist()
+            entropies = torch.special.entr(probs).sum(dim=-1).tolist()
             for j, i in enumerate(traced):
-                kk, watch = rows[i].trace_top_k, list(rows[i].watch_token_ids)
+                row = rows[i]
+                kk, watch = row.trace_top_k, list(row.watch_token_ids)
                 watched = probs[j, watch].tolist() if watch else None
-                out[rows[i].request_id].trace = TraceEntry(token_ids=indices[j][:kk], probs=values[j][:kk],
-                                                           watch_probs=watched)
+                entry = TraceEntry(token_ids=indices[j][:kk], probs=values[j][:kk], watch_probs=watched,
+                                   entropy=entropies[j])
+                if row.feedback is not None:
+                    entry.feed_type = row.feedback.type
+                    if i in mixtures:
+                        entry.feed_token_ids, entry.feed_weights = mixtures[i]
+                out[row.request_id].trace = entry
         asking = [i for i, r in enumerate(rows) if r.ask_stop]
         if asking:
             if self.stop_classifier is None:
@@ -246,6 +287,32 @@ class ModelRunner:
             for j, i in enumerate(asking):
                 out[rows[i].request_id].stop_prob = probs[j]
         return out
+
+    def _feed_back(self, rows: list[RowWork], hidden: torch.Tensor, soft: list[int],
+                   soft_logits: torch.Tensor | None) -> dict[int, tuple[list[int], list[float]]]:
+        """Make the next thought of every row with a feedback operator, batched per operator,
+        into its slot's thought buffer. Returns the soft rows' mixtures (tokens, weights) for
+        the trace."""
+        dev = self.device
+        projected = [i for i, r in enumerate(rows) if r.feedback is not None and r.feedback.type == "projection"]
+        if projected:
+            if self.projection is None:
+                raise RuntimeError("a request uses projection feedback but the checkpoint has no latent projection")
+            slots = torch.tensor([rows[i].slot for i in projected], device=dev)
+            self.thoughts[slots] = self.projection(hidden[projected]).to(self.thoughts.dtype)
+        mixtures: dict[int, tuple[list[int], list[float]]] = {}
+        if soft:
+            feedbacks = [rows[i].feedback for i in soft]
+            mixture = soft_mixture(soft_logits, [f.temperature for f in feedbacks], [f.top_k for f in feedbacks],
+                                   [f.top_p for f in feedbacks])
+            slots = torch.tensor([rows[i].slot for i in soft], device=dev)
+            self.thoughts[slots] = mix_embeddings(self.adapter.embedding.weight, mixture).to(self.thoughts.dtype)
+            if any(rows[i].trace_top_k for i in soft):
+                ids, weights = mixture.token_ids.tolist(), mixture.weights.tolist()
+                for j, i in enumerate(soft):
+                    kept = [(t, w) for t, w in zip(ids[j], weights[j]) if t >= 0]
+                    mixtures[i] = ([t for t, _ in kept], [w for _, w in kept])
+        return mixtures
 
 
 def length_buckets(max_seq_len: int, smallest: int = 16) -> list[int]:

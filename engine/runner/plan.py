@@ -6,7 +6,8 @@ KV-cache slot the scheduler gave the request at admission; the runner owns the s
 table (each slot's length and last hidden state) and the slot cache itself.
 
 - ``DecodeRow``: one new position for a running request: the embedding of ``feed_token``,
-  or, when it is None, the slot's last hidden state (a continuous thought).
+  or, when it is None, the slot's continuous thought (its last hidden state, passed
+  through the feedback operator of the row that produced it).
 - ``PrefillChunk``: ``token_ids`` of a prompt written at positions ``start``...; a prompt
   longer than the step's budget comes in several chunks, and only the ``last`` one
   produces an output.
@@ -14,14 +15,16 @@ table (each slot's length and last hidden state) and the slot cache itself.
 
 What a row's output holds is fixed by the plan: ``sampling`` set -> a sampled token (and
 its log-probability when asked); ``trace_top_k`` > 0 -> the thought's top tokens and the
-probabilities of ``watch_token_ids``; ``ask_stop`` -> the stop classifier's probability.
+probabilities of ``watch_token_ids``; ``ask_stop`` -> the stop classifier's probability;
+``ask_entropy`` -> the entropy and argmax of ``softmax(W h)``; ``feedback`` -> the slot's
+next thought is made with that operator (and a traced row reports what it mixed).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.params import SamplingParams
+from engine.params import LatentFeedback, SamplingParams
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,6 +35,10 @@ class RowWork:
     trace_top_k: int = 0
     watch_token_ids: tuple[int, ...] = ()
     ask_stop: bool = False
+    # latent mode: the output state may be fed back as the next thought, through this
+    # operator (None: as it is, or not at all)
+    feedback: LatentFeedback | None = None
+    ask_entropy: bool = False                # report softmax(W h)'s entropy and argmax
 
     @property
     def seed(self) -> int | None:
@@ -73,11 +80,17 @@ class StepPlan:
 
 @dataclass
 class TraceEntry:
-    """The paper's view of one continuous thought: top-k tokens of softmax(W h)."""
+    """The paper's view of one continuous thought: top-k tokens of softmax(W h), its
+    entropy (nats), and what was fed: ``feed_type`` (hidden, projection, soft_embedding)
+    and, for a soft embedding, the tokens mixed and their weights."""
 
     token_ids: list[int]
     probs: list[float]
     watch_probs: list[float] | None = None   # the probabilities of the row's watch_token_ids
+    entropy: float | None = None
+    feed_type: str = "hidden"
+    feed_token_ids: list[int] | None = None
+    feed_weights: list[float] | None = None
 
 
 @dataclass
@@ -86,3 +99,5 @@ class RowOutput:
     logprob: float | None = None
     stop_prob: float | None = None
     trace: TraceEntry | None = None
+    entropy: float | None = None     # ask_entropy: nats of softmax(W h)
+    argmax: int | None = None        # ask_entropy: argmax of W h
