@@ -47,6 +47,10 @@ class EngineDeadError(RuntimeError):
     """The engine loop is not running (stopped, or crashed)."""
 
 
+class EngineCrashedError(EngineDeadError):
+    """The engine loop (or its process) died while this request was in it."""
+
+
 class RequestStreams:
     """What ``AsyncEngine`` and ``engine.process_engine.ProcessEngine`` share: validation in
     the caller's thread and one asyncio queue of outputs per request. A subclass provides
@@ -58,6 +62,10 @@ class RequestStreams:
     _streams: dict[str, asyncio.Queue]
     _accepting: bool
     is_healthy: bool
+    #: True while a dead engine is being replaced (``ProcessEngine`` with a restart policy);
+    #: ``unavailable_reason`` then says why requests are refused.
+    restarting: bool = False
+    unavailable_reason: str | None = None
 
     def make_request(self, question: str, sampling: SamplingParams | None = None,
                      latent: LatentPolicy | None = None, request_id: str | None = None) -> Request:
@@ -224,5 +232,5 @@ class AsyncEngine(RequestStreams):
         except BaseException as e:  # the loop must never die silently
             log.exception("engine loop crashed")
             self._fatal = e
-            dead = EngineDeadError(f"the engine loop crashed: {type(e).__name__}: {e}")
+            dead = EngineCrashedError(f"the engine loop crashed: {type(e).__name__}: {e}")
             self._publish([(request_id, dead) for request_id in list(self._streams)])

@@ -18,8 +18,14 @@ process (vLLM's engine-core process, in miniature):
   outputs to the event loop in one call.
 
 Errors: a request the child refuses gets the exception; if the child dies, every waiting
-caller gets ``EngineDeadError`` and ``is_healthy`` turns false. Aborts and the ``drain``
-of ``shutdown`` behave as in ``AsyncEngine``. The cost: each step's outputs are pickled
+caller gets ``EngineCrashedError`` at once and ``is_healthy`` turns false. Without a
+``RestartPolicy`` it stays so; with one, a new child is started after a backoff (1 s, 2 s,
+4 s, ... by default) while ``restarting`` is true and requests are refused, and serving
+resumes by itself; more than ``max_restarts`` failures within ``window_s`` (a child that
+dies or one that fails to load) give up: ``on_give_up(reason)`` is called and the engine
+stays dead. Each failure is logged with the child's exit code or signal; ``on_restart`` is
+called for every new child started. Aborts and the ``drain`` of ``shutdown`` behave as in
+``AsyncEngine``. The cost: each step's outputs are pickled
 once, and start-up spawns a Python process. The child also detokenizes: moving that to the
 parent (vLLM's split) was measured here and cost more CPU per request (7.7 against 6.8 ms
 over HTTP), the parent's interpreter lock being the one the HTTP work needs. This module knows nothing of HTTP.
@@ -28,13 +34,18 @@ over HTTP), the parent's interpreter lock being the one the HTTP work needs. Thi
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
+import importlib.util
+import json
 import logging
 import multiprocessing
+import signal
 import threading
+import time
 from typing import Callable
 
-from engine.async_engine import EngineDeadError, RequestStreams
+from engine.async_engine import EngineCrashedError, EngineDeadError, RequestStreams
 from engine.core import StepStats
 from engine.output import RequestOutput
 from engine.request import Request
@@ -53,8 +64,13 @@ def _child_main(inbox, conn, path: str, config: dict, torch_threads: int | None)
     try:
         import torch
 
+        from transformers.utils import logging as hf_logging
+
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
+        # no "Loading weights" bar in the server's log; and tqdm's lock is a named semaphore
+        # that a killed child would leave behind until the server exits
+        hf_logging.disable_progress_bar()
         engine = Engine.from_pretrained(path, **config)
     except BaseException as e:  # the parent reports it and fails its start
         conn.send(("dead", f"{type(e).__name__}: {e}"))
@@ -102,27 +118,101 @@ def _pack(out: RequestOutput) -> tuple:
     return tuple(values)
 
 
+def _context(model_type: str | None = None):
+    """Children come from a fork server that has imported the engine (torch, transformers and
+    the checkpoint's modeling module) once, so a replacement child only loads the weights: on
+    this project's shared 2-core machine those imports take 4-8 s, a tiny model's weights
+    0.1 s. The fork server starts no threads and never touches CUDA before forking (it is
+    started with the first child, so the preload list applies to this process's first
+    checkpoint). Where there is no fork server (Windows): spawn."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    preload = ["engine.process_engine"]
+    if model_type and model_type.isidentifier():
+        module = f"transformers.models.{model_type}.modeling_{model_type}"
+        if importlib.util.find_spec(f"transformers.models.{model_type}") is not None:
+            preload.append(module)  # a module that fails to import is skipped by the fork server
+    context.set_forkserver_preload(preload)
+    return context
+
+
+@dataclasses.dataclass(frozen=True)
+class RestartPolicy:
+    """How a dead engine child is replaced: the n-th failure within ``window_s`` waits
+    ``backoff_s * 2**(n-1)`` seconds (at most ``max_backoff_s``) and starts a new child; the
+    failure that would make more than ``max_restarts`` restarts within ``window_s`` gives up
+    (``max_restarts=0``: the first failure does)."""
+
+    max_restarts: int = 5
+    window_s: float = 600.0
+    backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
+
+    def __post_init__(self):
+        if self.max_restarts < 0 or self.window_s <= 0 or self.backoff_s < 0 or self.max_backoff_s < 0:
+            raise ValueError(f"invalid restart policy {self}: max_restarts >= 0, window_s > 0, backoffs >= 0")
+
+    def delay(self, failures: int) -> float:
+        return min(self.max_backoff_s, self.backoff_s * 2 ** max(0, failures - 1))
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """A child's end as an operator reads it: 'exit code 1', 'signal 9 (SIGKILL)'."""
+    if exitcode is None:
+        return "exit status unknown"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = "unknown"
+        return f"signal {-exitcode} ({name})"
+    return f"exit code {exitcode}"
+
+
 class ProcessEngine(RequestStreams):
     def __init__(self, path, config: dict, max_queue: int = 256, torch_threads: int | None = None,
-                 on_step: Callable[[StepStats], None] | None = None):
+                 on_step: Callable[[StepStats], None] | None = None, restart: RestartPolicy | None = None,
+                 on_restart: Callable[[str], None] | None = None,
+                 on_give_up: Callable[[str], None] | None = None):
         """``path``: the checkpoint; ``config``: ``Engine.from_pretrained`` keyword arguments
-        (device, dtype and ``EngineConfig`` fields) for the child's engine."""
+        (device, dtype and ``EngineConfig`` fields) for the child's engine; ``restart``: how a
+        dead child is replaced (``None``: it is not); ``on_restart(reason)`` /
+        ``on_give_up(reason)``: called on the event loop when a new child is started / when
+        the policy's limit is reached."""
         self.path = str(path)
         self.config = dict(config)
         self.max_queue = max_queue
         self.torch_threads = torch_threads
         self.on_step = on_step
-        self.engine = Engine.frontend(self.path, max_seq_len=self.config.get("max_seq_len"))
+        self.restart_policy = restart
+        self.on_restart = on_restart
+        self.on_give_up = on_give_up
+        self.engine = Engine.frontend(self.path, max_seq_len=self.config.get("max_seq_len"),
+                                      coconut=self.config.get("coconut"))
+        try:
+            with open(f"{self.path}/config.json") as f:
+                self._model_type = json.load(f).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            self._model_type = None
         self._streams: dict[str, asyncio.Queue] = {}
         self._prompts: dict[str, list[int]] = {}
         self._process = None
         self._conn = None           # parent -> child
         self._reports = None        # child -> parent, read by the reader thread
+        self._generation = 0        # which child the reader threads' messages come from
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fatal: str | None = None
         self._accepting = False
         self._stopping = False
-        self._sent = 0              # requests sent to the child
+        self._restart_task: asyncio.Task | None = None
+        self._failures: collections.deque[float] = collections.deque()   # monotonic times
+        self.restarts = 0           # children started to replace a dead one
+        self.gave_up = False
+        self._reset_counts()
+
+    def _reset_counts(self) -> None:
+        self._sent = 0              # requests sent to the current child
         self._added = 0             # ... that it has added to its scheduler
         self._waiting = 0
         self._running = 0
@@ -131,33 +221,67 @@ class ProcessEngine(RequestStreams):
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        context = multiprocessing.get_context("spawn")
-        child_inbox, self._conn = context.Pipe(duplex=False)
-        self._reports, child_reports = context.Pipe(duplex=False)
-        self._process = context.Process(target=_child_main, name="engine-process", daemon=True,
-                                        args=(child_inbox, child_reports, self.path, self.config,
-                                              self.torch_threads))
-        self._process.start()
+        await self._spawn()
+        self._accepting = True
+
+    async def _spawn(self) -> None:
+        """Start a child, wait until its model is loaded, start its reader thread."""
+        context = _context(self._model_type)
+        child_inbox, conn = context.Pipe(duplex=False)
+        reports, child_reports = context.Pipe(duplex=False)
+        process = context.Process(target=_child_main, name="engine-process", daemon=True,
+                                  args=(child_inbox, child_reports, self.path, self.config, self.torch_threads))
+        process.start()
         child_inbox.close()
         child_reports.close()
+        self._generation += 1
+        self._process, self._conn, self._reports = process, conn, reports
+        log.info("engine process started (pid %d)", process.pid)
         try:
-            kind, payload = await self._loop.run_in_executor(None, self._reports.recv)
-        except EOFError:
-            kind, payload = "dead", "it exited while loading the model"
+            kind, payload = await self._loop.run_in_executor(None, reports.recv)
+        except (EOFError, OSError):
+            await self._loop.run_in_executor(None, process.join, 5)
+            kind, payload = "dead", f"it exited while loading the model ({describe_exit(process.exitcode)})"
         if kind != "ready":
             self._fatal = payload
+            await self._reap()
             raise EngineDeadError(f"the engine process did not start: {payload}")
-        threading.Thread(target=self._read_reports, name="engine-process-reader", daemon=True).start()
-        self._accepting = True
+        self._fatal = None
+        threading.Thread(target=self._read_reports, args=(reports, process, self._generation),
+                         name="engine-process-reader", daemon=True).start()
+
+    async def _reap(self) -> None:
+        """Make sure the current child is gone and release its pipes and its handle."""
+        process, self._process = self._process, None
+        for end in (self._conn, self._reports):
+            if end is not None:
+                end.close()
+        self._conn = self._reports = None
+        if process is None:
+            return
+        await self._loop.run_in_executor(None, process.join, 5)
+        if process.is_alive():
+            process.kill()
+            await self._loop.run_in_executor(None, process.join, 5)
+        try:
+            process.close()
+        except ValueError:          # still running after a kill: leave the handle
+            pass
 
     async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop accepting; with ``drain`` wait for in-flight requests, then stop the child."""
         self._accepting = False
         if drain:
             await self._drain(timeout)
+        self._stopping = True
+        if self._restart_task is not None and not self._restart_task.done():
+            self._restart_task.cancel()
+            try:
+                await self._restart_task
+            except BaseException:
+                pass
         if self._process is None:
             return
-        self._stopping = True
         if self._process.is_alive():
             try:
                 self._conn.send(("stop", None))
@@ -170,6 +294,24 @@ class ProcessEngine(RequestStreams):
     @property
     def is_healthy(self) -> bool:
         return self._process is not None and self._process.is_alive() and self._fatal is None
+
+    @property
+    def restarting(self) -> bool:
+        return self._restart_task is not None and not self._restart_task.done()
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        if self.restarting:
+            return f"the engine process is restarting after a failure ({self._fatal})"
+        if self.gave_up:
+            return (f"the engine process failed more than {self.restart_policy.max_restarts} times within "
+                    f"{self.restart_policy.window_s:g} s; the server is stopping (last: {self._fatal})")
+        return None
+
+    @property
+    def pid(self) -> int | None:
+        """The current child's process id (None between children)."""
+        return self._process.pid if self._process is not None else None
 
     @property
     def num_waiting(self) -> int:
@@ -195,29 +337,36 @@ class ProcessEngine(RequestStreams):
     def _submit(self, request: Request) -> asyncio.Queue:
         self._check_admission(request)
         stream: asyncio.Queue = asyncio.Queue()
+        try:
+            self._conn.send(("add", request))
+        except OSError as e:        # the child has just died; its report is on the way
+            raise EngineDeadError(f"the engine process is gone ({type(e).__name__}); retry later") from None
         self._streams[request.request_id] = stream
         self._prompts[request.request_id] = request.prompt_token_ids
-        self._conn.send(("add", request))
         self._sent += 1
         return stream
 
     # ------------------------------------------------------------ the reports
 
-    def _read_reports(self) -> None:
-        """The reader thread: one blocking receive after another, each handed to the loop."""
+    def _read_reports(self, reports, process, generation: int) -> None:
+        """The reader thread of one child: one blocking receive after another, each handed
+        to the loop, until the child is gone."""
         while True:
             try:
-                message = self._reports.recv()
-            except (EOFError, OSError) as e:  # the child is gone
-                message = ("exited", f"the engine process exited ({type(e).__name__})")
+                message = reports.recv()
+            except (EOFError, OSError):  # the child is gone: wait for its exit status
+                process.join(5)
+                message = ("exited", f"the engine process exited ({describe_exit(process.exitcode)})")
             try:
-                self._loop.call_soon_threadsafe(self._on_report, message)
+                self._loop.call_soon_threadsafe(self._on_report, generation, message)
             except RuntimeError:   # the event loop is closed
                 return
             if message[0] in ("dead", "exited"):
                 return
 
-    def _on_report(self, message) -> None:
+    def _on_report(self, generation: int, message) -> None:
+        if generation != self._generation:
+            return                 # a child already replaced
         kind, payload = message
         if kind == "step":
             self._on_step(*payload)
@@ -246,8 +395,78 @@ class ProcessEngine(RequestStreams):
             stream.put_nowait(item)
 
     def _die(self, reason: str) -> None:
-        log.error("engine process failed: %s", reason)
+        """The child died (or reported a fatal error): fail every request in it at once, then
+        replace it if the policy allows."""
         self._fatal = reason
-        dead = EngineDeadError(f"the engine process failed: {reason}")
-        for request_id in list(self._streams):
+        self._accepting = False
+        in_flight = list(self._streams)
+        policy = self.restart_policy
+        if policy is None or self._stopping:
+            log.error("engine process failed: %s; %d requests in flight failed", reason, len(in_flight))
+            plan = ""
+        elif self._count_failure() > policy.max_restarts:
+            plan = (f"; giving up: {len(self._failures)} failures within {policy.window_s:g} s "
+                    f"(at most {policy.max_restarts} restarts)")
+        else:
+            plan = "; the server restarts it"
+        dead = EngineCrashedError(f"the engine process died while this request was in flight: {reason}{plan}")
+        for request_id in in_flight:
             self._put(request_id, dead)
+        # every stream has its error: the next child starts with an empty slate
+        self._streams.clear()
+        self._prompts.clear()
+        self._reset_counts()
+        if policy is not None and not self._stopping:
+            self._after_failure(reason, len(in_flight))
+
+    def _count_failure(self) -> int:
+        """Record a failure now; the number within the policy's window."""
+        now = time.monotonic()
+        self._failures.append(now)
+        while self._failures[0] < now - self.restart_policy.window_s:
+            self._failures.popleft()
+        return len(self._failures)
+
+    def _after_failure(self, reason: str, in_flight: int) -> None:
+        policy = self.restart_policy
+        failures = len(self._failures)
+        if failures > policy.max_restarts:
+            log.error("engine process failed: %s; %d requests in flight failed; giving up after %d failures "
+                      "within %g s (--max-engine-restarts %d)", reason, in_flight, failures, policy.window_s,
+                      policy.max_restarts)
+            self.gave_up = True
+            self._restart_task = None
+            if self.on_give_up is not None:
+                self.on_give_up(reason)
+            return
+        delay = policy.delay(failures)
+        log.error("engine process failed: %s; %d requests in flight failed; restarting it in %g s "
+                  "(restart %d of at most %d within %g s)", reason, in_flight, delay, failures,
+                  policy.max_restarts, policy.window_s)
+        self._restart_task = self._loop.create_task(self._restart(reason, delay))
+
+    async def _restart(self, reason: str, delay: float) -> None:
+        began = time.monotonic()
+        await self._reap()
+        await asyncio.sleep(max(0.0, delay - (time.monotonic() - began)))
+        self.restarts += 1
+        if self.on_restart is not None:
+            try:
+                self.on_restart(reason)
+            except Exception:
+                log.exception("on_restart callback failed")
+        started = time.monotonic()
+        try:
+            await self._spawn()
+        except EngineDeadError as e:   # it did not load: another failure
+            log.error("%s", e)
+            self._restart_task = None
+            self._fatal = str(e)
+            self._count_failure()       # a replacement that failed to start: one more failure
+            self._after_failure(str(e), 0)
+            return
+        if self._stopping:
+            return
+        self._accepting = True
+        log.info("engine process restarted (pid %d): serving again %.1f s after the failure "
+                 "(%.1f s to load)", self._process.pid, time.monotonic() - began, time.monotonic() - started)

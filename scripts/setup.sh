@@ -8,8 +8,10 @@
 #
 # Where torch comes from (a plain `torch` requirement on PyPI is the CUDA build: a
 # 526 MB wheel plus ~3 GB of nvidia-* packages):
-# - TORCH_INDEX_URL set: that index only. The Docker images set it (the CPU image to
-#   https://download.pytorch.org/whl/cpu, the CUDA image to PyPI).
+# - TORCH_INDEX_URL=default: pip's default index (PyPI or the mirror pip is configured
+#   with), whose Linux torch is the CUDA build: the CUDA image sets it (no GPU in a build).
+# - TORCH_INDEX_URL set to a URL: that index only.
+# - TORCH_INDEX_URL empty or unset: decide as follows (the CPU image leaves it empty).
 # - else, an NVIDIA GPU (`nvidia-smi -L` runs and succeeds): the default index, i.e. the
 #   CUDA build, which is what a GPU machine wants.
 # - else (no GPU): the CPU build from https://download.pytorch.org/whl/cpu, tried with a
@@ -24,7 +26,9 @@ CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
 # "index URL" (that index only), "default" (the default index), or
 # "cpu-then-default URL" (the CPU index, falling back to the default one).
 torch_index_plan() {
-  if [ -n "${TORCH_INDEX_URL:-}" ]; then
+  if [ "${TORCH_INDEX_URL:-}" = "default" ]; then
+    echo "default"
+  elif [ -n "${TORCH_INDEX_URL:-}" ]; then
     echo "index $TORCH_INDEX_URL"
   elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "default"
@@ -54,8 +58,12 @@ if ! python -c "import torch" 2>/dev/null; then
       quiet_pip ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$TORCH_VERSION"
       ;;
     default)
-      # A GPU machine: the default index's torch is the CUDA build.
-      echo "NVIDIA GPU found (nvidia-smi): installing the CUDA build of torch $TORCH_VERSION from the default index"
+      # A GPU machine (or TORCH_INDEX_URL=default): the default index's torch is the CUDA build.
+      if [ "${TORCH_INDEX_URL:-}" = "default" ]; then
+        echo "TORCH_INDEX_URL=default: installing torch $TORCH_VERSION from the default index (the CUDA build)"
+      else
+        echo "NVIDIA GPU found (nvidia-smi): installing the CUDA build of torch $TORCH_VERSION from the default index"
+      fi
       quiet_pip "torch==$TORCH_VERSION"
       ;;
     *)

@@ -42,7 +42,8 @@ def engine_options(settings: ServerSettings) -> dict:
     """``Engine.from_pretrained`` keyword arguments from the settings."""
     return dict(device=settings.resolved_device(), dtype=settings.resolved_dtype(),
                 max_batch_size=settings.max_batch_size, max_seq_len=settings.max_seq_len,
-                max_prefill_tokens=settings.max_prefill_tokens, seed=settings.seed, compile=settings.compile)
+                max_prefill_tokens=settings.max_prefill_tokens, seed=settings.seed, compile=settings.compile,
+                coconut=settings.coconut_overrides())
 
 
 def load_engine(settings: ServerSettings) -> Engine:
@@ -52,14 +53,19 @@ def load_engine(settings: ServerSettings) -> Engine:
     return Engine.from_pretrained(settings.model_dir(), **engine_options(settings))
 
 
-async def start_engine(settings: ServerSettings, engine: Engine | None, on_step):
+async def start_engine(settings: ServerSettings, engine: Engine | None, on_step, on_restart=None,
+                       on_give_up=None):
     """The running engine the routes drive: ``AsyncEngine`` over ``engine`` (or one loaded from
-    the settings), or with ``settings.engine_process`` a ``ProcessEngine``."""
+    the settings), or with ``settings.engine_process`` a ``ProcessEngine``, which replaces a
+    dead child as the settings' restart policy says (``on_restart`` / ``on_give_up``)."""
     if engine is None and settings.engine_process:
-        from engine.process_engine import ProcessEngine
+        from engine.process_engine import ProcessEngine, RestartPolicy
 
+        policy = RestartPolicy(max_restarts=settings.max_engine_restarts, window_s=settings.engine_restart_window_s,
+                               backoff_s=settings.engine_restart_backoff_s)
         running = await asyncio.to_thread(ProcessEngine, settings.model_dir(), engine_options(settings),
-                                          settings.max_queue, settings.torch_threads, on_step)
+                                          settings.max_queue, settings.torch_threads, on_step, policy,
+                                          on_restart, on_give_up)
     else:
         core = engine if engine is not None else await asyncio.to_thread(load_engine, settings)
         running = AsyncEngine(core, max_queue=settings.max_queue, on_step=on_step)
@@ -72,13 +78,25 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
     """``replica_name``: set when the app runs as one of several replicas (``server.ray_serve``);
     every response then carries it in ``x-coconut-replica``, and ``/ready`` reports it.
     ``app.state.render_metrics`` (an async callable returning the exposition bytes) may be
-    set afterwards to serve more than this app's own metrics on ``/metrics``."""
+    set afterwards to serve more than this app's own metrics on ``/metrics``.
+
+    When the engine process gives up (``--max-engine-restarts``), ``app.state.engine_failure``
+    holds the reason and ``app.state.exit_server()`` is called if set (``engine serve`` sets
+    it to stop uvicorn, then exits non-zero)."""
     settings = settings or ServerSettings()
     metrics = ServerMetrics()
 
+    def give_up(reason: str) -> None:
+        app.state.engine_failure = reason
+        if app.state.exit_server is not None:
+            log.error("stopping the server: the engine process kept failing")
+            app.state.exit_server()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        async_engine = await start_engine(settings, engine, metrics.on_step)
+        async_engine = await start_engine(settings, engine, metrics.on_step,
+                                          on_restart=lambda reason: metrics.engine_restarts.inc(),
+                                          on_give_up=give_up)
         metrics.bind_engine(lambda: async_engine.num_waiting, lambda: async_engine.num_running)
         core = async_engine.engine
         name = settings.served_model_name or core.model_name
@@ -102,6 +120,8 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
     app.state.service = None
     app.state.replica_name = replica_name
     app.state.render_metrics = None
+    app.state.engine_failure = None     # why the engine process was given up on
+    app.state.exit_server = None        # set by whoever runs uvicorn
     errors.install(app)
     _add_stream_schemas(app)
     routers = (ops.router, reason.router, openai.router, playground.router)

@@ -3,7 +3,9 @@
 Every ``ServerSettings`` field is a flag (``max_batch_size`` -> ``--max-batch-size``)
 and an environment variable (``COCONUT_MAX_BATCH_SIZE``); a flag wins over the
 environment. SIGTERM (or Ctrl-C) stops accepting connections, lets the in-flight
-requests finish (up to ``--drain-timeout-s``), stops the engine and exits 0.
+requests finish (up to ``--drain-timeout-s``), stops the engine and exits 0. An engine
+process that keeps dying (more than ``--max-engine-restarts`` times within
+``--engine-restart-window-s``) makes the server stop and exit 4 (``ENGINE_FAILED``).
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ log = logging.getLogger(__name__)
 
 _INT_FIELDS = {"port", "max_batch_size", "max_queue", "max_seq_len", "max_prefill_tokens", "seed",
                "max_body_bytes", "retry_after_s", "torch_threads", "replicas",
-               "autoscale_target_ongoing_requests"}
-_FLOAT_FIELDS = {"drain_timeout_s", "num_gpus_per_replica"}
-_DEST = "serve_"  # the global `engine --log-level` already owns dest "log_level"
+               "autoscale_target_ongoing_requests", "max_engine_restarts"}
+_FLOAT_FIELDS = {"drain_timeout_s", "num_gpus_per_replica", "engine_restart_window_s", "engine_restart_backoff_s"}
+_DEST = "serve_"
+ENGINE_FAILED = 4   # the exit status when the engine process kept dying  # the global `engine --log-level` already owns dest "log_level"
 
 
 def _choices(name: str, annotation) -> tuple[str, ...] | None:
@@ -99,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
                             log_config=None, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=settings.drain_timeout_s)
     server = uvicorn.Server(config)
+    app = config.app
+    app.state.exit_server = lambda: setattr(server, "should_exit", True)
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully,
     # which under the default SIGTERM disposition would end the process with -15. A
     # drained shutdown is a success, so that re-raised SIGTERM is made a no-op.
@@ -107,5 +112,8 @@ def run(args: argparse.Namespace) -> int:
     if not server.started:
         log.error("the server did not start (see the errors above)")
         return 3
+    if app.state.engine_failure is not None:
+        log.error("server stopped: the engine process kept failing (%s)", app.state.engine_failure)
+        return ENGINE_FAILED
     log.info("server stopped")
     return 0

@@ -8,7 +8,7 @@ Three sources feed them:
   counters, thoughts per request, finish reasons;
 - the engine loop (``on_step``, called in the engine thread after every step; the
   client library is thread-safe): batch size per step, steps, prefills, stop-classifier
-  early exits.
+  early exits; and the engine process's supervision: restarts.
 
 The waiting / running gauges are read from the engine when scraped, so they always
 tell the current truth (they return to 0 once every request is done or aborted).
@@ -62,6 +62,8 @@ class ServerMetrics:
         self.generated_tokens = Counter(f"{p}_generation_tokens", "answer tokens generated", registry=r)
         self.thoughts = Histogram(f"{p}_thoughts_per_request", "continuous thoughts per finished request",
                                   buckets=_THOUGHT_BUCKETS, registry=r)
+        self.engine_restarts = Counter(f"{p}_engine_restarts", "engine processes started to replace one "
+                                       "that died", registry=r)
         self.finished = Counter(f"{p}_requests_finished", "generations by finish reason "
                                 "(stop, length, abort, error)", ["reason"], registry=r)
 

@@ -27,20 +27,20 @@ from typing import AsyncIterator
 
 from fastapi import Request as HttpRequest
 
-from engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from engine.async_engine import AsyncEngine, EngineCrashedError, EngineDeadError, EngineOverloadedError
 from engine.output import RequestOutput
 from engine.params import (DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P,
-                           LatentPolicy, SamplingParams)
+                           LatentPolicy, SamplingParams, LatentFeedback)
 from server.errors import ApiError, ClientDisconnected, from_engine_exception
 from server.metrics import ServerMetrics
-from server.schemas import LatentThought, SamplingFields, TraceToken
+from server.schemas import LatentThought, SamplingFields, ThoughtFeed, TraceToken
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Generation:
-    question: str
+    question: str | list[dict[str, str]]      # a question, or chat messages for a chat template
     sampling: SamplingParams
     latent: LatentPolicy | None
     id_prefix: str = "gen"       # the response id is "<prefix>-<uuid hex>"
@@ -58,12 +58,18 @@ class GenerationService:
 
     # ------------------------------------------------------------ parameters
 
+    @property
+    def has_chat_template(self) -> bool:
+        """The served tokenizer renders chat messages itself (``PromptFormat.build_chat``)."""
+        prompt_format = getattr(getattr(self.engine, "engine", None), "prompt_format", None)
+        return bool(prompt_format is not None and prompt_format.has_chat_template)
+
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
             raise ApiError(404, f"model {model!r} is not served here; this server serves "
                                 f"{self.model_name!r} (see GET /v1/models)", param="model")
 
-    def params(self, question: str, fields: SamplingFields, id_prefix: str = "gen",
+    def params(self, question: str | list[dict[str, str]], fields: SamplingFields, id_prefix: str = "gen",
                default_temperature: float = DEFAULT_TEMPERATURE,
                default_max_tokens: int = DEFAULT_MAX_TOKENS) -> Generation:
         """Build the engine's parameter objects; their validation errors answer 422.
@@ -86,11 +92,10 @@ class GenerationService:
             options = fields.latent
             top_k = fields.latent_trace_top_k if fields.return_latent_trace else 0
             if options is not None or top_k:
-                latent = LatentPolicy(mode=options.mode if options else None,
-                                      thoughts=options.thoughts if options else None,
-                                      max_thoughts=options.max_thoughts if options else None,
-                                      threshold=options.threshold if options else None,
-                                      trace_top_k=top_k)
+                given = options.model_dump(exclude_none=True) if options is not None else {}
+                feedback = given.pop("feedback", None)
+                latent = LatentPolicy(mode=given.pop("mode", None), trace_top_k=top_k,
+                                      feedback=LatentFeedback(**feedback) if feedback else None, **given)
         except ValueError as e:
             raise ApiError(422, str(e)) from None
         return Generation(question, sampling, latent, id_prefix)
@@ -100,8 +105,9 @@ class GenerationService:
     def _enter(self, gen: Generation, http: HttpRequest):
         """Validate, tokenize and length-check: the engine ``Request`` (or ApiError)."""
         if not self.engine.accepting:
-            raise ApiError(503, "the engine is not accepting requests (starting, shutting down or "
-                                "failed; see GET /ready)", "unavailable_error",
+            reason = self.engine.unavailable_reason or ("the engine is not accepting requests (starting, "
+                                                        "shutting down or failed)")
+            raise ApiError(503, f"{reason}; see GET /ready", "unavailable_error",
                            headers={"Retry-After": str(self.retry_after_s)})
         try:
             request = self.engine.make_request(gen.question, gen.sampling, gen.latent,
@@ -137,12 +143,13 @@ class GenerationService:
                     yield out
         except ApiError:
             raise
+        except EngineCrashedError as e:
+            reason = "error"         # accepted, then the engine loop (or its process) died
+            log.error("request failed: %s", e)
+            raise ApiError(500, str(e), "engine_dead_error") from None
         except (EngineOverloadedError, EngineDeadError) as e:
-            if isinstance(e, EngineOverloadedError) or self.engine.is_healthy:
-                reason = "rejected"  # refused at submission: full, or shutting down
-                raise from_engine_exception(e, self.retry_after_s) from None
-            reason = "error"         # accepted, then the engine loop died
-            raise self._failure(e) from None
+            reason = "rejected"      # refused at submission: full, shutting down or restarting
+            raise from_engine_exception(e, self.retry_after_s) from None
         except (asyncio.CancelledError, GeneratorExit):
             reason = "abort"
             raise
@@ -204,8 +211,18 @@ def latent_trace(out: RequestOutput, asked: bool = True) -> list[LatentThought] 
         return None
     return [LatentThought(thought=i, tokens=[TraceToken(id=t, text=x, prob=p) for t, x, p in
                                              zip(e["token_ids"], e["texts"], e["probs"])],
-                          frontier=e.get("frontier"))
+                          entropy=e.get("entropy"), feed=_feed(e.get("feed")), frontier=e.get("frontier"))
             for i, e in enumerate(out.latent_trace or [], 1)]
+
+
+def _feed(feed: dict | None) -> ThoughtFeed | None:
+    if feed is None:
+        return None
+    tokens = None
+    if feed.get("token_ids") is not None:
+        tokens = [TraceToken(id=t, text=x, prob=w) for t, x, w in zip(feed["token_ids"], feed["texts"],
+                                                                      feed["weights"])]
+    return ThoughtFeed(type=feed["type"], tokens=tokens)
 
 
 def latent_trace_json(out: RequestOutput, asked: bool = True) -> list[dict] | None:

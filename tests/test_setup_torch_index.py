@@ -70,6 +70,12 @@ def test_an_empty_torch_index_url_is_unset(tmp_path):
     assert plan(tmp_path, None, TORCH_INDEX_URL="") == f"cpu-then-default {CPU_INDEX}"
 
 
+@pytest.mark.parametrize("smi", [None, GPU_SMI])
+def test_torch_index_url_default_means_the_default_index_without_a_gpu(tmp_path, smi):
+    """The CUDA image's build: no GPU there, yet the default index's (CUDA) torch."""
+    assert plan(tmp_path, smi, TORCH_INDEX_URL="default") == "default"
+
+
 # ---------------------------------------------------------------- the install steps
 
 FAKE_PYTHON = """#!/bin/sh
@@ -125,6 +131,12 @@ def test_with_a_gpu_the_default_index_gives_the_cuda_build(tmp_path):
     calls, out = run_setup(tmp_path, GPU_SMI, cpu_index_rc=1)
     assert _torch_installs(calls) == ["-m pip install -q torch==2.13.0"]
     assert "CUDA build" in out
+
+
+def test_torch_index_url_default_installs_from_pip_s_own_index(tmp_path):
+    calls, out = run_setup(tmp_path, None, cpu_index_rc=1, TORCH_INDEX_URL="default")
+    assert _torch_installs(calls) == ["-m pip install -q torch==2.13.0"]
+    assert "TORCH_INDEX_URL=default" in out and "CUDA build" in out
 
 
 def test_torch_index_url_is_the_only_index_tried(tmp_path):
