@@ -17,32 +17,59 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from engine.params import (DEFAULT_MAX_TOKENS, DEFAULT_TRACE_TOP_K, MAX_STOP_STRINGS,
-                           MAX_TEMPERATURE, MAX_THOUGHTS_CEILING, MAX_THRESHOLD, MAX_TOP_P, MAX_TRACE_TOP_K,
-                           MIN_MAX_THOUGHTS, MIN_MAX_TOKENS, MIN_STOP_LENGTH, MIN_TEMPERATURE, MIN_THOUGHTS,
-                           MIN_THRESHOLD, MIN_TOP_K, MIN_TOP_P, MIN_TRACE_TOP_K, SEED_LIMIT, LatentMode)
+from engine.params import (DEFAULT_MAX_TOKENS, DEFAULT_SOFT_TEMPERATURE, DEFAULT_SOFT_TOP_K, DEFAULT_SOFT_TOP_P,
+                           DEFAULT_TRACE_TOP_K, MAX_ENTROPY_THRESHOLD, MAX_PATIENCE, MAX_SOFT_TEMPERATURE,
+                           MAX_STOP_STRINGS, MAX_TEMPERATURE, MAX_THOUGHTS_CEILING, MAX_THRESHOLD, MAX_TOP_P,
+                           MAX_TRACE_TOP_K, MIN_ENTROPY_THRESHOLD, MIN_MAX_THOUGHTS, MIN_MAX_TOKENS,
+                           MIN_SOFT_TEMPERATURE, MIN_STOP_LENGTH, MIN_TEMPERATURE, MIN_THOUGHTS, MIN_THRESHOLD,
+                           MIN_TOP_K, MIN_TOP_P, MIN_TRACE_TOP_K, SEED_LIMIT, FeedbackType, LatentMode)
 
 StopString = Annotated[str, Field(min_length=MIN_STOP_LENGTH)]
 StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 
 
+class FeedbackOptions(BaseModel):
+    """What a continuous thought feeds back; unset: the checkpoint's operator."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    type: FeedbackType = Field(description="hidden: the last hidden state (COCONUT); soft_embedding: "
+                               "sum_i p_i E[i] with p = softmax(W h / temperature) kept to top_k, then "
+                               "top_p, renormalised (Soft Thinking); projection: the checkpoint's learned "
+                               "prj(h) (CODI), only where it has one")
+    temperature: float | None = Field(None, gt=MIN_SOFT_TEMPERATURE, le=MAX_SOFT_TEMPERATURE,
+                                      description=f"(soft_embedding) default {DEFAULT_SOFT_TEMPERATURE:g}")
+    top_k: StrictInt | None = Field(None, ge=0, description=f"(soft_embedding) tokens mixed, 0 = all; "
+                                                            f"default {DEFAULT_SOFT_TOP_K}")
+    top_p: float | None = Field(None, gt=MIN_TOP_P, le=MAX_TOP_P,
+                                description=f"(soft_embedding) default {DEFAULT_SOFT_TOP_P:g}")
+
+
 class LatentOptions(BaseModel):
-    """How many continuous thoughts to spend; unset fields take the checkpoint's defaults."""
+    """How many continuous thoughts to spend and what they feed back; unset fields take the
+    checkpoint's defaults."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     mode: LatentMode | None = Field(
         None, description="fixed: exactly `thoughts`; auto: the stop classifier decides, up to "
-        "`max_thoughts`; none: answer directly. Unset: `thoughts` implies fixed, `max_thoughts` or "
-        "`threshold` imply auto, else the checkpoint's mode")
-    thoughts: int | None = Field(None, ge=MIN_THOUGHTS, le=MAX_THOUGHTS_CEILING,
-                                 description="(fixed) thought count")
-    max_thoughts: int | None = Field(None, ge=MIN_MAX_THOUGHTS, le=MAX_THOUGHTS_CEILING,
-                                     description="(auto) the cap")
+        "`max_thoughts`; entropy: until softmax(W h)'s entropy is below `entropy_threshold` for "
+        "`patience` thoughts in a row; token: until the argmax of W h is the end token; none: answer "
+        "directly. Unset: `thoughts` implies fixed, `threshold` auto, `entropy_threshold` or "
+        "`patience` entropy, else the checkpoint's mode")
+    thoughts: StrictInt | None = Field(None, ge=MIN_THOUGHTS, le=MAX_THOUGHTS_CEILING,
+                                       description="(fixed) thought count")
+    max_thoughts: StrictInt | None = Field(None, ge=MIN_MAX_THOUGHTS, le=MAX_THOUGHTS_CEILING,
+                                           description="(auto, entropy, token) the cap")
     threshold: float | None = Field(None, ge=MIN_THRESHOLD, le=MAX_THRESHOLD,
                                     description="(auto) stop probability threshold")
+    entropy_threshold: float | None = Field(None, ge=MIN_ENTROPY_THRESHOLD, le=MAX_ENTROPY_THRESHOLD,
+                                            description="(entropy) nats")
+    patience: StrictInt | None = Field(None, ge=1, le=MAX_PATIENCE,
+                                       description="(entropy) thoughts in a row below the threshold (1)")
+    feedback: FeedbackOptions | None = None
 
 
 class SamplingFields(BaseModel):
@@ -111,12 +138,23 @@ class Frontier(BaseModel):
     nodes: list[FrontierNode] = Field(description="every node of the graph, in order of first mention")
 
 
+class ThoughtFeed(BaseModel):
+    """What the thought fed back: the operator, and for a soft embedding its mixture."""
+
+    type: FeedbackType
+    tokens: list[TraceToken] | None = Field(None, description="(soft_embedding) the tokens mixed, with "
+                                            "their weights as prob")
+
+
 class LatentThought(BaseModel):
-    """One continuous thought projected onto the vocabulary: its top-k tokens, and for a
-    graph question read by a compact model, how its mass spreads over the graph."""
+    """One continuous thought projected onto the vocabulary: its top-k tokens, the entropy
+    of softmax(W h), what was fed, and for a graph question read by a compact model, how
+    its mass spreads over the graph."""
 
     thought: int = Field(description="1-based index of the thought")
     tokens: list[TraceToken]
+    entropy: float | None = Field(None, description="nats of softmax(W h) over the vocabulary")
+    feed: ThoughtFeed | None = None
     frontier: Frontier | None = None
 
 

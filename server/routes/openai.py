@@ -1,7 +1,8 @@
 """OpenAI-compatible routes: ``GET /v1/models``, ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (streaming and not).
 
-The question is the prompt (completions) or the last user message (chat); the content
+The question is the prompt (completions) or the last user message (chat; a model whose
+tokenizer has a chat template gets the whole conversation through it); the content
 returned equals ``/v1/reason``'s ``text`` for the same question and parameters. Same
 service, same engine, same errors as ``/v1/reason``; only the shapes differ.
 
@@ -264,7 +265,10 @@ async def chat_completions(body: ChatRequest, request: Request,
     service.check_model(body.model)
     if body.max_tokens is None and body.max_completion_tokens is not None:
         body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
-    gen = service.params(body.question(), body, id_prefix="chatcmpl",
+    # a tokenizer with a chat template renders the whole conversation; else the last user message
+    question = ([{"role": m.role, "content": m.text()} for m in body.messages] if service.has_chat_template
+                else body.question())
+    gen = service.params(question, body, id_prefix="chatcmpl",
                          default_temperature=OPENAI_DEFAULT_TEMPERATURE)
     if body.logprobs:
         gen = _with_logprobs(gen)

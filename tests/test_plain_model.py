@@ -1,0 +1,111 @@
+"""Any causal LM, no training: a plain Hugging Face directory (no coconut.json) served with
+Soft Thinking's feedback from flags, its chat template used by the chat route.
+
+The directory is a tiny random Llama with a tokenizer that knows ``<think>`` and
+``</think>`` and has a chat template, saved with ``save_pretrained`` only. The oracle is
+the naive reference decoder with its own soft-embedding operator on the rendered prompt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from engine import Engine, LatentPolicy, SamplingParams
+from engine.errors import CheckpointError
+from engine.reference import reference_generate, soft_embedding_feedback
+from tests.test_server_harness import InProcessServer
+
+TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+SOFT = {"latent_feedback": {"type": "soft_embedding", "top_k": 5}, "bot_token": "<think>",
+        "eot_token": "</think>", "question_suffix": "", "answer_prefix": ""}
+QUESTION = "Every wumpus is a yumpus. Tom is a wumpus. Is Tom a yumpus or zumpus?"
+
+
+@pytest.fixture(scope="module")
+def plain_dir(tmp_path_factory) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    from engine.tiny import model_config, sample_corpus, train_tokenizer
+
+    tokenizer = train_tokenizer(sample_corpus(), vocab_size=400)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]},
+                                 replace_extra_special_tokens=False)
+    tokenizer.chat_template = TEMPLATE
+    config = model_config("llama", len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(4)
+    model = AutoModelForCausalLM.from_config(config)
+    directory = tmp_path_factory.mktemp("plain-llama")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    assert not (directory / "coconut.json").exists()
+    return directory
+
+
+def _reference(engine, prompt: str, thoughts: int, max_tokens: int, **kw):
+    ck = engine.checkpoint
+    return reference_generate(ck.model, ck.tokenizer, prompt, question_suffix="", bot_id=ck.markers.bot,
+                              eot_id=ck.markers.eot, eos_ids=set(ck.markers.eos), thoughts=thoughts,
+                              max_tokens=max_tokens, feedback=soft_embedding_feedback(top_k=5), **kw)
+
+
+def test_a_plain_directory_needs_the_flags(plain_dir):
+    with pytest.raises(CheckpointError, match="missing coconut.json"):
+        Engine.from_pretrained(plain_dir)
+
+
+def test_soft_thinking_on_a_plain_model_matches_reference(plain_dir):
+    engine = Engine.from_pretrained(plain_dir, coconut=SOFT)
+    assert engine.checkpoint.tokenizer.convert_ids_to_tokens(engine.checkpoint.markers.bot) == "<think>"
+    results = engine.generate([QUESTION, "Is Sally a rompus?"], SamplingParams(max_tokens=8, ignore_eos=True),
+                              LatentPolicy(mode="fixed", thoughts=4))
+    for question, result in zip([QUESTION, "Is Sally a rompus?"], results):
+        assert result.token_ids == _reference(engine, question, 4, 8, ignore_eos=True).token_ids
+
+
+def test_missing_markers_are_added(plain_dir):
+    engine = Engine.from_pretrained(plain_dir, coconut={**SOFT, "bot_token": "<reason>", "eot_token": "</reason>"})
+    ck = engine.checkpoint
+    before = len(Engine.from_pretrained(plain_dir, coconut=SOFT).tokenizer)
+    rows = ck.model.get_input_embeddings().weight.shape[0]
+    assert len(ck.tokenizer) == rows == before + 2 and {ck.markers.bot, ck.markers.eot} == {before, before + 1}
+    [result] = engine.generate([QUESTION], SamplingParams(max_tokens=6, ignore_eos=True),
+                               LatentPolicy(mode="fixed", thoughts=3))
+    assert result.token_ids == _reference(engine, QUESTION, 3, 6, ignore_eos=True).token_ids
+
+
+def test_server_serves_a_plain_model_with_its_chat_template(plain_dir):
+    oracle = Engine.from_pretrained(plain_dir, coconut=SOFT)
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": QUESTION}]
+    rendered = oracle.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered.startswith("<s>system: Answer briefly.")
+    # the rendered prompt has its own <s> tokens; the tokenizer adds none (no post-processor)
+    expected = _reference(oracle, rendered, 3, 6, ignore_eos=True)
+    with InProcessServer(plain_dir, latent_feedback="soft_embedding", bot_token="<think>", eot_token="</think>",
+                         coconut='{"question_suffix": "", "answer_prefix": "", '
+                                 '"latent_feedback": {"type": "soft_embedding", "top_k": 5}}') as server:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            r = http.post("/v1/chat/completions", json={
+                "messages": messages, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                "latent": {"mode": "fixed", "thoughts": 3}})
+            assert r.status_code == 200, r.text
+            content = r.json()["choices"][0]["message"]["content"]
+            assert content == oracle.tokenizer.decode(expected.token_ids)
+            assert r.json()["usage"]["latent_thoughts"] == 3
+            # the soft-embedding parameters are the request's to change, per request
+            r = http.post("/v1/reason", json={"question": QUESTION, "max_tokens": 6, "ignore_eos": True,
+                                              "latent": {"thoughts": 3, "feedback": {"type": "soft_embedding",
+                                                                                      "top_k": 2}}})
+            assert r.status_code == 200, r.text
+            want = reference_generate(oracle.checkpoint.model, oracle.tokenizer, QUESTION, question_suffix="",
+                                      bot_id=oracle.checkpoint.markers.bot, eot_id=oracle.checkpoint.markers.eot,
+                                      eos_ids=set(oracle.checkpoint.markers.eos), thoughts=3, max_tokens=6,
+                                      feedback=soft_embedding_feedback(top_k=2), ignore_eos=True)
+            assert r.json()["text"] == oracle.tokenizer.decode(want.token_ids)
+            r = http.post("/v1/reason", json={"question": QUESTION, "latent": {"feedback": {"type": "projection"}}})
+            assert r.status_code == 422 and "projection" in r.json()["error"]["message"]
