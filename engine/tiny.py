@@ -62,7 +62,8 @@ def model_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, 
     """A small config of one architecture family, with the same shape knobs for all."""
     from transformers import AutoConfig
 
-    common = dict(vocab_size=vocab_size, initializer_range=init_std, tie_word_embeddings=False)
+    common = dict(vocab_size=vocab_size, initializer_range=init_std,
+                  tie_word_embeddings=overrides.pop("tie_word_embeddings", False))
     shapes = {
         "gpt2": dict(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions),
         "llama": dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,

@@ -1,12 +1,14 @@
-"""``engine train``, ``engine eval`` and ``engine convert-reference``.
+"""``engine train``, ``engine eval``, ``engine convert reference|codi`` and ``engine widen``.
 
 - ``engine train CONFIG.yaml [--set key=value ...]``: the COCONUT curriculum (see
   ``engine.train.trainer``); runs under ``torchrun`` for DDP/FSDP.
 - ``engine eval --model DIR --data FILE [--thoughts N | --latent auto|fixed|none] [--json]``:
   exact-match accuracy (the reference's comparison), mean generated tokens and thoughts,
   time. ``--data`` may be a file or a generator spec.
-- ``engine convert-reference CKPT --base MODEL_DIR --out DIR``: a reference checkpoint to
-  our format.
+- ``engine convert reference CKPT --base MODEL_DIR --out DIR`` (alias ``engine
+  convert-reference``): a reference checkpoint to our format.
+- ``engine convert codi --checkpoint CKPT --base MODEL_DIR --out DIR --num-latent N
+  --lora-alpha A [--no-eos]``: a CODI checkpoint, LoRA merged (``engine.train.convert_codi``).
 - ``engine widen --from DIR --out DIR --hidden-size D --heads H --intermediate-size I``: a
   wider copy of a Llama-shaped checkpoint computing the same function
   (``engine.train.widen``), to warm-start a wider run.
@@ -45,16 +47,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_eval)
 
-    p = sub.add_parser("convert-reference", help="convert a reference (facebookresearch/coconut) checkpoint",
-                       description="Convert a torch state dict saved by the reference implementation (keys "
-                                   "base_causallm.*) into a servable checkpoint directory.")
-    p.add_argument("checkpoint", help="the reference's checkpoint file (checkpoint_N)")
-    p.add_argument("--base", required=True, help="the base model directory it was trained from")
+    convert = sub.add_parser("convert", help="convert another implementation's checkpoint into ours",
+                             description="Convert a checkpoint of another latent-reasoning implementation into a "
+                                         "servable checkpoint directory.")
+    kinds = convert.add_subparsers(dest="kind", metavar="KIND", required=True)
+    for p in (kinds.add_parser("reference", help="facebookresearch/coconut's checkpoint_N",
+                               description="Convert a torch state dict saved by the reference implementation (keys "
+                                           "base_causallm.*) into a servable checkpoint directory."),
+              sub.add_parser("convert-reference", help="alias of `engine convert reference`",
+                             description="Alias of `engine convert reference`.")):
+        p.add_argument("checkpoint", help="the reference's checkpoint file (checkpoint_N)")
+        p.add_argument("--base", required=True, help="the base model directory it was trained from")
+        p.add_argument("--out", required=True, help="output checkpoint directory")
+        p.add_argument("--num-thoughts", type=int, default=6, help="default thoughts (ProsQA: 6)")
+        p.add_argument("--c-thought", type=int, default=1, help="thoughts per reasoning step (default 1)")
+        p.add_argument("--max-latent-stage", type=int, default=6, help="the last curriculum stage (default 6)")
+        p.set_defaults(func=run_convert)
+    p = kinds.add_parser("codi", help="zhenyi4/codi's saved model (LoRA + projection)",
+                         description="Merge a CODI checkpoint's LoRA adapters into its base model and write a "
+                                     "checkpoint served with CODI's projection and prompt layout.")
+    p.add_argument("--checkpoint", required=True, help="CODI's model.safetensors or pytorch_model.bin (or "
+                                                       "the directory holding it)")
+    p.add_argument("--base", required=True, help="the base model directory it was trained on (e.g. gpt2)")
     p.add_argument("--out", required=True, help="output checkpoint directory")
-    p.add_argument("--num-thoughts", type=int, default=6, help="default thoughts (ProsQA: 6)")
-    p.add_argument("--c-thought", type=int, default=1, help="thoughts per reasoning step (default 1)")
-    p.add_argument("--max-latent-stage", type=int, default=6, help="the last curriculum stage (default 6)")
-    p.set_defaults(func=run_convert)
+    p.add_argument("--num-latent", type=int, required=True, help="thoughts per question (CODI's "
+                                                                 "--inf_latent_iterations, e.g. 6)")
+    p.add_argument("--lora-alpha", type=float, required=True, help="CODI's --lora_alpha (e.g. 32); the "
+                                                                   "rank is read off the adapters")
+    p.add_argument("--no-eos", action="store_true", help="no EOS around the thoughts (CODI's --remove_eos True)")
+    p.set_defaults(func=run_convert_codi)
 
     p = sub.add_parser("widen", help="widen a Llama-shaped checkpoint, preserving its function",
                        description="Copy a checkpoint into a wider one (same head_dim, more heads, wider MLP): old "
@@ -149,6 +170,15 @@ def run_widen(args: argparse.Namespace) -> int:
 
     out = widen_checkpoint(args.source, args.out, args.hidden_size, args.heads, args.intermediate_size,
                            noise=args.noise, seed=args.seed)
+    print(f"wrote {out}")
+    return 0
+
+
+def run_convert_codi(args: argparse.Namespace) -> int:
+    from engine.train.convert_codi import convert_codi
+
+    out = convert_codi(args.checkpoint, args.base, args.out, num_latent=args.num_latent,
+                       lora_alpha=args.lora_alpha, eos=not args.no_eos)
     print(f"wrote {out}")
     return 0
 
