@@ -145,3 +145,27 @@ def test_extra_passes_change_nothing():
         assert torch.allclose(plain, padded, rtol=1e-5, atol=1e-6)
         for a, b in zip(grads(plain, model), grads(padded, model)):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_projected_thoughts_match_naive(arch):
+    """``latent_projection``: thoughts fed as CODI's prj(h); loss and the gradients of the model's
+    and the projection's parameters against the naive loss with the same projection."""
+    from engine.feedback import LatentProjection
+
+    model = tiny_model(arch)
+    torch.manual_seed(2)
+    prj = LatentProjection(32, 48).eval()
+    batch = make_batch(MIXED_ROWS, 16)
+    fast = coconut_loss(model, batch, LATENT, projection=prj)
+    slow = naive_coconut_loss(model, batch, LATENT, projection=prj)
+    assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-6), (fast.item(), slow.item())
+    assert not torch.allclose(fast, coconut_loss(model, batch, LATENT), rtol=1e-4)
+    params = list(model.parameters()) + list(prj.parameters())
+    for a, b in zip(torch.autograd.grad(fast, params, allow_unused=True),
+                    torch.autograd.grad(slow, params, allow_unused=True)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max().item()
+    prj_grads = torch.autograd.grad(coconut_loss(model, batch, LATENT, projection=prj), list(prj.parameters()))
+    assert all(g.abs().sum() > 0 for g in prj_grads)

@@ -207,3 +207,42 @@ def test_compact_run_declares_its_text_format_and_serves_natural_questions(tmp_p
     assert natural.startswith(("Every", *NAMES)) or " is a" in natural
     out = engine.generate([natural], SamplingParams(max_tokens=4))[0]
     assert out.finish_reason in ("stop", "length")
+
+
+def test_latent_projection_trains_saves_serves_and_resumes(tmp_path):
+    """``latent_projection: true``: CODI's prj learned with the curriculum, saved beside the
+    model, served with projection feedback exactly as the reference decodes it, and a resumed
+    run ends where a straight one does, projection included."""
+    from safetensors.torch import load_file
+
+    from engine import Engine, LatentPolicy, SamplingParams
+    from tests.engine_helpers import reference
+
+    common = dict(num_epochs=3, epochs_per_stage=1, max_latent_stage=1, reset_optimizer=False,
+                  warmup_steps=20, plot=False, latent_projection=True, latent_projection_size=24)
+    straight = write_config(tmp_path, name="straight", **common)
+    assert run_train(straight, tmp_path, "straight.yaml") == 0
+    resumed = write_config(tmp_path, name="resumed", **{**common, "num_epochs": 2})
+    assert run_train(resumed, tmp_path, "resumed.yaml") == 0
+    resumed["num_epochs"] = 3
+    assert run_train(resumed, tmp_path, "resumed.yaml") == 0
+    done = tmp_path / "straight" / "checkpoint_3"
+    a = load_file(done / "latent_projection.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoint_3" / "latent_projection.safetensors")
+    from engine.feedback import LatentProjection
+
+    torch.manual_seed(0)                           # the run's seed: how the trainer initialised it
+    initial = LatentProjection(32, 24).state_dict()
+    assert a["1.weight"].shape == (24, 32)
+    assert not torch.allclose(initial["1.weight"], a["1.weight"]), "the projection was not trained"
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    coconut = json.loads((done / "coconut.json").read_text())
+    assert coconut["latent_feedback"] == {"type": "projection", "file": "latent_projection.safetensors",
+                                          "temperature": None, "top_k": None, "top_p": None}
+    engine = Engine.from_pretrained(done)
+    assert engine.checkpoint.projection is not None
+    questions = ["What is Tom?", "What is Max?"]
+    for question, out in zip(questions, engine.generate(questions, SamplingParams(max_tokens=8),
+                                                        LatentPolicy(mode="fixed", thoughts=2))):
+        assert out.token_ids == reference(engine, question, 2, 8).token_ids

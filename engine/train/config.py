@@ -147,6 +147,12 @@ class TrainConfig(BaseModel):
                                          "mean embedding of frontier j) instead of its own (engine.train.loss)")
     teacher_anneal_epochs: int = Field(0, ge=0, description="then the chance that a batch is teacher-forced falls "
                                        "linearly to 0 over this many epochs")
+    latent_projection: bool = Field(False, description="coconut: learn CODI's projection prj(h) = Dropout, Linear(d, p), "
+                                    "GELU, Linear(p, d), LayerNorm(d) as the thought fed back instead of h itself, "
+                                    "with the curriculum's loss (saved as latent_projection.safetensors; served with "
+                                    "latent_feedback type projection)")
+    latent_projection_size: int | None = Field(None, ge=1, description="its p (null: the model's hidden size)")
+    latent_projection_layer_norm: bool = Field(True, description="its final LayerNorm (CODI's default; prj_no_ln: false)")
     frontier_within: bool = Field(False, description="frontier j = the nodes within j hops (cumulative, the breadth-first set) "
                                   "instead of exactly j")
     # ---------------------------------------------------------------- stop classifier (after the last stage)
@@ -176,6 +182,10 @@ class TrainConfig(BaseModel):
         if self.init == "scratch" and not self.model:
             raise ValueError("init: scratch needs `model`, a dict of transformers config fields with "
                              "model_type (e.g. {model_type: gpt2, n_embd: 128, n_layer: 2, n_head: 4})")
+        if self.latent_projection and self.method not in ("coconut", "no_curriculum"):
+            raise ValueError(f"latent_projection: true needs thoughts fed back (coconut), not method {self.method}")
+        if self.latent_projection and self.parallel == "fsdp":
+            raise ValueError("latent_projection: true is not supported with parallel: fsdp (use ddp)")
         if self.model is not None and "model_type" not in self.model:
             raise ValueError(f"model: {self.model} has no model_type (e.g. gpt2, llama)")
         return self

@@ -92,9 +92,10 @@ class Objective(torch.nn.Module):
     loss when ``latent_token_id`` is None), with passes agreed across ranks when ``sync``."""
 
     def __init__(self, model: torch.nn.Module, latent_token_id: int | None, sync_passes: bool = False,
-                 frontier_loss_weight: float = 0.0):
+                 frontier_loss_weight: float = 0.0, projection: torch.nn.Module | None = None):
         super().__init__()
         self.model = model
+        self.projection = projection     # CODI's prj (latent_projection), trained beside the model
         self.latent_token_id = latent_token_id
         self.sync_passes = sync_passes
         # weight of the auxiliary frontier loss (needs batch["frontier_ids"]); 0 = off
@@ -117,7 +118,8 @@ class Objective(torch.nn.Module):
                 and batch.get("frontier_ids") is not None and self.teacher_rng.random() < self.teacher_probability):
             out = teacher_thought_hidden_states(self.model, batch, self.latent_token_id, batch["frontier_ids"])
         else:
-            out = coconut_hidden_states(self.model, batch, self.latent_token_id, min_passes=min_passes)
+            out = coconut_hidden_states(self.model, batch, self.latent_token_id, min_passes=min_passes,
+                                        projection=self.projection)
         loss = lm_loss_from_hidden(self.model, out.hidden, out.labels)
         if (self.frontier_loss_weight > 0 and self.latent_token_id is not None
                 and batch.get("frontier_ids") is not None):

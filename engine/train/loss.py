@@ -8,8 +8,8 @@ cross-entropy over all labelled positions (the label at t is predicted from posi
 t - 1, as in Hugging Face models; a label whose previous column is padding, such as a
 row's first token, has nothing to predict it and is ignored), where every placeholder's
 input embedding is replaced by the continuous thought: the model's last hidden state
-(after the final norm) at the previous position, computed from everything before it,
-gradients flowing through the thoughts.
+(after the final norm) at the previous position, computed from everything before it
+(or a learned ``projection`` of it, CODI's ``prj``), gradients flowing through the thoughts.
 
 How (n = the most placeholders in one row): the rows are shifted right inside the
 function so that every row's first placeholder sits in the same column F (the
@@ -90,11 +90,13 @@ def _predictable(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def coconut_hidden_states(model: torch.nn.Module, batch: dict, latent_token_id: int | None,
-                          min_passes: int = 0) -> LatentForward:
+                          min_passes: int = 0, projection: torch.nn.Module | None = None) -> LatentForward:
     """One forward with thoughts fed back (see the module docstring). ``min_passes``
     forces at least that many passes (extra ones each run one ordinary column, which
     changes nothing numerically): sharded data parallelism (FSDP) needs every rank to
-    run the same number of forwards."""
+    run the same number of forwards. ``projection``: a thought is ``projection(h)``
+    (CODI's ``prj``, trained through the same passes) instead of ``h``."""
+    feed = projection if projection is not None else (lambda h: h)
     ids, mask, labels = _check_batch(batch)
     adapter = _adapter(model)
     positions = batch.get("position_ids")
@@ -142,13 +144,13 @@ def coconut_hidden_states(model: torch.nn.Module, batch: dict, latent_token_id: 
 
     cache = adapter.new_cache()
     hiddens = [_decoder_pass(adapter, embeds[:, :F_col], mask_s[:, :F_col], pos_s[:, :F_col], cache)]
-    thought = hiddens[0][:, -1]                                                # thought 1: [B, d]
+    thought = feed(hiddens[0][:, -1])                                          # thought 1: [B, d]
     for k in range(1, n):                                                      # column F + k - 1
         col = F_col + k - 1
         x = torch.where((counts >= k)[:, None], thought.to(embeds.dtype), embeds[:, col])
         h = _decoder_pass(adapter, x[:, None], mask_s[:, :col + 1], pos_s[:, col:col + 1], cache)
         hiddens.append(h)
-        thought = h[:, -1]                                                     # thought k + 1
+        thought = feed(h[:, -1])                                               # thought k + 1
     col = F_col + n - 1
     x = torch.where((counts >= n)[:, None], thought.to(embeds.dtype), embeds[:, col])
     rest = torch.cat([x[:, None], embeds[:, col + 1:]], dim=1)
@@ -198,9 +200,11 @@ def frontier_loss_from_hidden(model: torch.nn.Module, out: LatentForward, fronti
     return per_position.mean()
 
 
-def coconut_loss(model: torch.nn.Module, batch: dict, latent_token_id: int | None) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled positions, thoughts fed back."""
-    out = coconut_hidden_states(model, batch, latent_token_id)
+def coconut_loss(model: torch.nn.Module, batch: dict, latent_token_id: int | None,
+                 projection: torch.nn.Module | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled positions, thoughts fed back (through
+    ``projection`` when given)."""
+    out = coconut_hidden_states(model, batch, latent_token_id, projection=projection)
     return lm_loss_from_hidden(model, out.hidden, out.labels)
 
 

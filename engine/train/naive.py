@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 
-def naive_coconut_loss(model: torch.nn.Module, batch: dict, latent_token_id: int | None) -> torch.Tensor:
+def naive_coconut_loss(model: torch.nn.Module, batch: dict, latent_token_id: int | None,
+                       projection: torch.nn.Module | None = None) -> torch.Tensor:
+    """``projection``: each thought is ``projection(h)`` instead of ``h``."""
     embed = model.get_input_embeddings()
     ids_all, mask_all, labels_all = batch["input_ids"], batch["attention_mask"], batch["labels"]
     positions_all = batch.get("position_ids")
@@ -35,6 +37,8 @@ def naive_coconut_loss(model: torch.nn.Module, batch: dict, latent_token_id: int
             out = model(inputs_embeds=embeds[None, :j], position_ids=positions[:, :j],
                         output_hidden_states=True)
             thought = out.hidden_states[-1][0, -1]
+            if projection is not None:
+                thought = projection(thought[None])[0]
             embeds = torch.cat([embeds[:j], thought[None].to(embeds.dtype), embeds[j + 1:]])
         logits = model(inputs_embeds=embeds[None], position_ids=positions).logits[0].float()
         targets = labels[1:]

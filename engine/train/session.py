@@ -48,17 +48,18 @@ class EvalSession:
         from engine.sync_engine import Engine
 
         m = self.t.markers
+        projection = self.t.projection.eval() if self.t.projection is not None else None
         checkpoint = Checkpoint(path=self.t.run_dir, model=model.eval(), tokenizer=self.t.tokenizer, config=coconut,
                                 markers=MarkerIds(bot=m.bot, eot=m.eot, latent=m.latent, eos=(m.eos,), pad=m.pad),
                                 stop_classifier=stop_classifier, max_seq_len=model_max_len(model.config),
-                                name=self.t.run_dir.name)
+                                name=self.t.run_dir.name, projection=projection)
         device = next(model.parameters()).device
         return Engine(checkpoint, EngineConfig(device=str(device), max_batch_size=self.config.val_batch_size))
 
     @torch.no_grad()
     def val_loss(self, model, tokenized, stage: int) -> float:
         latent = self.t.markers.latent if self.t.curriculum.feeds_thoughts else None
-        objective = D.Objective(model, latent).eval()
+        objective = D.Objective(model, latent, projection=self.t.projection).eval()
         device = next(model.parameters()).device
         total, count = 0.0, 0
         bs = self.config.batch_size_training
@@ -113,6 +114,10 @@ class EvalSession:
             t.best, t.best_stage = (row["val_accuracy"], done), stage_reached
         if t.saving and (improved or not cfg.save_only_improve):
             directory = save_checkpoint(S.checkpoint_dir(t.run_dir, done), model, t.tokenizer, coconut)
+            if t.projection is not None:
+                from engine.tiny import PROJECTION_FILE
+
+                t.projection.save(directory / PROJECTION_FILE)
             S.save_training_state(directory, {
                 "epoch": done, "stage": stage, "global_step": t.global_step,
                 "steps_since_reset": t.steps_since_reset, "best_accuracy": t.best[0], "best_epoch": t.best[1],
@@ -143,8 +148,10 @@ class EvalSession:
         records = t.records(epoch)[:cfg.stop_classifier_samples]   # a fresh epoch for generator specs
         tok = lambda rs: tokenize_records(t.tokenizer, rs, t.markers.eos, cfg.question_suffix,  # noqa: E731
                                           cfg.step_suffix, cfg.answer_prefix)
-        train = stop_features(model, tok(records), t.curriculum, t.markers, cfg.batch_size_training, cfg.bf16)
-        held = stop_features(model, tok(val), t.curriculum, t.markers, cfg.batch_size_training, cfg.bf16)
+        train = stop_features(model, tok(records), t.curriculum, t.markers, cfg.batch_size_training, cfg.bf16,
+                              projection=t.projection)
+        held = stop_features(model, tok(val), t.curriculum, t.markers, cfg.batch_size_training, cfg.bf16,
+                             projection=t.projection)
         head, report = train_stop_head(train, held, cfg.stop_classifier_hidden, cfg.stop_classifier_epochs,
                                        cfg.stop_classifier_lr, cfg.stop_classifier_threshold, cfg.seed)
         max_thoughts = max(1, cfg.max_latent_stage * max(1, cfg.c_thought))

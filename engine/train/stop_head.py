@@ -25,8 +25,9 @@ from engine.train.loss import coconut_hidden_states
 
 @torch.no_grad()
 def stop_features(model, tokenized, curriculum: Curriculum, markers: Markers, batch_size: int = 32,
-                  bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(hidden [N, d] float32, label [N] float, sample index [N]) over all thoughts of all records."""
+                  bf16: bool = False, projection=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden [N, d] float32, label [N] float, sample index [N]) over all thoughts of all
+    records (thoughts fed through ``projection`` when the model learned one)."""
     unpadded = Curriculum(method=curriculum.method, c_thought=curriculum.c_thought,
                           epochs_per_stage=curriculum.epochs_per_stage,
                           max_latent_stage=curriculum.max_latent_stage, pad_latent_to_max=False)
@@ -37,7 +38,7 @@ def stop_features(model, tokenized, curriculum: Curriculum, markers: Markers, ba
         samples = [unpadded.build(t, last_stage, markers) for t in tokenized[start:start + batch_size]]
         batch = {k: v.to(device) for k, v in collate(samples, markers.pad).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = coconut_hidden_states(model, batch, markers.latent)
+            out = coconut_hidden_states(model, batch, markers.latent, projection=projection)
         is_latent = (out.input_ids == markers.latent) & out.attention_mask
         index = is_latent.long().cumsum(dim=1)                         # i for the i-th thought
         needed = torch.tensor([s.num_thoughts for s in samples], device=device)[:, None].expand_as(index)

@@ -118,14 +118,34 @@ class Trainer:
         self.coconut = CoconutConfig(question_suffix=cfg.question_suffix, step_suffix=cfg.step_suffix,
                                      answer_prefix=cfg.answer_prefix, c_thought=max(1, cfg.c_thought),
                                      max_latent_stage=cfg.max_latent_stage, method=cfg.method,
-                                     text_format=cfg.text_format, symbols=cfg.symbols)
+                                     text_format=cfg.text_format, symbols=cfg.symbols,
+                                     latent_feedback=({"type": "projection", "file": "latent_projection.safetensors"}
+                                                      if cfg.latent_projection else {"type": "hidden"}))
         model, self.tokenizer, self.markers = build_model(built_cfg, first_records, self.coconut,
                                                           tokenizer=scratch_tokenizer)
         self.model = model.to(self.dist.device)
         latent = self.markers.latent if self.curriculum.feeds_thoughts else None
         weight = cfg.frontier_loss_weight if self.curriculum.feeds_thoughts else 0.0
-        self.objective = D.wrap(D.Objective(self.model, latent, frontier_loss_weight=weight), self.dist, cfg.parallel)
+        self.projection = self._projection(load) if cfg.latent_projection else None
+        self.objective = D.wrap(D.Objective(self.model, latent, frontier_loss_weight=weight,
+                                            projection=self.projection), self.dist, cfg.parallel)
         self.session = EvalSession(self)
+
+    def _projection(self, load: str | None):
+        """CODI's prj for ``latent_projection``: the starting checkpoint's when it has one, else
+        new (PyTorch's default initialisation, seeded by the run's seed)."""
+        from engine.feedback import LatentProjection
+        from engine.tiny import PROJECTION_FILE
+
+        d = self.model.get_input_embeddings().weight.shape[1]
+        if load and (Path(load) / PROJECTION_FILE).is_file():
+            log.warning("latent projection from %s", Path(load) / PROJECTION_FILE)
+            module = LatentProjection.load(Path(load) / PROJECTION_FILE, d)
+        else:
+            torch.manual_seed(self.config.seed)
+            module = LatentProjection(d, self.config.latent_projection_size or d,
+                                      layer_norm=self.config.latent_projection_layer_norm)
+        return module.to(self.dist.device)
 
     def _shared_scratch_tokenizer(self, records: list):
         """Under torchrun, rank 0 trains the tokenizer and every rank loads that one."""
