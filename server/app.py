@@ -42,7 +42,8 @@ def engine_options(settings: ServerSettings) -> dict:
     """``Engine.from_pretrained`` keyword arguments from the settings."""
     return dict(device=settings.resolved_device(), dtype=settings.resolved_dtype(),
                 max_batch_size=settings.max_batch_size, max_seq_len=settings.max_seq_len,
-                max_prefill_tokens=settings.max_prefill_tokens, seed=settings.seed, compile=settings.compile)
+                max_prefill_tokens=settings.max_prefill_tokens, seed=settings.seed, compile=settings.compile,
+                coconut=settings.coconut_overrides())
 
 
 def load_engine(settings: ServerSettings) -> Engine:

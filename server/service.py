@@ -30,17 +30,17 @@ from fastapi import Request as HttpRequest
 from engine.async_engine import AsyncEngine, EngineCrashedError, EngineDeadError, EngineOverloadedError
 from engine.output import RequestOutput
 from engine.params import (DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P,
-                           LatentPolicy, SamplingParams)
+                           LatentPolicy, SamplingParams, LatentFeedback)
 from server.errors import ApiError, ClientDisconnected, from_engine_exception
 from server.metrics import ServerMetrics
-from server.schemas import LatentThought, SamplingFields, TraceToken
+from server.schemas import LatentThought, SamplingFields, ThoughtFeed, TraceToken
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Generation:
-    question: str
+    question: str | list[dict[str, str]]      # a question, or chat messages for a chat template
     sampling: SamplingParams
     latent: LatentPolicy | None
     id_prefix: str = "gen"       # the response id is "<prefix>-<uuid hex>"
@@ -58,12 +58,18 @@ class GenerationService:
 
     # ------------------------------------------------------------ parameters
 
+    @property
+    def has_chat_template(self) -> bool:
+        """The served tokenizer renders chat messages itself (``PromptFormat.build_chat``)."""
+        prompt_format = getattr(getattr(self.engine, "engine", None), "prompt_format", None)
+        return bool(prompt_format is not None and prompt_format.has_chat_template)
+
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
             raise ApiError(404, f"model {model!r} is not served here; this server serves "
                                 f"{self.model_name!r} (see GET /v1/models)", param="model")
 
-    def params(self, question: str, fields: SamplingFields, id_prefix: str = "gen",
+    def params(self, question: str | list[dict[str, str]], fields: SamplingFields, id_prefix: str = "gen",
                default_temperature: float = DEFAULT_TEMPERATURE,
                default_max_tokens: int = DEFAULT_MAX_TOKENS) -> Generation:
         """Build the engine's parameter objects; their validation errors answer 422.
@@ -86,11 +92,10 @@ class GenerationService:
             options = fields.latent
             top_k = fields.latent_trace_top_k if fields.return_latent_trace else 0
             if options is not None or top_k:
-                latent = LatentPolicy(mode=options.mode if options else None,
-                                      thoughts=options.thoughts if options else None,
-                                      max_thoughts=options.max_thoughts if options else None,
-                                      threshold=options.threshold if options else None,
-                                      trace_top_k=top_k)
+                given = options.model_dump(exclude_none=True) if options is not None else {}
+                feedback = given.pop("feedback", None)
+                latent = LatentPolicy(mode=given.pop("mode", None), trace_top_k=top_k,
+                                      feedback=LatentFeedback(**feedback) if feedback else None, **given)
         except ValueError as e:
             raise ApiError(422, str(e)) from None
         return Generation(question, sampling, latent, id_prefix)
@@ -206,8 +211,18 @@ def latent_trace(out: RequestOutput, asked: bool = True) -> list[LatentThought] 
         return None
     return [LatentThought(thought=i, tokens=[TraceToken(id=t, text=x, prob=p) for t, x, p in
                                              zip(e["token_ids"], e["texts"], e["probs"])],
-                          frontier=e.get("frontier"))
+                          entropy=e.get("entropy"), feed=_feed(e.get("feed")), frontier=e.get("frontier"))
             for i, e in enumerate(out.latent_trace or [], 1)]
+
+
+def _feed(feed: dict | None) -> ThoughtFeed | None:
+    if feed is None:
+        return None
+    tokens = None
+    if feed.get("token_ids") is not None:
+        tokens = [TraceToken(id=t, text=x, prob=w) for t, x, w in zip(feed["token_ids"], feed["texts"],
+                                                                      feed["weights"])]
+    return ThoughtFeed(type=feed["type"], tokens=tokens)
 
 
 def latent_trace_json(out: RequestOutput, asked: bool = True) -> list[dict] | None:

@@ -59,6 +59,20 @@ class ServerSettings(BaseSettings):
                                    "may take to finish")
     log_level: str = Field("info", description=f"one of {', '.join(LOG_LEVELS)}")
 
+    # a latent reasoner from any causal LM (a plain Hugging Face directory, no coconut.json), or
+    # coconut.json's fields overridden: settings.coconut_overrides()
+    latent_feedback: Literal["hidden", "soft_embedding"] | None = Field(
+        None, description="what a thought feeds back: hidden (COCONUT) or soft_embedding (Soft Thinking, "
+        "no training: any causal LM); overrides coconut.json's latent_feedback")
+    bot_token: str | None = Field(None, description="the token that opens latent mode (e.g. <think>; added "
+                                  "to a plain model's tokenizer when it has none)")
+    eot_token: str | None = Field(None, description="the token that closes it (e.g. </think>)")
+    latent_mode: Literal["fixed", "entropy", "token"] | None = Field(
+        None, description="the latent mode of a request that names none (coconut.json's latent_mode)")
+    coconut: str | None = Field(None, description="more coconut.json fields, as a JSON object (e.g. "
+                                "'{\"max_thoughts\": 32, \"entropy_threshold\": 0.05, \"answer_prefix\": \"\"}'), "
+                                "applied last")
+
     # scale-out on Ray Serve (server.ray_serve; needs the extra: pip install -e ".[ray]")
     replicas: int | None = Field(None, ge=1, description="serve N replicas of the app on Ray Serve, each with its "
                                  "own engine, behind Ray's proxy (default: one process, no Ray)")
@@ -123,6 +137,27 @@ class ServerSettings(BaseSettings):
         if self.dtype != "auto":
             return self.dtype
         return "float32" if self.resolved_device() == "cpu" else "bfloat16"
+
+    def coconut_overrides(self) -> dict | None:
+        """``coconut.json`` fields from the flags (None: none given)."""
+        import json
+
+        fields: dict = {}
+        if self.latent_feedback is not None:
+            fields["latent_feedback"] = {"type": self.latent_feedback}
+        for name in ("bot_token", "eot_token", "latent_mode"):
+            if getattr(self, name) is not None:
+                fields[name] = getattr(self, name)
+        if self.coconut:
+            try:
+                extra = json.loads(self.coconut)
+            except ValueError as e:
+                raise ValueError(f"coconut={self.coconut!r} is not JSON ({e}); expected an object of "
+                                 f"coconut.json fields") from None
+            if not isinstance(extra, dict):
+                raise ValueError(f"coconut={self.coconut!r} is invalid: expected a JSON object of coconut.json fields")
+            fields.update(extra)
+        return fields or None
 
     def model_dir(self) -> Path:
         if self.model is not None:
