@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engine.errors import CheckpointError
-from engine.params import (ADAPTIVE_MODES, DEFAULT_ENTROPY_THRESHOLD, DEFAULT_PATIENCE, MAX_ENTROPY_THRESHOLD,
+from engine.params import (DEFAULT_ENTROPY_THRESHOLD, DEFAULT_PATIENCE, MAX_ENTROPY_THRESHOLD,
                            MAX_THOUGHTS_CEILING, LatentFeedback, LatentPolicy, ResolvedLatent)
 
 log = logging.getLogger(__name__)
@@ -139,10 +139,11 @@ class CoconutConfig(BaseModel):
         if policy is None:
             policy = LatentPolicy(mode=None)
         mode = policy.mode
-        if mode is None:   # nothing that implies a mode was given (at most max_thoughts, feedback, trace)
+        if (mode == "auto" and policy.mode_inferred and policy.threshold is None
+                and self.default_mode in ("entropy", "token")):
+            mode = self.default_mode          # max_thoughts alone caps the checkpoint's own adaptive mode
+        if mode is None:   # nothing that implies a mode was given (at most feedback, trace)
             mode = self.default_mode
-            if policy.max_thoughts is not None and mode not in ADAPTIVE_MODES:
-                mode = "auto"
             if mode == "none" and policy.feedback is not None:
                 raise ValueError("latent.feedback needs a latent mode: this checkpoint answers without "
                                  "thoughts by default (set latent.mode)")

@@ -113,10 +113,19 @@ def soft_mixture(logits: torch.Tensor, temperature: list[float], top_k: list[int
     return SoftMixture(token_ids=ids.masked_fill(remove, -1), weights=weights)
 
 
+#: Above this many tokens per row a mixture is one dense [R, V] x [V, d] product instead of a
+#: gather of R x K embedding rows (which for K = V would copy the whole table R times).
+DENSE_MIXTURE_TOKENS = 256
+
+
 def mix_embeddings(embedding: torch.Tensor, mixture: SoftMixture) -> torch.Tensor:
     """embedding [V, d], mixture of R rows -> [R, d]: sum_i p_i E[i]."""
-    rows = embedding[mixture.token_ids.clamp(min=0)]                    # [R, K, d]
-    return torch.einsum("rk,rkd->rd", mixture.weights.to(rows.dtype), rows)
+    ids = mixture.token_ids.clamp(min=0)                                # dropped slots carry weight 0
+    weights = mixture.weights.to(embedding.dtype)
+    if ids.shape[1] > DENSE_MIXTURE_TOKENS:
+        dense = torch.zeros((ids.shape[0], embedding.shape[0]), dtype=embedding.dtype, device=embedding.device)
+        return dense.scatter_add_(1, ids, weights) @ embedding
+    return torch.einsum("rk,rkd->rd", weights, embedding[ids])
 
 
 def entropy_and_argmax(logits: torch.Tensor) -> tuple[list[float], list[int]]:

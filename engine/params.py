@@ -9,7 +9,7 @@ the checkpoint's ``coconut.json``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 LatentMode = Literal["fixed", "auto", "entropy", "token", "none"]
@@ -209,9 +209,10 @@ class LatentPolicy:
       (``eot_token``), or at ``max_thoughts``.
     - ``none``: no ``<bot>``/``<eot>`` markers and no thoughts (CoT / no-CoT models).
     - ``mode=None`` (what the HTTP API sends when ``latent.mode`` is unset): the fields
-      given imply it (``thoughts``: fixed; ``threshold``: auto; ``entropy_threshold`` /
-      ``patience``: entropy), else ``CoconutConfig.resolve`` takes the checkpoint's default
-      mode (``max_thoughts`` alone goes with that default when it is adaptive, else auto).
+      given imply it (``thoughts``: fixed; ``max_thoughts`` / ``threshold``: auto;
+      ``entropy_threshold`` / ``patience``: entropy), else ``CoconutConfig.resolve`` takes
+      the checkpoint's default mode. ``max_thoughts`` alone caps the checkpoint's default
+      mode instead when that is entropy or token (``mode_inferred``).
 
     ``auto``, ``entropy`` and ``token`` check after each thought, so at least one is fed.
     ``feedback`` overrides the checkpoint's feedback operator (``hidden`` or
@@ -228,17 +229,23 @@ class LatentPolicy:
     entropy_threshold: float | None = None
     patience: int | None = None
     feedback: LatentFeedback | None = None
+    #: the mode was implied by the fields given, not named
+    mode_inferred: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.feedback, dict):
             object.__setattr__(self, "feedback", LatentFeedback(**self.feedback))
         if self.mode is None:
+            implied = None
             if self.thoughts is not None:
-                object.__setattr__(self, "mode", "fixed")
-            elif self.threshold is not None:
-                object.__setattr__(self, "mode", "auto")
+                implied = "fixed"
             elif self.entropy_threshold is not None or self.patience is not None:
-                object.__setattr__(self, "mode", "entropy")
+                implied = "entropy"
+            elif self.max_thoughts is not None or self.threshold is not None:
+                implied = "auto"
+            if implied is not None:
+                object.__setattr__(self, "mode", implied)
+                object.__setattr__(self, "mode_inferred", True)
         _check(self.mode is None or self.mode in LATENT_MODES, "latent.mode", self.mode,
                f"one of {LATENT_MODES}")
         _check(self.thoughts is None or (_is_int(self.thoughts)

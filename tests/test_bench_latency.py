@@ -25,3 +25,21 @@ def test_bench_latency_compares_the_compiled_step_side_by_side():
                 "compiled_over_engine_throughput_b4", "compiled_over_engine_step_b1",
                 "engine_over_hf_generate_throughput_b1", "engine_over_hf_generate_throughput_b4"):
         assert report["ratios"][key] > 0
+
+
+def test_bench_latency_operators_reports_every_operator_against_hidden(tmp_path):
+    plot = tmp_path / "operators.png"
+    out = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "bench", "latency", "--operators", "--hidden", "64", "--layers", "2",
+         "--heads", "2", "--vocab", "400", "--batch", "3", "--prompt-tokens", "30", "--thoughts", "3",
+         "--rounds", "1", "--threads", "1", "--json", "--plot", str(plot)],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert set(report["operators"]) == {"hidden", "projection", "soft_embedding", "soft_embedding k=0",
+                                        "hidden + entropy", "soft_embedding + entropy"}
+    for row in report["operators"].values():
+        for batch in ("1", "3"):
+            assert row[batch]["step_ms"] > 0 and row[batch]["steps"] >= 2   # thoughts 2 and 3 of each request
+    assert report["operators"]["hidden"]["3"]["vs_hidden"] == 1.0
+    assert plot.stat().st_size > 1000

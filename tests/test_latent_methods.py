@@ -218,3 +218,28 @@ def test_feedback_parameters_are_validated():
         LatentPolicy(mode="entropy", patience=0)
     with pytest.raises(ValueError, match="only meaningful with mode 'entropy'"):
         LatentPolicy(mode="token", entropy_threshold=0.5)
+
+
+def test_max_thoughts_alone_caps_the_checkpoints_adaptive_mode():
+    from engine.checkpoint import CoconutConfig
+
+    policy = LatentPolicy(mode=None, max_thoughts=5)
+    assert policy.mode == "auto"                     # the HTTP contract: max_thoughts implies auto ...
+    resolved = CoconutConfig(latent_mode="entropy").resolve(policy)
+    assert (resolved.mode, resolved.thoughts) == ("entropy", 5)   # ... unless the checkpoint's mode is adaptive
+    with pytest.raises(ValueError, match="needs a stop classifier"):
+        CoconutConfig().resolve(policy)
+    with pytest.raises(ValueError, match="needs a stop classifier"):
+        CoconutConfig(latent_mode="entropy").resolve(LatentPolicy(mode="auto", max_thoughts=5))
+
+
+def test_a_mixture_over_the_whole_vocabulary_is_one_dense_product():
+    from engine.feedback import mix_embeddings, soft_mixture
+
+    torch.manual_seed(0)
+    E, logits = torch.randn(1000, 8), torch.randn(3, 1000)
+    for k in (10, 0):
+        mixture = soft_mixture(logits, [1.0, 0.5, 2.0], [k] * 3, [1.0, 0.9, 0.5])
+        expected = torch.stack([sum(w * E[t] for t, w in zip(ids.tolist(), ws.tolist()) if t >= 0)
+                                for ids, ws in zip(mixture.token_ids, mixture.weights)])
+        assert torch.allclose(mix_embeddings(E, mixture), expected, atol=1e-5)

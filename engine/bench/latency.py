@@ -15,6 +15,10 @@ With ``--hf-generate`` Hugging Face ``generate`` runs the same prompts (batch 1 
 after the engine's runs), greedy, for as many new positions as the engine feeds (thoughts,
 ``<eot>``, the answer) but without latent mode: the floor a plain LM server stands on.
 
+With ``--operators`` it measures instead the latent step of each feedback operator (hidden,
+CODI's projection, Soft Thinking's mixture) at batch 1 and N against ``hidden``
+(``engine.bench.operators``).
+
 With ``--compile`` a second engine, its decode step compiled (``EngineConfig.compile``),
 runs the same rounds, each right after the eager engine's, also in lockstep with the bare
 forward: rows ``compiled b=1`` / ``compiled b=N`` and the ratios compiled step / bare step
@@ -54,6 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hf-generate", action="store_true",
                    help="also time Hugging Face generate (no latent mode: the same number of new positions, "
                         "greedy) on the same prompts, the floor of a plain LM server")
+    p.add_argument("--operators", action="store_true",
+                   help="instead: the latent step's time per feedback operator (hidden, projection, soft "
+                        "embedding, with and without the entropy stop) at batch 1 and --batch, side by side "
+                        "(engine.bench.operators)")
     p.add_argument("--plot", default=None, metavar="PNG", help="save a bar chart of the timings")
     p.set_defaults(func=run)
 
@@ -174,6 +182,11 @@ def run(args: argparse.Namespace) -> int:
     from engine import Engine, LatentPolicy, SamplingParams
     from engine.reference import reference_generate
 
+    if args.operators:
+        from engine.bench.operators import measure_operators, report_operators
+
+        report_operators(measure_operators(args, make_questions), args)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

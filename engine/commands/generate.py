@@ -15,12 +15,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--thoughts", type=int, default=None,
                        help="fixed number of latent thoughts (default: the checkpoint's)")
-    group.add_argument("--latent", choices=["fixed", "auto", "none"], default=None,
+    group.add_argument("--latent", choices=["fixed", "auto", "entropy", "token", "none"], default=None,
                        help="latent policy (default: the checkpoint's)")
     p.add_argument("--max-thoughts", type=int, default=None,
-                   help="cap for --latent auto (default: the stop classifier's)")
+                   help="cap for --latent auto, entropy or token (default: the checkpoint's)")
     p.add_argument("--threshold", type=float, default=None,
                    help="stop threshold for --latent auto (default: the stop classifier's)")
+    p.add_argument("--entropy-threshold", type=float, default=None,
+                   help="nats, for --latent entropy (default: the checkpoint's)")
+    p.add_argument("--patience", type=int, default=None, help="thoughts in a row below it (default: 1)")
+    p.add_argument("--feedback", default=None, metavar="JSON",
+                   help='what a thought feeds back, e.g. \'{"type": "soft_embedding", "top_k": 5}\' '
+                        "(default: the checkpoint's)")
     p.add_argument("--max-tokens", type=int, default=64, help="most answer tokens (default: 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0 = greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1 = off)")
@@ -40,13 +46,24 @@ def run(args: argparse.Namespace) -> int:
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed)
     latent = None
+    feedback = None
+    if args.feedback is not None:
+        try:
+            feedback = json.loads(args.feedback)
+        except ValueError as e:
+            raise ValueError(f"--feedback {args.feedback!r} is not JSON ({e}); expected an object such as "
+                             f'{{"type": "soft_embedding", "top_k": 5}}') from None
+        if not isinstance(feedback, dict):
+            raise ValueError(f"--feedback {args.feedback!r} is invalid: expected a JSON object")
     if args.thoughts is not None:
-        latent = LatentPolicy(mode="fixed", thoughts=args.thoughts, trace_top_k=args.trace)
+        latent = LatentPolicy(mode="fixed", thoughts=args.thoughts, trace_top_k=args.trace, feedback=feedback)
     elif args.latent is not None:
         latent = LatentPolicy(mode=args.latent, trace_top_k=args.trace if args.latent != "none" else 0,
-                              max_thoughts=args.max_thoughts, threshold=args.threshold)
-    elif args.trace:
-        latent = LatentPolicy(mode="fixed", trace_top_k=args.trace)
+                              max_thoughts=args.max_thoughts, threshold=args.threshold,
+                              entropy_threshold=args.entropy_threshold, patience=args.patience,
+                              feedback=feedback)
+    elif args.trace or feedback is not None:
+        latent = LatentPolicy(mode=None, trace_top_k=args.trace, feedback=feedback)
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     results = engine.generate(args.questions, sampling=sampling, latent=latent)
     for question, r in zip(args.questions, results):

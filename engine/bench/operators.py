@@ -1,0 +1,148 @@
+"""``engine bench latency --operators``: the latent step's cost per feedback operator.
+
+One engine on one model with a CODI projection (p = d), the same prompts; in every round
+each operator runs a batch of 1 and of N requests in latent mode (``thoughts`` thoughts, one
+answer token), one after the other, so every ratio is measured side by side. A step's time
+is the median over the steps in which every row is in latent mode (prefill and the answer
+excluded). Operators:
+
+- ``hidden``: COCONUT, the state itself (no LM head product for a latent row);
+- ``projection``: CODI's prj(h), two small matrix products;
+- ``soft_embedding``: softmax(W h / T), top-k 10, the mixture of 10 embedding rows: one LM
+  head product per thought, which ``hidden`` does not pay;
+- ``soft_embedding k=0``: the mixture over the whole vocabulary (a second V x d product);
+- ``hidden + entropy`` and ``soft_embedding + entropy``: with the entropy stop (its
+  threshold never reached), which reads W h anyway: the soft embedding then shares that
+  product and should cost nothing more (the ratio of these two rows).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+from engine.bench.common import log
+
+OPERATORS = [
+    ("hidden", {"type": "hidden"}, "fixed"),
+    ("projection", None, "fixed"),
+    ("soft_embedding", {"type": "soft_embedding"}, "fixed"),
+    ("soft_embedding k=0", {"type": "soft_embedding", "top_k": 0}, "fixed"),
+    ("hidden + entropy", {"type": "hidden"}, "entropy"),
+    ("soft_embedding + entropy", {"type": "soft_embedding"}, "entropy"),
+]
+
+
+def projection_checkpoint(args, tmp: str) -> Path:
+    from engine.tiny import make_checkpoint
+
+    log(f"building a random GPT-2 with a CODI projection ({args.hidden} wide, {args.layers} layers, "
+        f"vocab {args.vocab})")
+    return make_checkpoint(Path(tmp) / "model-projection", "gpt2", hidden=args.hidden, layers=args.layers,
+                           heads=args.heads, max_positions=1024, init_std=0.02, model_vocab_size=args.vocab,
+                           seed=args.seed, projection_size=args.hidden)
+
+
+def _latent_steps(engine, questions, policy, sampling) -> list[float]:
+    """Seconds of each step in which every request is in latent mode."""
+    from engine.request import RequestStatus
+
+    requests = [engine.make_request(q, sampling, policy) for q in questions]
+    for request in requests:
+        engine.add_request(request)
+    times = []
+    while engine.has_unfinished():
+        all_latent = all(r.status == RequestStatus.LATENT and r.prefilled_tokens == r.num_prompt_tokens
+                         and r.thoughts_done >= 1 for r in requests)
+        t0 = time.perf_counter()
+        engine.step()
+        if all_latent:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure_operators(args, make_questions) -> dict:
+    import tempfile
+
+    import torch
+
+    from engine import Engine, LatentPolicy, SamplingParams
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model or projection_checkpoint(args, tmp)
+        engine = Engine.from_pretrained(path, device=args.device, dtype=args.dtype, max_batch_size=args.batch,
+                                        seed=args.seed, max_prefill_tokens=args.batch * 4 * args.prompt_tokens)
+        questions = make_questions(engine.tokenizer, args.batch, args.prompt_tokens, args.seed)
+        sampling = SamplingParams(max_tokens=1, ignore_eos=True)
+        steps: dict[str, dict[int, list[float]]] = {name: {1: [], args.batch: []} for name, _, _ in OPERATORS}
+        for round_ in range(args.rounds):
+            for batch in (1, args.batch):
+                for name, feedback, mode in OPERATORS:
+                    if mode == "entropy":   # a threshold never reached: all thoughts run, W h read each
+                        policy = LatentPolicy(mode="entropy", entropy_threshold=0.0, max_thoughts=args.thoughts,
+                                              feedback=feedback)
+                    else:
+                        policy = LatentPolicy(mode="fixed", thoughts=args.thoughts, feedback=feedback)
+                    steps[name][batch] += _latent_steps(engine, questions[:batch], policy, sampling)
+            log(f"round {round_ + 1}/{args.rounds}: " + ", ".join(
+                f"{name} {1e3 * statistics.median(steps[name][args.batch]):.2f} ms" for name, _, _ in OPERATORS))
+    rows = {}
+    for name, _, _ in OPERATORS:
+        rows[name] = {}
+        for batch in (1, args.batch):
+            median = statistics.median(steps[name][batch])
+            base = statistics.median(steps["hidden"][batch])
+            rows[name][str(batch)] = {"step_ms": round(1e3 * median, 3), "vs_hidden": round(median / base, 3),
+                                      "steps": len(steps[name][batch])}
+    shared = {str(b): round(statistics.median(steps["soft_embedding + entropy"][b])
+                            / statistics.median(steps["hidden + entropy"][b]), 3) for b in (1, args.batch)}
+    return {"model": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab, "dtype": args.dtype,
+                      "device": args.device},
+            "thoughts": args.thoughts, "prompt_tokens": args.prompt_tokens, "rounds": args.rounds,
+            "batches": [1, args.batch], "operators": rows, "soft_over_hidden_with_entropy_stop": shared}
+
+
+def report_operators(results: dict, args) -> None:
+    import json
+
+    if args.plot:
+        plot_operators(results, args.plot)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    batches = results["batches"]
+    print(f"latent step per feedback operator ({results['model']['hidden']} wide, {results['model']['layers']} "
+          f"layers, vocab {results['model']['vocab']}, {results['thoughts']} thoughts)")
+    print(f"{'operator':<28}" + "".join(f"{f'b={b} ms':>12}{'x hidden':>10}" for b in batches))
+    for name, row in results["operators"].items():
+        print(f"{name:<28}" + "".join(f"{row[str(b)]['step_ms']:>12.2f}{row[str(b)]['vs_hidden']:>10.2f}"
+                                      for b in batches))
+    print("soft_embedding / hidden with the entropy stop (the LM head product shared): " + ", ".join(
+        f"b={b}: {v:.2f}x" for b, v in results["soft_over_hidden_with_entropy_stop"].items()))
+
+
+def plot_operators(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["operators"])
+    batches = results["batches"]
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4))
+    for ax, b in zip(axes, batches):
+        values = [results["operators"][n][str(b)]["step_ms"] for n in names]
+        bars = ax.barh(names, values, color=["#4c72b0" if "soft" not in n else "#dd8452" for n in names])
+        for bar, n in zip(bars, names):
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                    f" {results['operators'][n][str(b)]['vs_hidden']:.2f}x", va="center")
+        ax.set_xlabel("latent step, ms (median)")
+        ax.set_title(f"batch {b}")
+        ax.invert_yaxis()
+    m = results["model"]
+    fig.suptitle(f"latent step per feedback operator: {m['hidden']} wide, {m['layers']} layers, vocab {m['vocab']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
