@@ -8,6 +8,7 @@ the naive reference decoder with its own soft-embedding operator on the rendered
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import httpx
@@ -109,3 +110,18 @@ def test_server_serves_a_plain_model_with_its_chat_template(plain_dir):
             assert r.json()["text"] == oracle.tokenizer.decode(want.token_ids)
             r = http.post("/v1/reason", json={"question": QUESTION, "latent": {"feedback": {"type": "projection"}}})
             assert r.status_code == 422 and "projection" in r.json()["error"]["message"]
+            # the entropy stop and the trace's mixture, over HTTP, as the reference decides them
+            threshold = statistics.median(_reference(oracle, QUESTION, 6, 1, record_hiddens=True).thought_entropies)
+            r = http.post("/v1/reason", json={
+                "question": QUESTION, "max_tokens": 4, "ignore_eos": True, "return_latent_trace": True,
+                "latent": {"mode": "entropy", "entropy_threshold": threshold, "max_thoughts": 6}})
+            assert r.status_code == 200, r.text
+            want = _reference(oracle, QUESTION, 6, 4, ignore_eos=True, mode="entropy", entropy_threshold=threshold)
+            body = r.json()
+            assert body["usage"]["latent_thoughts"] == want.num_thoughts
+            assert body["text"] == oracle.tokenizer.decode(want.token_ids)
+            trace = body["latent_trace"]
+            assert len(trace) == want.num_thoughts and trace[0]["feed"]["type"] == "soft_embedding"
+            assert len(trace[0]["feed"]["tokens"]) == 5 and trace[0]["entropy"] > 0
+            r = http.post("/v1/reason", json={"question": QUESTION, "latent": {"mode": "token", "patience": 2}})
+            assert r.status_code == 422 and "patience" in r.json()["error"]["message"]
