@@ -123,7 +123,7 @@ smoke() {  # $1: cpu | ray
   python3 - "$port" "$name" "$QUESTION" <<'EOF' || fail "[$variant] the in-flight request did not complete after SIGTERM"
 import http.client, json, subprocess, sys
 port, name, question = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-tokens = 360   # the bundled model's 512 positions: ~120 prompt + 7 thoughts + these
+tokens = 360   # within the bundled model's 512 positions (its prompts: ~20-120 tokens, 7 thoughts)
 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
 conn.request("POST", "/v1/reason", json.dumps({"question": question, "max_tokens": tokens, "ignore_eos": True,
                                                "stream": True}), {"Content-Type": "application/json"})
@@ -149,7 +149,8 @@ EOF
   local code
   code=$(docker wait "$name")
   [ "$code" = 0 ] || { docker logs "$name" | tail -20; fail "[$variant] the container exited $code after SIGTERM"; }
-  docker logs "$name" 2>&1 | grep -E "shutting down|server stopped" | tail -2 | sed "s/^/[smoke]   log: /" || true
+  docker logs "$name" 2>&1 | grep -E "shutting down|server stopped" | tail -2 \
+    | python3 -c 'import json, sys; [print("[smoke]   log:", json.loads(l)["message"]) for l in sys.stdin]' || true
   say "[$variant] exited 0 after SIGTERM"
   docker rm "$name" >/dev/null
 
