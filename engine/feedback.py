@@ -130,5 +130,7 @@ def mix_embeddings(embedding: torch.Tensor, mixture: SoftMixture) -> torch.Tenso
 
 def entropy_and_argmax(logits: torch.Tensor) -> tuple[list[float], list[int]]:
     """logits [R, V] -> the entropy in nats of softmax(logits) per row, and its argmax."""
-    entropy = torch.special.entr(logits.softmax(dim=-1)).sum(dim=-1)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)         # H = log Z - E_p[logit]: one exp pass, no log
+    p = (logits - lse).exp_()
+    entropy = lse.squeeze(-1) - torch.where(p > 0, p * logits, 0.0).sum(dim=-1)   # a -inf logit adds 0
     return entropy.tolist(), logits.argmax(dim=-1).tolist()
