@@ -12,7 +12,7 @@ have none; the last test builds and runs them with scripts/docker_smoke.sh when 
 - compose.yaml and the Prometheus scrape config agree; .dockerignore keeps the context small.
 - both Dockerfiles build anywhere: ARG BASE_IMAGE, no BuildKit-only syntax, the torch index
   as scripts/setup.sh decides it;
-- with COCONUT_DOCKER_SMOKE=1 and a Docker daemon, scripts/docker_smoke.sh passes.
+- with RUN_DOCKER_SMOKE=1 and a Docker daemon, scripts/docker_smoke.sh passes.
 """
 
 from __future__ import annotations
@@ -461,13 +461,13 @@ def test_dockerignore_keeps_the_context_small():
 
 # ------------------------------------------------------------------ the images, built and run
 
-SMOKE_ENV = "COCONUT_DOCKER_SMOKE"
+SMOKE_ENV = "RUN_DOCKER_SMOKE"
 
 
 def test_docker_smoke_script_builds_runs_and_stops_the_images():
     """scripts/docker_smoke.sh against a real Docker daemon: both CPU images built, run,
     healthy, answering right, not root, draining on SIGTERM (docker/README.md has its output).
-    Minutes of building, so it runs only when asked: COCONUT_DOCKER_SMOKE=1 (with BASE_IMAGE
+    Minutes of building, so it runs only when asked: RUN_DOCKER_SMOKE=1 (with BASE_IMAGE
     and WHEELS_DIR passed on to the script where no registry can be reached)."""
     if os.environ.get(SMOKE_ENV) != "1":
         pytest.skip(f"the Docker smoke run builds two images (minutes): set {SMOKE_ENV}=1 to run it "
