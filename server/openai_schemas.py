@@ -1,14 +1,22 @@
 """Bodies of the OpenAI-compatible routes (``/v1/completions``, ``/v1/chat/completions``).
 
-Unknown fields are ignored (OpenAI clients send fields such as ``user``); fields we
-know but cannot honour (``n > 1``, ``echo``, ``best_of``, ``suffix``, non-text message
-parts) answer 422 rather than being silently dropped. The latent options (``latent``,
+Unknown fields are ignored (OpenAI clients send fields such as ``user``); fields of
+OpenAI's API that the server cannot honour answer 422 naming the field and saying it is
+not supported, rather than being silently dropped: ``n`` and ``best_of`` above 1,
+``echo``, ``suffix``, ``logit_bias``, ``presence_penalty`` / ``frequency_penalty`` other
+than 0, and on chat ``tools``, ``tool_choice``, ``functions``, ``function_call``,
+``parallel_tool_calls``, ``response_format`` other than text, ``audio``, ``modalities``
+other than text, ``prediction``, ``web_search_options``, ``reasoning_effort``,
+``verbosity``, ``store: true``, and messages' ``tool_calls`` / ``function_call`` and
+non-text parts. Each is accepted as null or as the value that asks for nothing
+(``tools: []``, ``tool_choice: "none"``, ``response_format: {"type": "text"}``, ...:
+``_Refusals``). The latent options (``latent``,
 ``return_latent_trace``, ``latent_trace_top_k``) and ``top_k`` / ``ignore_eos`` are
 accepted as extra body fields (the ``openai`` package's ``extra_body``). Defaults follow
 OpenAI: temperature 1.0; ``max_tokens`` 16 for completions (``engine.params``:
 ``OPENAI_DEFAULT_TEMPERATURE``, ``OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS``; the other
-bounds are those of ``/v1/reason``, from the same module). Booleans are strict
-(``"stream": 0`` is a 422).
+bounds are those of ``/v1/reason``, from the same module). Booleans and numbers are
+strict (``"stream": 0``, ``"seed": false``, ``"n": 1.0`` are 422s).
 
 Log-probabilities (completions ``logprobs: N``, chat ``logprobs: true`` and
 ``top_logprobs: N``) are those of the chosen tokens under the model's unmodified
@@ -25,9 +33,11 @@ sends that).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationInfo,
+                      field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
 from engine.params import MIN_MAX_TOKENS
 from server.schemas import FinishReason, LatentThought, SamplingFields
@@ -35,7 +45,6 @@ from server.schemas import FinishReason, LatentThought, SamplingFields
 MAX_PROMPTS = 256
 MAX_COMPLETION_LOGPROBS = 5     # OpenAI's limit for /v1/completions `logprobs`
 MAX_CHAT_TOP_LOGPROBS = 20      # OpenAI's limit for /v1/chat/completions `top_logprobs`
-MAX_PENALTY = 2.0               # OpenAI's range for presence_penalty / frequency_penalty: [-2, 2]
 MAX_CHOICES = 1                 # `n` and `best_of`: one choice per prompt
 
 Prompt = Annotated[str, Field(min_length=1)]
@@ -45,35 +54,100 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-class _OpenAIBase(SamplingFields):
+def _not_supported(field: str, why: str) -> PydanticCustomError:
+    return PydanticCustomError("not_supported", "{field} is not supported by this server: {why}",
+                               {"field": field, "why": why})
+
+
+def _neutral(value: Any, neutral: tuple) -> bool:
+    """``value`` asks for nothing: null, or one of ``neutral`` (same JSON type: ``false`` is not 0)."""
+    return value is None or any(type(value) is type(n) and value == n for n in neutral)
+
+
+class _Refusals:
+    """Fields of OpenAI's API this server does not honour. Each is declared (so the OpenAPI
+    schema lists it and says so) and accepted only with a value that asks for nothing
+    (``NEUTRAL``: null, and e.g. ``tools: []``, ``tool_choice: "none"``,
+    ``response_format: {"type": "text"}``); any other value is a 422 naming the field and
+    saying it is not supported, rather than an answer that silently ignores it."""
+
+    #: field -> (the values accepted as asking for nothing, what to say)
+    NEUTRAL: ClassVar[dict[str, tuple[tuple, str]]] = {}
+
+    @classmethod
+    def refuse(cls, value: Any, info: ValidationInfo) -> Any:
+        neutral, why = cls.NEUTRAL[info.field_name]
+        if not _neutral(value, neutral):
+            raise _not_supported(info.field_name, why)
+        return value
+
+
+def _unsupported(why: str) -> Any:
+    return Field(None, description=f"not supported ({why}); only null or a value that asks for nothing "
+                                   "is accepted, anything else is a 422")
+
+
+_NO_TOOLS = "the model calls no tools and writes no function calls"
+_BASE_REFUSED = {
+    "logit_bias": (({},), "the engine applies no logit bias (only {} is accepted)"),
+    "presence_penalty": ((0.0,), "the engine applies no penalties (only 0 is accepted)"),
+    "frequency_penalty": ((0.0,), "the engine applies no penalties (only 0 is accepted)"),
+}
+
+
+class _OpenAIBase(SamplingFields, _Refusals):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    NEUTRAL: ClassVar = _BASE_REFUSED
 
     model: str | None = Field(None, description="must name the served model when given")
     stream: StrictBool = Field(False, description="reply with server-sent events")
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=MAX_CHOICES, description="only 1 is supported (for several completions of "
-                   "different prompts, send `prompt` as a list)")
-    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY, description="accepted, not applied")
-    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY, description="accepted, not applied")
+    n: StrictInt = Field(1, ge=1, description=f"choices per prompt: only {MAX_CHOICES} is supported (for "
+                         "several completions of different prompts, send `prompt` as a list)")
+    presence_penalty: StrictFloat | None = Field(None, description="not supported: only 0 is accepted")
+    frequency_penalty: StrictFloat | None = Field(None, description="not supported: only 0 is accepted")
+    logit_bias: Any = _unsupported("no logit bias is applied; only {} is accepted")
     user: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int) -> int:
+        if value > MAX_CHOICES:
+            raise _not_supported("n", f"n={value} asks for {value} choices per prompt; only n={MAX_CHOICES} is "
+                                      "(for several completions of different prompts, send `prompt` as a list)")
+        return value
+
+    @field_validator("logit_bias", "presence_penalty", "frequency_penalty")
+    @classmethod
+    def _refused(cls, value: Any, info: ValidationInfo) -> Any:
+        return cls.refuse(value, info)
 
 
 class CompletionRequest(_OpenAIBase):
+    NEUTRAL: ClassVar = {**_BASE_REFUSED,
+                         "echo": ((False,), "the prompt is not echoed (only false is accepted)"),
+                         "suffix": (("",), "no text is inserted after the completion")}
+
     prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(
         description=f"the question, or a list of up to {MAX_PROMPTS} questions (one choice each)")
     logprobs: StrictInt | None = Field(
         None, ge=0, le=MAX_COMPLETION_LOGPROBS,
-        description="return the chosen tokens' log-probabilities; top_logprobs holds the chosen "
-                    "token only (the engine computes no other)")
-    echo: StrictBool = Field(False, description="not supported (must be false)")
-    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
-    suffix: None = None
+        description="return the chosen tokens' log-probabilities and, per position, the `logprobs` most "
+                    "likely tokens (top_logprobs)")
+    echo: StrictBool | None = Field(None, description="not supported: only false is accepted")
+    best_of: StrictInt | None = Field(None, ge=1, description=f"only {MAX_CHOICES} is supported")
+    suffix: Any = _unsupported("no text is inserted after the completion")
 
-    @field_validator("echo")
+    @field_validator("echo", "suffix")
     @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported")
+    def _refused_here(cls, value: Any, info: ValidationInfo) -> Any:
+        return cls.refuse(value, info)
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_one(cls, value: int | None) -> int | None:
+        if value is not None and value > MAX_CHOICES:
+            raise _not_supported("best_of", f"best_of={value}; only best_of={MAX_CHOICES} is")
         return value
 
     def prompts(self) -> list[str]:
@@ -90,6 +164,15 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: Any = Field(None, description=f"not supported ({_NO_TOOLS}): only null or [] is accepted")
+    function_call: Any = Field(None, description=f"not supported ({_NO_TOOLS}): only null is accepted")
+
+    @field_validator("tool_calls", "function_call")
+    @classmethod
+    def _no_calls(cls, value: Any, info: ValidationInfo) -> Any:
+        if not _neutral(value, ([],)):
+            raise _not_supported(info.field_name, _NO_TOOLS)
+        return value
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -97,9 +180,49 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+_CHAT_REFUSED = {
+    "tools": (([],), _NO_TOOLS + " (only [] is accepted)"),
+    "tool_choice": (("none",), _NO_TOOLS + " (only \"none\" is accepted)"),
+    "functions": (([],), _NO_TOOLS + " (only [] is accepted)"),
+    "function_call": (("none",), _NO_TOOLS + " (only \"none\" is accepted)"),
+    "parallel_tool_calls": ((), _NO_TOOLS),
+    "response_format": (({"type": "text"},), "the answer is plain text; no JSON mode or schema is "
+                        "enforced (only {\"type\": \"text\"} is accepted)"),
+    "audio": ((), "the model reads and writes text only"),
+    "modalities": ((["text"],), "the model reads and writes text only (only [\"text\"] is accepted)"),
+    "prediction": ((), "no predicted output is used"),
+    "web_search_options": ((), "the server searches nothing"),
+    "reasoning_effort": ((), "the reasoning is continuous thoughts: set `latent` (thoughts, max_thoughts) "
+                         "instead"),
+    "verbosity": ((), "the answer's length is the model's (set max_tokens)"),
+    "store": ((False,), "nothing is stored (only false is accepted)"),
+}
+
+
 class ChatRequest(_OpenAIBase):
+    NEUTRAL: ClassVar = {**_BASE_REFUSED, **_CHAT_REFUSED}
+
+    tools: Any = _unsupported(_NO_TOOLS)
+    tool_choice: Any = _unsupported(_NO_TOOLS)
+    functions: Any = _unsupported(_NO_TOOLS)
+    function_call: Any = _unsupported(_NO_TOOLS)
+    parallel_tool_calls: Any = _unsupported(_NO_TOOLS)
+    response_format: Any = _unsupported("plain text only: {\"type\": \"text\"}")
+    audio: Any = _unsupported("text only")
+    modalities: Any = _unsupported("text only: [\"text\"]")
+    prediction: Any = _unsupported("no predicted outputs")
+    web_search_options: Any = _unsupported("no web search")
+    reasoning_effort: Any = _unsupported("set `latent` instead")
+    verbosity: Any = _unsupported("set max_tokens instead")
+    store: Any = _unsupported("nothing is stored: only false")
+
+    @field_validator(*_CHAT_REFUSED)
+    @classmethod
+    def _refused_here(cls, value: Any, info: ValidationInfo) -> Any:
+        return cls.refuse(value, info)
+
     messages: list[ChatMessage] = Field(min_length=1, description="the last user message is the question")
-    max_completion_tokens: int | None = Field(None, ge=MIN_MAX_TOKENS, description="alias of max_tokens")
+    max_completion_tokens: StrictInt | None = Field(None, ge=MIN_MAX_TOKENS, description="alias of max_tokens")
     logprobs: StrictBool | None = Field(None, description="return the chosen tokens' log-probabilities")
     top_logprobs: StrictInt | None = Field(
         None, ge=0, le=MAX_CHAT_TOP_LOGPROBS,

@@ -10,14 +10,15 @@ A streamed reply (``stream: true``) is a sequence of ``ReasonStreamEvent`` (one 
 piece of answer text; the last one carries ``finish_reason``, ``usage``, ``timings``,
 ``answer`` and ``latent_trace`` when asked), then ``data: [DONE]``; the OpenAPI schema
 declares it (``sse_response``). Booleans are strict: ``"stream": 0`` or ``"true"`` is a 422,
-not a silent false or true.
+not a silent false or true; and so are numbers: ``"seed": false``, ``"max_tokens": 2.0`` or
+``"temperature": "0.5"`` is a 422 (``StrictInt``, ``StrictFloat``), not a silent 0, 2 or 0.5.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from engine.params import (DEFAULT_MAX_TOKENS, DEFAULT_SOFT_TEMPERATURE, DEFAULT_SOFT_TOP_K, DEFAULT_SOFT_TOP_P,
                            DEFAULT_TRACE_TOP_K, MAX_ENTROPY_THRESHOLD, MAX_PATIENCE, MAX_SOFT_TEMPERATURE,
@@ -39,12 +40,12 @@ class FeedbackOptions(BaseModel):
                                "sum_i p_i E[i] with p = softmax(W h / temperature) kept to top_k, then "
                                "top_p, renormalised (Soft Thinking); projection: the checkpoint's learned "
                                "prj(h) (CODI), only where it has one")
-    temperature: float | None = Field(None, gt=MIN_SOFT_TEMPERATURE, le=MAX_SOFT_TEMPERATURE,
+    temperature: StrictFloat | None = Field(None, gt=MIN_SOFT_TEMPERATURE, le=MAX_SOFT_TEMPERATURE,
                                       description=f"(soft_embedding) default {DEFAULT_SOFT_TEMPERATURE:g}")
     top_k: StrictInt | None = Field(None, ge=0, description=f"(soft_embedding) tokens mixed, 0 = all; "
                                                             f"default {DEFAULT_SOFT_TOP_K}")
-    top_p: float | None = Field(None, gt=MIN_TOP_P, le=MAX_TOP_P,
-                                description=f"(soft_embedding) default {DEFAULT_SOFT_TOP_P:g}")
+    top_p: StrictFloat | None = Field(None, gt=MIN_TOP_P, le=MAX_TOP_P,
+                                      description=f"(soft_embedding) default {DEFAULT_SOFT_TOP_P:g}")
 
 
 class LatentOptions(BaseModel):
@@ -63,9 +64,9 @@ class LatentOptions(BaseModel):
                                        description="(fixed) thought count")
     max_thoughts: StrictInt | None = Field(None, ge=MIN_MAX_THOUGHTS, le=MAX_THOUGHTS_CEILING,
                                            description="(auto, entropy, token) the cap")
-    threshold: float | None = Field(None, ge=MIN_THRESHOLD, le=MAX_THRESHOLD,
+    threshold: StrictFloat | None = Field(None, ge=MIN_THRESHOLD, le=MAX_THRESHOLD,
                                     description="(auto) stop probability threshold")
-    entropy_threshold: float | None = Field(None, ge=MIN_ENTROPY_THRESHOLD, le=MAX_ENTROPY_THRESHOLD,
+    entropy_threshold: StrictFloat | None = Field(None, ge=MIN_ENTROPY_THRESHOLD, le=MAX_ENTROPY_THRESHOLD,
                                             description="(entropy) nats")
     patience: StrictInt | None = Field(None, ge=1, le=MAX_PATIENCE,
                                        description="(entropy) thoughts in a row below the threshold (1)")
@@ -77,17 +78,17 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(allow_inf_nan=False)    # 1e400, NaN, Infinity: 422
 
-    max_tokens: int | None = Field(None, ge=MIN_MAX_TOKENS,
+    max_tokens: StrictInt | None = Field(None, ge=MIN_MAX_TOKENS,
                                    description=f"most answer tokens (default {DEFAULT_MAX_TOKENS})")
-    temperature: float | None = Field(None, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, description="0 = greedy")
-    top_p: float | None = Field(None, gt=MIN_TOP_P, le=MAX_TOP_P)
-    top_k: int | None = Field(None, ge=MIN_TOP_K, description="0 = disabled")
-    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="per-request generator seed")
+    temperature: StrictFloat | None = Field(None, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, description="0 = greedy")
+    top_p: StrictFloat | None = Field(None, gt=MIN_TOP_P, le=MAX_TOP_P)
+    top_k: StrictInt | None = Field(None, ge=MIN_TOP_K, description="0 = disabled")
+    seed: StrictInt | None = Field(None, ge=0, lt=SEED_LIMIT, description="per-request generator seed")
     stop: StopString | StopList | None = Field(None, description="strings that end the answer")
     ignore_eos: StrictBool = Field(False, description="keep going past end-of-sequence")
     latent: LatentOptions | None = None
     return_latent_trace: StrictBool = Field(False, description="return each thought's top tokens")
-    latent_trace_top_k: int = Field(DEFAULT_TRACE_TOP_K, ge=MIN_TRACE_TOP_K, le=MAX_TRACE_TOP_K,
+    latent_trace_top_k: StrictInt = Field(DEFAULT_TRACE_TOP_K, ge=MIN_TRACE_TOP_K, le=MAX_TRACE_TOP_K,
                                     description="tokens per thought in latent_trace")
 
 

@@ -318,9 +318,9 @@ def test_a_prompt_too_long_fails_the_list_and_leaves_nothing_running(http, serve
 
 
 def test_n_above_1_is_a_clear_422(client, checkpoint):
-    with pytest.raises(openai.UnprocessableEntityError, match=r"n: Input should be less than or equal to 1"):
+    with pytest.raises(openai.UnprocessableEntityError, match=r"n: n is not supported by this server: n=2"):
         client.completions.create(model=checkpoint.name, prompt=QUESTION, n=2)
-    with pytest.raises(openai.UnprocessableEntityError, match=r"n: Input should be less than or equal to 1"):
+    with pytest.raises(openai.UnprocessableEntityError, match=r"n: n is not supported by this server: n=3"):
         client.chat.completions.create(model=checkpoint.name, messages=[{"role": "user", "content": QUESTION}], n=3)
 
 
