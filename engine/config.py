@@ -36,3 +36,17 @@ class EngineConfig:
             raise ValueError(f"max_seq_len={self.max_seq_len} is invalid: expected >= 2")
         if self.max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens={self.max_prefill_tokens} is invalid: expected >= 1")
+
+
+def json_object(text: str, name: str, expected: str) -> dict:
+    """A flag's JSON object (``--coconut``, ``--feedback``), or ``ValueError`` naming the flag
+    and saying what was ``expected``."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{name}={text!r} is not JSON ({e}); expected {expected}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name}={text!r} is invalid: expected {expected}")
+    return value

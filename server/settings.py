@@ -140,7 +140,7 @@ class ServerSettings(BaseSettings):
 
     def coconut_overrides(self) -> dict | None:
         """``coconut.json`` fields from the flags (None: none given)."""
-        import json
+        from engine.config import json_object
 
         fields: dict = {}
         if self.latent_feedback is not None:
@@ -149,14 +149,7 @@ class ServerSettings(BaseSettings):
             if getattr(self, name) is not None:
                 fields[name] = getattr(self, name)
         if self.coconut:
-            try:
-                extra = json.loads(self.coconut)
-            except ValueError as e:
-                raise ValueError(f"coconut={self.coconut!r} is not JSON ({e}); expected an object of "
-                                 f"coconut.json fields") from None
-            if not isinstance(extra, dict):
-                raise ValueError(f"coconut={self.coconut!r} is invalid: expected a JSON object of coconut.json fields")
-            fields.update(extra)
+            fields.update(json_object(self.coconut, "coconut", "a JSON object of coconut.json fields"))
         return fields or None
 
     def model_dir(self) -> Path:

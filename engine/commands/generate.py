@@ -48,13 +48,9 @@ def run(args: argparse.Namespace) -> int:
     latent = None
     feedback = None
     if args.feedback is not None:
-        try:
-            feedback = json.loads(args.feedback)
-        except ValueError as e:
-            raise ValueError(f"--feedback {args.feedback!r} is not JSON ({e}); expected an object such as "
-                             f'{{"type": "soft_embedding", "top_k": 5}}') from None
-        if not isinstance(feedback, dict):
-            raise ValueError(f"--feedback {args.feedback!r} is invalid: expected a JSON object")
+        from engine.config import json_object
+
+        feedback = json_object(args.feedback, "--feedback", 'an object such as {"type": "soft_embedding", "top_k": 5}')
     if args.thoughts is not None:
         latent = LatentPolicy(mode="fixed", thoughts=args.thoughts, trace_top_k=args.trace, feedback=feedback)
     elif args.latent is not None:
