@@ -42,6 +42,7 @@ class CoreOutput:
     request_id: str
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[float] = field(default_factory=list)
+    new_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     new_trace: list[TraceEntry] = field(default_factory=list)
     num_thoughts: int = 0
     finish_reason: str | None = None
@@ -163,10 +164,13 @@ class EngineCore:
             if (token in self.eos_token_ids and not sampling.ignore_eos) or token in sampling.stop_token_ids:
                 request.finish(RequestStatus.FINISHED_STOP)
             else:
-                request.append_token(token, row.logprob)
+                top = list(zip(*row.top_logprobs)) if row.top_logprobs is not None else None
+                request.append_token(token, row.logprob, top)
                 result.new_token_ids.append(token)
                 if row.logprob is not None:
                     result.new_logprobs.append(row.logprob)
+                if top is not None:
+                    result.new_top_logprobs.append(top)
                 if len(request.output_token_ids) >= sampling.max_tokens:
                     request.finish(RequestStatus.FINISHED_LENGTH)
         result.num_thoughts = request.thoughts_done

@@ -32,6 +32,12 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     logprobs: list[float] | None = None
+    #: ``sampling.top_logprobs`` > 0: per generated token, its position's most likely tokens as
+    #: (id, logprob), best first, from the distribution ``logprobs`` are of
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    #: with ``sampling.logprobs``, for a symbols model: token id -> the question's own word
+    #: (what a token of the question's names is called in the text)
+    renamed_tokens: dict[int, str] | None = None
     latent_trace: list[dict] | None = None
     stop_probs: list[float] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -156,6 +162,8 @@ class OutputProcessor:
             answer=state.answer_of[1], num_thoughts=request.thoughts_done,
             finished=finished, finish_reason=finish_reason,
             logprobs=list(request.output_logprobs) if request.sampling.logprobs else None,
+            top_logprobs=list(request.output_top_logprobs) if request.sampling.top_logprobs else None,
+            renamed_tokens=request.renamed_tokens if request.sampling.logprobs else None,
             latent_trace=trace, stop_probs=list(request.stop_probs),
             timings=request.times.phases(), error=out.error)
 

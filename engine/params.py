@@ -48,6 +48,9 @@ SEED_BITS = 63
 SEED_LIMIT = 2 ** SEED_BITS        # seeds are in [0, SEED_LIMIT)
 MAX_STOP_STRINGS = 16
 MIN_STOP_LENGTH = 1
+#: Alternatives per generated token (``SamplingParams.top_logprobs``): OpenAI's bound on chat's
+#: ``top_logprobs`` (its /v1/completions ``logprobs`` stops at 5).
+MAX_TOP_LOGPROBS = 20
 
 #: Hard ceilings that protect the server from absurd requests; the per-model limit
 #: (maximum sequence length) is checked separately when a request is added.
@@ -88,7 +91,9 @@ class SamplingParams:
     output does not depend on what else shares the batch. ``stop`` strings end the
     answer and are not part of it; ``stop_token_ids`` do the same on token ids.
     ``logprobs`` asks for the log-probability of each chosen token under the model's
-    unmodified distribution (before temperature, top-k and top-p), as vLLM reports it.
+    unmodified distribution (before temperature, top-k and top-p), as vLLM reports it;
+    ``top_logprobs`` (with ``logprobs``) for the ``top_logprobs`` most likely tokens of that
+    same distribution at each position, with theirs (0: none).
     """
 
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -100,6 +105,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -125,6 +131,11 @@ class SamplingParams:
                f"at most {MAX_STOP_STRINGS} stop strings")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                "stop_token_ids", self.stop_token_ids, "non-negative integers")
+        _check(_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+               "top_logprobs", self.top_logprobs, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=True (the alternatives come with the chosen "
+                             "token's log-probability)")
 
     @property
     def greedy(self) -> bool:

@@ -28,6 +28,8 @@ class ReferenceResult:
     trace_probs: list[torch.Tensor] = field(default_factory=list)      # softmax(W h) per thought [V]
     thought_entropies: list[float] = field(default_factory=list)       # after each thought (adaptive/record)
     thought_argmaxes: list[int] = field(default_factory=list)          # argmax of W h after each thought
+    token_logprobs: list[float] = field(default_factory=list)          # logprobs_top_k: each token's
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # and the top (id, logprob)
 
 
 def projection_feedback(prj):
@@ -68,14 +70,16 @@ def reference_generate(model, tokenizer, question: str, *, question_suffix: str,
                        pause: bool = False, ignore_eos: bool = False, trace_top_k: int = 0,
                        record_hiddens: bool = False, feedback=None, entropy_threshold: float = 0.0,
                        patience: int = 1, prefix_ids: tuple[int, ...] = (), suffix_ids: tuple[int, ...] = (),
-                       suppress_ids: tuple[int, ...] = ()) -> ReferenceResult:
+                       suppress_ids: tuple[int, ...] = (), logprobs_top_k: int = 0) -> ReferenceResult:
     """Decode one question. ``mode``: fixed (``thoughts`` thoughts), auto (stop classifier),
     entropy (below ``entropy_threshold`` nats ``patience`` times in a row), token (argmax is
     ``eot_id``), each with ``thoughts`` as the cap, or none. ``pause`` feeds the latent
     token's embedding instead of hidden states (the pause_as_thought ablation);
     ``feedback(model, h [1, 1, d], logits [V])`` makes a thought from the state (default:
     the state itself). ``prefix_ids`` go before ``<bot>``, ``suffix_ids`` after ``<eot>``;
-    ``suppress_ids`` are never chosen."""
+    ``suppress_ids`` are never chosen. ``logprobs_top_k`` > 0 records each generated token's
+    ``log_softmax`` and the ``logprobs_top_k`` best (id, logprob) of the same distribution
+    (the logits with ``suppress_ids`` at -inf; those never among them)."""
     embed = model.get_input_embeddings()
     ids = tokenizer(question + question_suffix)["input_ids"]
     device = embed.weight.device
@@ -128,6 +132,11 @@ def reference_generate(model, tokenizer, question: str, *, question_suffix: str,
         if token in eos_ids and not ignore_eos:
             break
         result.token_ids.append(token)
+        if logprobs_top_k:
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            result.token_logprobs.append(float(lp[token]))
+            order = torch.argsort(lp, descending=True, stable=True)[:logprobs_top_k].tolist()
+            result.top_logprobs.append([(i, float(lp[i])) for i in order if float(lp[i]) != float("-inf")])
         seq = torch.cat([seq, embed(torch.tensor([[token]], device=device))], dim=1)
     result.positions_fed = fed
     return result

@@ -93,6 +93,8 @@ class Request:
         self.thoughts_done = 0
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[float] = []
+        # sampling.top_logprobs > 0: per generated token, (id, logprob) of the most likely tokens
+        self.output_top_logprobs: list[list[tuple[int, float]]] = []
         self.trace: list[TraceEntry] = []
         self.stop_probs: list[float] = []
         self.pending_token: int | None = None
@@ -144,12 +146,15 @@ class Request:
         self.forced_tokens = deque(self.latent_suffix_ids)
         self.times.latent_done = time.perf_counter()
 
-    def append_token(self, token_id: int, logprob: float | None) -> None:
+    def append_token(self, token_id: int, logprob: float | None,
+                     top_logprobs: list[tuple[int, float]] | None = None) -> None:
         if not self.output_token_ids:
             self.times.first_token = time.perf_counter()
         self.output_token_ids.append(token_id)
         if logprob is not None:
             self.output_logprobs.append(logprob)
+        if top_logprobs is not None:
+            self.output_top_logprobs.append(top_logprobs)
         self.pending_token = token_id
 
     def finish(self, status: RequestStatus, error: str | None = None) -> None:

@@ -22,9 +22,12 @@ Log-probabilities (completions ``logprobs: N``, chat ``logprobs: true`` and
 ``top_logprobs: N``) are those of the chosen tokens under the model's unmodified
 distribution (before temperature, top-k and top-p), one per generated token (the
 ``completion_tokens`` of ``usage``; an end-of-sequence token is not generated text and
-has none). The engine computes the chosen token's log-probability only, so each
-position's ``top_logprobs`` holds that one token (whatever N asks for, as vLLM does for
-N = 0), not the N most likely ones.
+has none). Each position's ``top_logprobs`` holds the N most likely tokens of that same
+distribution (the engine's ``SamplingParams.top_logprobs``), best first: on chat exactly
+those (N up to 20), on completions those and the chosen token (N up to 5; "up to N + 1
+elements", as OpenAI says). A token never sampled (a checkpoint's ``suppress_token_ids``)
+is never one. Tokens are named as the text names them: a symbols model's tokens of the
+question's names in the question's words, ``bytes`` their UTF-8.
 
 ``prompt`` may be a list of strings (up to ``MAX_PROMPTS``): one choice per prompt, with
 its ``index``, generated concurrently in the engine's batch (lm-eval's ``--batch_size``
@@ -133,7 +136,7 @@ class CompletionRequest(_OpenAIBase):
     logprobs: StrictInt | None = Field(
         None, ge=0, le=MAX_COMPLETION_LOGPROBS,
         description="return the chosen tokens' log-probabilities and, per position, the `logprobs` most "
-                    "likely tokens (top_logprobs)")
+                    "likely tokens and the chosen one (top_logprobs)")
     echo: StrictBool | None = Field(None, description="not supported: only false is accepted")
     best_of: StrictInt | None = Field(None, ge=1, description=f"only {MAX_CHOICES} is supported")
     suffix: Any = _unsupported("no text is inserted after the completion")
@@ -226,8 +229,7 @@ class ChatRequest(_OpenAIBase):
     logprobs: StrictBool | None = Field(None, description="return the chosen tokens' log-probabilities")
     top_logprobs: StrictInt | None = Field(
         None, ge=0, le=MAX_CHAT_TOP_LOGPROBS,
-        description="with logprobs: alternatives per position; the engine computes the chosen "
-                    "token's log-probability only, so the list holds that one token when > 0")
+        description="with logprobs: the most likely tokens per position, with their log-probabilities")
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> "ChatRequest":
@@ -261,7 +263,7 @@ class CompletionLogprobs(BaseModel):
     tokens: list[str]
     token_logprobs: list[float]
     top_logprobs: list[dict[str, float]] = Field(description="per position, {token: logprob} of the "
-                                                 "chosen token (the engine computes no other)")
+                                                 "`logprobs` most likely tokens and the chosen one")
     text_offset: list[int] = Field(description="where each token's text starts in the choice's text")
 
 
@@ -289,8 +291,8 @@ class TopLogprob(BaseModel):
 
 
 class ChatTokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob] = Field(description="empty unless top_logprobs > 0; then the chosen "
-                                           "token only (the engine computes no other)")
+    top_logprobs: list[TopLogprob] = Field(description="the request's top_logprobs most likely tokens at "
+                                           "this position, best first (empty for 0)")
 
 
 class ChatLogprobs(BaseModel):

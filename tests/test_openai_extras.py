@@ -2,7 +2,8 @@
 real server (``engine serve`` subprocess) with a tiny random GPT-2:
 
 - log-probabilities: /v1/completions ``logprobs: N`` and /v1/chat/completions
-  ``logprobs: true`` / ``top_logprobs: N``. The oracle is independent of the engine: a
+  ``logprobs: true`` / ``top_logprobs: N`` (the alternatives' values against a full forward
+  are ``tests/test_top_logprobs.py``'s). The oracle is independent of the engine: a
   full forward of the model (transformers, every position recomputed at every step) on
   the prompt the README specifies (``tokenizer.json`` encoding of question + "\\n",
   ``<bot>``, each thought the last hidden state of the previous position, ``<eot>``),
@@ -126,8 +127,11 @@ def test_completion_logprobs_equal_a_full_forward(client, checkpoint, oracle, la
         assert abs(g - w) < TOL, (lp.token_logprobs, want_lps)
     assert abs(sum(lp.token_logprobs) - sum(want_lps)) < TOL
     assert all(v <= 0 for v in lp.token_logprobs)
-    # every position's alternatives: the chosen token (the engine computes no other)
-    assert lp.top_logprobs == [{t: v} for t, v in zip(lp.tokens, lp.token_logprobs)]
+    # every position's alternatives: the k most likely and the chosen one, which greedy makes the
+    # first (their values against the full forward: tests/test_top_logprobs.py)
+    for t, v, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert next(iter(top)) == t and top[t] == v and 1 <= len(top) <= max(k, 1)
+        assert list(top.values()) == sorted(top.values(), reverse=True)
     offsets = [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
     assert lp.text_offset == offsets
 
@@ -202,8 +206,11 @@ def test_chat_logprobs_equal_a_full_forward(client, checkpoint, oracle, top):
     assert abs(sum(e.logprob for e in content) - sum(want_lps)) < TOL
     for e, w in zip(content, want_lps):
         assert abs(e.logprob - w) < TOL
-        if top:
-            assert [(t.token, t.logprob, t.bytes) for t in e.top_logprobs] == [(e.token, e.logprob, e.bytes)]
+        if top:   # the `top` most likely, best first: greedy makes the chosen one the first
+            assert len(e.top_logprobs) == top
+            assert (e.top_logprobs[0].token, e.top_logprobs[0].logprob, e.top_logprobs[0].bytes) == \
+                (e.token, e.logprob, e.bytes)
+            assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
         else:
             assert e.top_logprobs == []
     # the bytes are exact: together they are the answer's UTF-8 (special tokens aside)

@@ -78,3 +78,24 @@ def test_extreme_temperature_and_top_p_stay_finite():
     params = [SamplingParams(temperature=1.0, top_p=5e-324), SamplingParams(temperature=1e-300)]
     for _ in range(20):
         assert sample(logits, params, [None, None], torch.Generator().manual_seed(0)).token_ids == [1, 0]
+
+
+def test_top_logprobs_per_row_are_the_raw_distributions_best():
+    """Each row gets its own k (0: none) of log_softmax(raw logits), best first, whatever its
+    temperature and filters; a token at -inf (suppressed) is never one."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 12) * 2
+    logits[2, :9] = float("-inf")                # only 3 tokens possible in row 2
+    params = [SamplingParams(logprobs=True, top_logprobs=5), SamplingParams(logprobs=True),
+              SamplingParams(logprobs=True, top_logprobs=20, temperature=3.0, top_k=2, seed=1),
+              SamplingParams(temperature=0.5, top_logprobs=0)]
+    out = sample(logits, params, [None, None, torch.Generator().manual_seed(1), None], torch.Generator())
+    assert out.top_logprobs[1] is None and out.top_logprobs[3] is None and out.logprobs[3] is None
+    for row, k in ((0, 5), (2, 20)):
+        lp = [float(v) for v in torch.log_softmax(logits[row].double(), -1)]
+        best = sorted((i for i in range(12) if lp[i] != float("-inf")), key=lambda i: -lp[i])[:k]
+        ids, values = out.top_logprobs[row]
+        assert ids == best
+        assert all(abs(v - lp[i]) < 1e-5 for i, v in zip(ids, values))
+        assert abs(out.logprobs[row] - lp[out.token_ids[row]]) < 1e-5
+    assert len(out.top_logprobs[2][0]) == 3

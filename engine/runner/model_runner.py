@@ -256,6 +256,7 @@ class ModelRunner:
             for j, i in enumerate(language):
                 out[rows[i].request_id].token_id = picked.token_ids[j]
                 out[rows[i].request_id].logprob = picked.logprobs[j]
+                out[rows[i].request_id].top_logprobs = picked.top_logprobs[j]
         if entropic:
             entropies, argmaxes = entropy_and_argmax(logits_of(entropic))
             for j, i in enumerate(entropic):

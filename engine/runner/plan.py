@@ -14,8 +14,9 @@ table (each slot's length and last hidden state) and the slot cache itself.
 - ``released``: the slots of requests that ended since the last step, free from now on.
 
 What a row's output holds is fixed by the plan: ``sampling`` set -> a sampled token (and
-its log-probability when asked); ``trace_top_k`` > 0 -> the thought's top tokens and the
-probabilities of ``watch_token_ids``; ``ask_stop`` -> the stop classifier's probability;
+its log-probability, and its ``top_logprobs`` most likely alternatives', when asked);
+``trace_top_k`` > 0 -> the thought's top tokens and the probabilities of
+``watch_token_ids``; ``ask_stop`` -> the stop classifier's probability;
 ``ask_entropy`` -> the entropy and argmax of ``softmax(W h)``; ``feedback`` -> the slot's
 next thought is made with that operator (and a traced row reports what it mixed).
 """
@@ -97,6 +98,8 @@ class TraceEntry:
 class RowOutput:
     token_id: int | None = None
     logprob: float | None = None
+    # sampling.top_logprobs > 0: (ids, logprobs) of the most likely tokens, best first
+    top_logprobs: tuple[list[int], list[float]] | None = None
     stop_prob: float | None = None
     trace: TraceEntry | None = None
     entropy: float | None = None     # ask_entropy: nats of softmax(W h)

@@ -6,7 +6,9 @@ choices depend only on its own logits, never on its neighbours in the batch; the
 random rows share the engine's generator in one batched draw.
 
 Log-probabilities, when asked, are of the model's unmodified distribution
-(``log_softmax`` of the raw logits), as vLLM reports them.
+(``log_softmax`` of the raw logits), as vLLM reports them; a row's ``top_logprobs``
+alternatives are the most likely tokens of that same distribution, best first (a token
+the logits rule out, at -inf, is never one).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from engine.params import SamplingParams
 class SampleOutput:
     token_ids: list[int]
     logprobs: list[float | None]
+    #: per row, (ids, logprobs) of its ``top_logprobs`` most likely tokens, best first (None: not asked)
+    top_logprobs: list[tuple[list[int], list[float]] | None] | None = None
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -69,11 +73,22 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         chosen[index] = picks
     token_ids = chosen.tolist()
     logprobs: list[float | None] = [None] * rows
+    tops: list[tuple[list[int], list[float]] | None] = [None] * rows
     want = [i for i, p in enumerate(params) if p.logprobs]
     if want:
         index = torch.tensor(want, device=logits.device)
-        lp = logits.index_select(0, index).log_softmax(dim=-1)
+        lp = logits.index_select(0, index) if len(want) < rows else logits
+        lp = lp.log_softmax(dim=-1)
         picked = lp.gather(-1, chosen.index_select(0, index)[:, None])[:, 0].tolist()
         for i, value in zip(want, picked):
             logprobs[i] = value
-    return SampleOutput(token_ids=token_ids, logprobs=logprobs)
+        k = max(params[i].top_logprobs for i in want)
+        if k:
+            top = lp.topk(min(k, lp.shape[-1]), dim=-1)
+            values, indices = top.values.tolist(), top.indices.tolist()
+            for j, i in enumerate(want):
+                kk = params[i].top_logprobs
+                if kk:
+                    keep = [n for n, v in enumerate(values[j][:kk]) if v != float("-inf")]
+                    tops[i] = ([indices[j][n] for n in keep], [values[j][n] for n in keep])
+    return SampleOutput(token_ids=token_ids, logprobs=logprobs, top_logprobs=tops)

@@ -9,9 +9,11 @@ service, same engine, same errors as ``/v1/reason``; only the shapes differ.
 A list of prompts on /v1/completions becomes one engine request per prompt, all
 submitted together (they share the engine's batch) and answered as one choice each, with
 its ``index``; if one fails (e.g. the waiting queue is full), the others are aborted and
-the error is the answer. Log-probabilities come from the engine (``SamplingParams.logprobs``,
-the chosen token's log-probability under the unmodified distribution); see
-``server.openai_schemas`` for the shapes and what ``top_logprobs`` holds.
+the error is the answer. Log-probabilities come from the engine (``SamplingParams.logprobs``
+and ``top_logprobs``: the chosen token's log-probability under the unmodified distribution
+and the most likely tokens of the same distribution); see ``server.openai_schemas`` for
+the shapes. Tokens are named as the answer's text names them (a symbols model's tokens
+in the question's words).
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ def _trace(out: RequestOutput, body) -> list | None:
     return latent_trace(out, body.return_latent_trace)
 
 
-def _with_logprobs(gen: Generation) -> Generation:
-    return dataclasses.replace(gen, sampling=dataclasses.replace(gen.sampling, logprobs=True))
+def _with_logprobs(gen: Generation, top: int) -> Generation:
+    return dataclasses.replace(gen, sampling=dataclasses.replace(gen.sampling, logprobs=True, top_logprobs=top))
 
 
 # ---------------------------------------------------------------- token texts
@@ -82,7 +84,10 @@ def _bytes_to_unicode() -> dict[int, str]:
 class TokenTexts:
     """Each generated token's text and UTF-8 bytes, as OpenAI reports them. For byte-level
     BPE tokenizers a token may hold part of a UTF-8 character: its bytes are then the exact
-    bytes (its text shows the replacement character, as the decoded text would)."""
+    bytes (its text shows the replacement character, as the decoded text would). A symbols
+    model's token that stands for one of the question's names (``renamed``: the request's
+    ``RequestOutput.renamed_tokens``) is that name, as the answer's text writes it; a symbol
+    the question does not use keeps its vocabulary text."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -96,10 +101,14 @@ class TokenTexts:
             self.byte_of = {c: b for b, c in _bytes_to_unicode().items()}
         self.special = set(getattr(tokenizer, "all_special_ids", ()))
 
-    def text(self, token_id: int) -> str:
+    def text(self, token_id: int, renamed: dict[int, str] | None = None) -> str:
+        if renamed and token_id in renamed:
+            return renamed[token_id]
         return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def bytes(self, token_id: int, text: str) -> list[int]:
+    def bytes(self, token_id: int, text: str, renamed: dict[int, str] | None = None) -> list[int]:
+        if renamed and token_id in renamed:
+            return list(text.encode("utf-8"))
         if self.byte_of is not None and "\ufffd" in text and token_id not in self.special:
             piece = self.tokenizer.convert_ids_to_tokens(token_id)
             if isinstance(piece, str) and all(c in self.byte_of for c in piece):
@@ -112,36 +121,54 @@ def _finite(logprob: float | None) -> float:
 
 
 class _CompletionLogprobs:
-    """Builds the completions ``logprobs`` object, in one piece or chunk by chunk."""
+    """Builds the completions ``logprobs`` object, in one piece or chunk by chunk: per
+    position ``{token: logprob}`` of the request's ``logprobs`` most likely tokens and the
+    chosen one (OpenAI: "up to logprobs+1 elements"; two ids of the same text keep the
+    better one's)."""
 
     def __init__(self, texts: TokenTexts):
         self.texts, self.sent, self.offset = texts, 0, 0
 
     def take(self, out: RequestOutput) -> CompletionLogprobs:
         ids, lps = out.token_ids[self.sent:], (out.logprobs or [])[self.sent:]
+        tops = (out.top_logprobs or [])[self.sent:]
         self.sent += len(ids)
-        tokens = [self.texts.text(i) for i in ids]
+        renamed = out.renamed_tokens
+        tokens = [self.texts.text(i, renamed) for i in ids]
         offsets = []
         for token in tokens:
             offsets.append(self.offset)
             self.offset += len(token)
         values = [_finite(lp) for lp in lps]
-        return CompletionLogprobs(tokens=tokens, token_logprobs=values,
-                                  top_logprobs=[{t: v} for t, v in zip(tokens, values)], text_offset=offsets)
+        top_logprobs = []
+        for n in range(len(ids)):
+            alternatives: dict[str, float] = {}
+            for token_id, lp in (tops[n] if n < len(tops) else ()):
+                alternatives.setdefault(self.texts.text(token_id, renamed), _finite(lp))
+            alternatives.setdefault(tokens[n], values[n])
+            top_logprobs.append(alternatives)
+        return CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=top_logprobs,
+                                  text_offset=offsets)
 
 
 class _ChatLogprobs:
-    def __init__(self, texts: TokenTexts, top: int):
-        self.texts, self.top, self.sent = texts, top, 0
+    def __init__(self, texts: TokenTexts):
+        self.texts, self.sent = texts, 0
+
+    def _entry(self, token_id: int, lp: float, renamed) -> TopLogprob:
+        text = self.texts.text(token_id, renamed)
+        return TopLogprob(token=text, logprob=_finite(lp), bytes=self.texts.bytes(token_id, text, renamed))
 
     def take(self, out: RequestOutput) -> ChatLogprobs:
         ids, lps = out.token_ids[self.sent:], (out.logprobs or [])[self.sent:]
+        tops = (out.top_logprobs or [])[self.sent:]
         self.sent += len(ids)
+        renamed = out.renamed_tokens
         content = []
-        for token_id, lp in zip(ids, lps):
-            text = self.texts.text(token_id)
-            entry = TopLogprob(token=text, logprob=_finite(lp), bytes=self.texts.bytes(token_id, text))
-            content.append(ChatTokenLogprob(**entry.model_dump(), top_logprobs=[entry] if self.top > 0 else []))
+        for n, (token_id, lp) in enumerate(zip(ids, lps)):
+            entry = self._entry(token_id, lp, renamed)
+            alternatives = [self._entry(i, v, renamed) for i, v in tops[n]] if n < len(tops) else []
+            content.append(ChatTokenLogprob(**entry.model_dump(), top_logprobs=alternatives))
         return ChatLogprobs(content=content)
 
 
@@ -243,7 +270,7 @@ async def completions(body: CompletionRequest, request: Request,
     gens = [service.params(prompt, body, id_prefix="cmpl", default_temperature=OPENAI_DEFAULT_TEMPERATURE,
                            default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS) for prompt in body.prompts()]
     if body.logprobs is not None:
-        gens = [_with_logprobs(g) for g in gens]
+        gens = [_with_logprobs(g, body.logprobs) for g in gens]
     if body.stream:
         streams = await _open_streams(service, gens, request)
         return event_stream(_completion_chunks(_merge(streams), service, body, len(gens)), request_id_of(request))
@@ -271,12 +298,12 @@ async def chat_completions(body: ChatRequest, request: Request,
     gen = service.params(question, body, id_prefix="chatcmpl",
                          default_temperature=OPENAI_DEFAULT_TEMPERATURE)
     if body.logprobs:
-        gen = _with_logprobs(gen)
+        gen = _with_logprobs(gen, body.top_logprobs or 0)
     if body.stream:
         outputs = await service.open_stream(gen, request)
         return event_stream(_chat_chunks(outputs, service, body), request_id_of(request))
     out = await service.complete(gen, request)
-    logprobs = _ChatLogprobs(_token_texts(service), body.top_logprobs or 0).take(out) if body.logprobs else None
+    logprobs = _ChatLogprobs(_token_texts(service)).take(out) if body.logprobs else None
     return ChatResponse(id=out.request_id, created=int(time.time()), model=service.model_name,
                         choices=[ChatChoice(message=AssistantMessage(content=out.text), logprobs=logprobs,
                                             finish_reason=out.finish_reason, latent_trace=_trace(out, body))],
@@ -314,7 +341,7 @@ async def _completion_chunks(outputs: AsyncIterator[tuple[int, RequestOutput]], 
 async def _chat_chunks(outputs: AsyncIterator[RequestOutput], service: GenerationService,
                        body: ChatRequest) -> AsyncIterator[dict]:
     created, model = int(time.time()), service.model_name
-    logprobs = _ChatLogprobs(_token_texts(service), body.top_logprobs or 0) if body.logprobs else None
+    logprobs = _ChatLogprobs(_token_texts(service)) if body.logprobs else None
     first = True
     async for out in outputs:
         head = {"id": out.request_id, "object": "chat.completion.chunk", "created": created, "model": model}
