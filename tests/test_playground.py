@@ -317,6 +317,41 @@ def test_the_page_asks_for_the_api_key_and_retries(page, server, api):
     assert page.evaluate("localStorage.length") == 0, "the key stays in this tab's session only"
 
 
+def a_question_with_concepts(count: int) -> str:
+    """A ProsQA question (the generator's) naming exactly ``count`` people and concepts."""
+    from engine.data.prosqa import generate
+
+    for seed in range(50):
+        for sample in generate(20, seed):
+            if len(graph_nodes(*read_graph(sample["question"]))) == count:
+                return sample["question"]
+    raise AssertionError(f"no generated question names {count} concepts")
+
+
+@pytest.mark.parametrize("width", [1280, 700, 420])
+def test_the_concept_row_wraps_instead_of_overflowing(page, server, width):
+    """A 23-concept question: every chip is shown, inside the page's width, over several
+    rows (issue 25: the row ran past the page, a horizontal scrollbar)."""
+    question = a_question_with_concepts(23)
+    nodes = graph_nodes(*read_graph(question))
+    page.set_viewport_size({"width": width, "height": 900})
+    open_page(page, server, key=KEY)
+    page.fill("#question", question)
+    chips = page.eval_on_selector_all("#question-concepts mark", """els => els.map(e => {
+        const r = e.getBoundingClientRect(); return {text: e.textContent, left: r.left, right: r.right, top: r.top};
+    })""")
+    assert sorted(c["text"] for c in chips) == sorted(nodes), (len(chips), len(nodes))
+    row = page.eval_on_selector("#question-concepts", """e => {
+        const r = e.getBoundingClientRect();
+        return {left: r.left, right: r.right, scroll: e.scrollWidth, client: e.clientWidth};
+    }""")
+    assert row["scroll"] <= row["client"] + 1, row
+    assert all(row["left"] - 1 <= c["left"] and c["right"] <= row["right"] + 1 for c in chips), (row, chips)
+    assert len({round(c["top"]) for c in chips}) > 1, "23 chips on one row: nothing wrapped"
+    page_width = page.evaluate("() => [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    assert page_width[0] <= page_width[1], f"the page scrolls sideways: {page_width}"
+
+
 def _sse(*payloads, done=True) -> str:
     return (b"".join(encode(p) for p in payloads) + (DONE if done else b"")).decode()
 
