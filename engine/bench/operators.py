@@ -3,8 +3,8 @@
 One engine on one model with a CODI projection (p = d), the same prompts; in every round
 each operator runs a batch of 1 and of N requests in latent mode (``thoughts`` thoughts, one
 answer token), one after the other, so every ratio is measured side by side. A step's time
-is the median over the steps in which every row is in latent mode (prefill and the answer
-excluded), and its minimum (the fastest step: on a shared machine the least disturbed
+is the median over the steps in which every row feeds a thought whose state becomes the
+next one (prefill, the last thought and the answer excluded), and its minimum (the fastest step: on a shared machine the least disturbed
 estimate of what the operator itself costs). Operators:
 
 - ``hidden``: COCONUT, the state itself (no LM head product for a latent row);
@@ -46,7 +46,8 @@ def projection_checkpoint(args, tmp: str) -> Path:
 
 
 def _latent_steps(engine, questions, policy, sampling) -> list[float]:
-    """Seconds of each step in which every request is in latent mode."""
+    """Seconds of each step in which every request feeds a thought whose state becomes the
+    next thought (so the operator runs on every row; the last thought's state is not fed)."""
     from engine.request import RequestStatus
 
     requests = [engine.make_request(q, sampling, policy) for q in questions]
@@ -55,7 +56,7 @@ def _latent_steps(engine, questions, policy, sampling) -> list[float]:
     times = []
     while engine.has_unfinished():
         all_latent = all(r.status == RequestStatus.LATENT and r.prefilled_tokens == r.num_prompt_tokens
-                         and r.thoughts_done >= 1 for r in requests)
+                         and 1 <= r.thoughts_done and r.thoughts_done + 1 < r.latent.thoughts for r in requests)
         t0 = time.perf_counter()
         engine.step()
         if all_latent:
