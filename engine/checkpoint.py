@@ -368,7 +368,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str | torch.dt
     except Exception as e:
         raise CheckpointError(f"{directory}: the model does not load ({e})") from e
     if plain:
-        _add_missing_markers(model, tokenizer, config, resize=weights)
+        _add_missing_markers(model, tokenizer, config, resize=weights)   # resize: real weights to fill
     markers = MarkerIds(
         bot=token_id(tokenizer, config.bot_token, "bot_token"),
         eot=token_id(tokenizer, config.eot_token, "eot_token"),
@@ -417,10 +417,8 @@ def _add_missing_markers(model, tokenizer, config: CoconutConfig, resize: bool) 
         return
     tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows:
-        if not resize:   # a frontend on the meta device: the shapes only
-            return
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    if len(tokenizer) > rows:   # on the meta device (a frontend): the shapes only
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=resize)
     log.info("added markers %s to the tokenizer (%d tokens)", missing, len(tokenizer))
 
 

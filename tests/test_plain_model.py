@@ -78,6 +78,11 @@ def test_missing_markers_are_added(plain_dir):
     [result] = engine.generate([QUESTION], SamplingParams(max_tokens=6, ignore_eos=True),
                                LatentPolicy(mode="fixed", thoughts=3))
     assert result.token_ids == _reference(engine, QUESTION, 3, 6, ignore_eos=True).token_ids
+    # a frontend (the server process of engine serve: no weights) gives the same prompt ids
+    front = Engine.frontend(plain_dir, coconut={**SOFT, "bot_token": "<reason>", "eot_token": "</reason>"})
+    policy = LatentPolicy(mode="fixed", thoughts=3)
+    assert front.make_request(QUESTION, latent=policy).prompt_token_ids == \
+        engine.make_request(QUESTION, latent=policy).prompt_token_ids
 
 
 def test_server_serves_a_plain_model_with_its_chat_template(plain_dir):
