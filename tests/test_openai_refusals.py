@@ -17,7 +17,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.test_server_harness import InProcessServer
+from tests.test_server_harness import one_thread_server
 
 QUESTION = "Every wumpus is a yumpus. Tom is a wumpus. Is Tom a yumpus or a zumpus?"
 MESSAGES = [{"role": "user", "content": QUESTION}]
@@ -113,15 +113,8 @@ def checkpoint(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with InProcessServer(checkpoint, max_batch_size=8, torch_threads=1) as live:
-            yield live
-    finally:
-        torch.set_num_threads(threads)
+    with one_thread_server(checkpoint, max_batch_size=8, torch_threads=1) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import json
 import httpx
 import pytest
 
-from tests.test_server_harness import InProcessServer, read_metrics, sse_payloads, wait_for
+from tests.test_server_harness import InProcessServer, read_metrics, sse_payloads, wait_for, one_thread_server
 
 QUESTION = "Every wumpus is a yumpus. Tom is a wumpus. Is Tom a yumpus or a zumpus?"
 ROUTES = {
@@ -42,15 +42,8 @@ def checkpoint(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with InProcessServer(checkpoint, max_batch_size=8) as live:
-            yield live
-    finally:
-        torch.set_num_threads(threads)
+    with one_thread_server(checkpoint, max_batch_size=8) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -111,3 +112,18 @@ def wait_for(condition, timeout: float = 60.0, interval: float = 0.02, what: str
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@contextlib.contextmanager
+def one_thread_server(model_dir, **settings):
+    """An ``InProcessServer`` with this process's torch on one thread while it runs (small
+    models on a busy 2-core machine), restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with InProcessServer(model_dir, **settings) as live:
+            yield live
+    finally:
+        torch.set_num_threads(threads)
