@@ -29,6 +29,9 @@ from torch import nn
 from engine.errors import CheckpointError
 
 LAYER_NORM_EPS = 1e-5
+#: The projection's file in a checkpoint (``coconut.json: latent_feedback.file``) as the
+#: trainer, the converter and the tiny checkpoints write it.
+PROJECTION_FILE = "latent_projection.safetensors"
 
 
 class LatentProjection(nn.Sequential):

@@ -114,6 +114,8 @@ def make_checkpoint(directory: str | Path, arch: str = "gpt2", *, hidden: int = 
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    from engine.feedback import PROJECTION_FILE
+
     fields = dict(coconut_fields or {})
     if projection_size:
         fields["latent_feedback"] = {"type": "projection", "file": PROJECTION_FILE}
@@ -130,5 +132,3 @@ def make_checkpoint(directory: str | Path, arch: str = "gpt2", *, hidden: int = 
         projection.save(path / PROJECTION_FILE)
     return path
 
-
-PROJECTION_FILE = "latent_projection.safetensors"

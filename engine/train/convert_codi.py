@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import CoconutConfig, load_tokenizer, save_checkpoint
+from engine.feedback import PROJECTION_FILE
 
 log = logging.getLogger(__name__)
 
 PEFT_PREFIX = "base_model.model."
-PROJECTION_FILE = "latent_projection.safetensors"
 PAD, BOT, EOT = "<|codi-pad|>", "<|codi-bot|>", "<|codi-eot|>"
 
 

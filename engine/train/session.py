@@ -115,7 +115,7 @@ class EvalSession:
         if t.saving and (improved or not cfg.save_only_improve):
             directory = save_checkpoint(S.checkpoint_dir(t.run_dir, done), model, t.tokenizer, coconut)
             if t.projection is not None:
-                from engine.tiny import PROJECTION_FILE
+                from engine.feedback import PROJECTION_FILE
 
                 t.projection.save(directory / PROJECTION_FILE)
             S.save_training_state(directory, {

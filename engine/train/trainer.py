@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import CoconutConfig
+from engine.feedback import PROJECTION_FILE
 from engine.train import distributed as D
 from engine.train import state as S
 from engine.train.config import TrainConfig
@@ -119,7 +120,7 @@ class Trainer:
                                      answer_prefix=cfg.answer_prefix, c_thought=max(1, cfg.c_thought),
                                      max_latent_stage=cfg.max_latent_stage, method=cfg.method,
                                      text_format=cfg.text_format, symbols=cfg.symbols,
-                                     latent_feedback=({"type": "projection", "file": "latent_projection.safetensors"}
+                                     latent_feedback=({"type": "projection", "file": PROJECTION_FILE}
                                                       if cfg.latent_projection else {"type": "hidden"}))
         model, self.tokenizer, self.markers = build_model(built_cfg, first_records, self.coconut,
                                                           tokenizer=scratch_tokenizer)
@@ -135,7 +136,6 @@ class Trainer:
         """CODI's prj for ``latent_projection``: the starting checkpoint's when it has one, else
         new (PyTorch's default initialisation, seeded by the run's seed)."""
         from engine.feedback import LatentProjection
-        from engine.tiny import PROJECTION_FILE
 
         d = self.model.get_input_embeddings().weight.shape[1]
         if load and (Path(load) / PROJECTION_FILE).is_file():
