@@ -13,6 +13,8 @@ Contract:
 - Every request added shares the loop thread's forward passes with all others running.
 - Leaving the ``async for`` early (client disconnect, cancellation) aborts the request;
   its batch slot is freed at the next engine step.
+- A request with ``sampling.n`` > 1 streams the outputs of all its answers, interleaved
+  (``RequestOutput.index`` says whose); the iterator ends when every answer has.
 - A failing step fails only the requests in it (finish_reason ``error``); if the loop
   thread itself dies, ``is_healthy`` turns false and waiting callers get ``EngineDeadError``.
 - ``shutdown(drain=True)`` stops accepting, lets running requests finish, then stops.
@@ -80,20 +82,21 @@ class RequestStreams:
         request = question if isinstance(question, Request) else self.make_request(
             question, sampling, latent, request_id)
         stream = self._submit(request)
-        finished = False
+        # n > 1: the outputs of every answer (``RequestOutput.index``) come on this one stream
+        unfinished = {member.request_id for member in request.members}
         try:
-            while True:
+            while unfinished:
                 item = await stream.get()
                 if isinstance(item, BaseException):
                     raise item
-                finished = item.finished
+                if item.finished:
+                    unfinished.discard(item.request_id)
                 yield item
-                if finished:
-                    return
         finally:
-            self._forget(request.request_id)
-            if not finished:
-                self.abort(request.request_id)
+            for member in request.members:
+                self._forget(member.request_id)
+            for request_id in unfinished:
+                self.abort(request_id)
 
     @property
     def accepting(self) -> bool:
@@ -184,7 +187,8 @@ class AsyncEngine(RequestStreams):
             self._check_admission(request)
             self._pending += 1
         stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request.request_id] = stream
+        for member in request.members:
+            self._streams[member.request_id] = stream
         self._inbox.put(request)
         self._wake.set()
         return stream

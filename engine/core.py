@@ -14,6 +14,12 @@ runner) or ends latent mode, which feeds ``<eot>`` and the checkpoint's latent s
 ``fixed`` counts thoughts, ``auto`` asks the stop classifier's probability, ``entropy``
 reads the entropy of ``softmax(W h)`` (below the threshold ``patience`` times in a row),
 ``token`` whether the argmax of ``W h`` is ``<eot>``.
+
+The answers of one prompt (``SamplingParams.n`` > 1: a leader request and its ``forks``)
+fork where the leader's latent mode ends, or right after the prefill of a prompt that
+starts in language (the forks then feed the prompt's last token again, to get the logits
+their first token is drawn from): the scheduler copies the leader's cached positions into
+the forks' slots. A leader that ends before that (aborted, failed) ends its forks too.
 """
 
 from __future__ import annotations
@@ -77,7 +83,13 @@ class EngineCore:
     # ---------------------------------------------------------------- requests
 
     def check_fits(self, request: Request) -> None:
-        """Raise ``RequestTooLongError`` if the request can never fit the sequence limit."""
+        """Raise ``RequestTooLongError`` if the request can never fit the sequence limit
+        (``ValueError`` if its answers need more batch slots than there are)."""
+        answers = len(request.members)
+        if answers > self.config.max_batch_size:
+            raise ValueError(f"n={answers} answers need {answers} batch slots at once but the engine has "
+                             f"max_batch_size {self.config.max_batch_size}; ask for at most "
+                             f"{self.config.max_batch_size} answers")
         needed = request.max_positions
         if needed > self.max_seq_len:
             latent = 0 if request.starts_in_language else request.latent.thoughts + 1 + len(request.latent_suffix_ids)
@@ -116,10 +128,11 @@ class EngineCore:
             self.runner.reset()
             message = f"{type(e).__name__}: {e}"
             for request in running:   # the cache's state is unknown: every running request ends
-                request.finish(RequestStatus.FINISHED_ERROR, error=message)
+                for ended in [request, *self.scheduler.unforked(request)]:
+                    ended.finish(RequestStatus.FINISHED_ERROR, error=message)
+                    outputs.append(CoreOutput(ended.request_id, num_thoughts=ended.thoughts_done,
+                                              finish_reason="error", error=message))
                 self.scheduler.remove(request)
-                outputs.append(CoreOutput(request.request_id, num_thoughts=request.thoughts_done,
-                                          finish_reason="error", error=message))
             self._record_stats(plan)
             return outputs
         early = 0
@@ -142,6 +155,8 @@ class EngineCore:
         early = False
         if prefilled:
             request.times.prefilled = time.perf_counter()
+            if request.forks and request.starts_in_language:   # fork before the first token is drawn
+                self.scheduler.fork(request, request.num_prompt_tokens - 1, request.prompt_token_ids[-1])
         if request.status == RequestStatus.LATENT:
             if not prefilled:
                 request.record_thought_fed()
@@ -155,6 +170,8 @@ class EngineCore:
                 if request.latent.adaptive and request.thoughts_done < request.latent.thoughts:
                     early = True
                 request.end_latent_mode()
+                if request.forks:   # the answers fork from the prompt and the thoughts in the cache
+                    self.scheduler.fork(request, request.num_prompt_tokens + request.thoughts_done)
         elif request.status == RequestStatus.DECODING and row.token_id is None and request.forced_tokens:
             request.feed_forced_token()        # the latent suffix after <eot>: nothing sampled yet
         elif request.status == RequestStatus.DECODING:
@@ -209,10 +226,12 @@ class EngineCore:
             request = self.scheduler.find(request_id)
             if request is None or request.is_finished:
                 continue
-            request.finish(status)
+            # a leader whose answers have not forked takes them along (they need its thoughts)
+            for ended in [request, *self.scheduler.unforked(request)]:
+                ended.finish(status)
+                outputs.append(CoreOutput(ended.request_id, num_thoughts=ended.thoughts_done,
+                                          finish_reason=status.finish_reason))
             self.scheduler.remove(request)
-            outputs.append(CoreOutput(request_id, num_thoughts=request.thoughts_done,
-                                      finish_reason=status.finish_reason))
         return outputs
 
     def _record_stats(self, plan: StepPlan, early: int = 0) -> None:

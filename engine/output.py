@@ -42,6 +42,10 @@ class RequestOutput:
     stop_probs: list[float] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    #: which answer of the prompt's ``n`` this is (``SamplingParams.n``), 0..n-1
+    index: int = 0
+    #: ``Engine.generate`` with n > 1: every answer of the prompt, in index order (else None)
+    samples: list["RequestOutput"] | None = None
 
 
 def text_decoder(tokenizer):
@@ -165,7 +169,7 @@ class OutputProcessor:
             top_logprobs=list(request.output_top_logprobs) if request.sampling.top_logprobs else None,
             renamed_tokens=request.renamed_tokens if request.sampling.logprobs else None,
             latent_trace=trace, stop_probs=list(request.stop_probs),
-            timings=request.times.phases(), error=out.error)
+            timings=request.times.phases(), error=out.error, index=request.index)
 
     def trace_entry(self, entry: TraceEntry, request: Request | None = None, thought: int = 1) -> dict:
         """One thought's top tokens and entropy (nats), what was fed (``feed``: the operator,

@@ -9,7 +9,7 @@ the checkpoint's ``coconut.json``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 LatentMode = Literal["fixed", "auto", "entropy", "token", "none"]
@@ -51,6 +51,9 @@ MIN_STOP_LENGTH = 1
 #: Alternatives per generated token (``SamplingParams.top_logprobs``): OpenAI's bound on chat's
 #: ``top_logprobs`` (its /v1/completions ``logprobs`` stops at 5).
 MAX_TOP_LOGPROBS = 20
+#: Samples per request (``SamplingParams.n``): they share one prefill and one latent pass
+#: (the engine also needs that many free batch slots at once: ``max_batch_size``).
+MAX_SAMPLES = 64
 
 #: Hard ceilings that protect the server from absurd requests; the per-model limit
 #: (maximum sequence length) is checked separately when a request is added.
@@ -93,7 +96,10 @@ class SamplingParams:
     ``logprobs`` asks for the log-probability of each chosen token under the model's
     unmodified distribution (before temperature, top-k and top-p), as vLLM reports it;
     ``top_logprobs`` (with ``logprobs``) for the ``top_logprobs`` most likely tokens of that
-    same distribution at each position, with theirs (0: none).
+    same distribution at each position, with theirs (0: none). ``n`` > 1 asks for ``n``
+    answers to the same prompt: it is prefilled once, the latent thoughts (deterministic
+    for every feedback operator) are computed once, and the answers fork from them;
+    answer ``i`` samples with ``seed + i`` (``for_sample(i)``).
     """
 
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -106,6 +112,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    n: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -113,7 +120,7 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= MIN_MAX_TOKENS,
+        _check(_is_int(self.max_tokens) and self.max_tokens >= MIN_MAX_TOKENS,
                "max_tokens", self.max_tokens, f"an integer >= {MIN_MAX_TOKENS}")
         _check(isinstance(self.temperature, (int, float))
                and MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE,
@@ -121,9 +128,9 @@ class SamplingParams:
                f"a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (0 = greedy)")
         _check(isinstance(self.top_p, (int, float)) and MIN_TOP_P < self.top_p <= MAX_TOP_P,
                "top_p", self.top_p, f"a number in ({MIN_TOP_P:g}, {MAX_TOP_P:g}]")
-        _check(isinstance(self.top_k, int) and self.top_k >= MIN_TOP_K,
+        _check(_is_int(self.top_k) and self.top_k >= MIN_TOP_K,
                "top_k", self.top_k, f"an integer >= {MIN_TOP_K} (0 = disabled)")
-        _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT),
+        _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < SEED_LIMIT),
                "seed", self.seed, f"null or an integer in [0, 2**{SEED_BITS})")
         _check(all(isinstance(s, str) and len(s) >= MIN_STOP_LENGTH for s in self.stop),
                "stop", self.stop, "non-empty strings")
@@ -133,6 +140,10 @@ class SamplingParams:
                "stop_token_ids", self.stop_token_ids, "non-negative integers")
         _check(_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
                "top_logprobs", self.top_logprobs, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
+        _check(_is_int(self.n) and 1 <= self.n <= MAX_SAMPLES, "n", self.n,
+               f"an integer in [1, {MAX_SAMPLES}] (answers per prompt)")
+        _check(self.seed is None or self.seed + self.n - 1 < SEED_LIMIT, "seed", self.seed,
+               f"a seed with seed + n - 1 < 2**{SEED_BITS} (answer i samples with seed + i)")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=True (the alternatives come with the chosen "
                              "token's log-probability)")
@@ -140,6 +151,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    def for_sample(self, index: int) -> "SamplingParams":
+        """The parameters of answer ``index`` of ``n``: one answer, seed ``seed + index``."""
+        seed = None if self.seed is None else self.seed + index
+        return replace(self, n=1, seed=seed)
 
 
 @dataclass(frozen=True)

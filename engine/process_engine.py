@@ -341,8 +341,9 @@ class ProcessEngine(RequestStreams):
             self._conn.send(("add", request))
         except OSError as e:        # the child has just died; its report is on the way
             raise EngineDeadError(f"the engine process is gone ({type(e).__name__}); retry later") from None
-        self._streams[request.request_id] = stream
-        self._prompts[request.request_id] = request.prompt_token_ids
+        for member in request.members:   # n > 1: every answer's outputs come on this stream
+            self._streams[member.request_id] = stream
+            self._prompts[member.request_id] = request.prompt_token_ids
         self._sent += 1
         return stream
 

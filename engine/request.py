@@ -8,6 +8,12 @@ A request in LATENT feeds a continuous thought made from the last hidden state o
 previous position; a request in DECODING feeds ``pending_token`` (the ``<eot>`` marker and
 the checkpoint's ``latent_suffix_tokens`` one by one, then each sampled token). Token
 lists change only through methods. Timestamps are ``time.perf_counter()`` values.
+
+Several answers to one prompt (``SamplingParams.n`` > 1) are one *leader* request whose
+``forks`` are the other answers (``index`` 1..n-1, ids ``<leader id>#<index>``). Only the
+leader is prefilled and thinks; when its latent mode ends (or, for a prompt that starts in
+language, once it is prefilled) each fork takes a copy of its cache columns and its
+thoughts (``fork_from``) and decodes on its own.
 """
 
 from __future__ import annotations
@@ -102,6 +108,40 @@ class Request:
         self.prefilled_tokens = 0                # prompt tokens written into the slot so far
         self.times = RequestTimes()
         self.error: str | None = None
+        self.index = 0                            # which answer of the prompt's n this is
+        self.forks: list[Request] = []            # a leader's other answers (SamplingParams.n > 1)
+        self.forked = False                       # the forks have taken the leader's state
+
+    @property
+    def members(self) -> list["Request"]:
+        """This request and its forks: every answer to the prompt, in index order."""
+        return [self, *self.forks]
+
+    def add_forks(self, samplings: list[SamplingParams]) -> None:
+        """Make the other answers of the prompt, one per ``SamplingParams``."""
+        for index, sampling in enumerate(samplings, 1):
+            fork = Request(f"{self.request_id}#{index}", self.prompt_token_ids, sampling, self.latent,
+                           self.eot_token_id, starts_in_language=self.starts_in_language,
+                           watch_token_ids=self.watch_token_ids, graph=self.graph,
+                           renamed_tokens=self.renamed_tokens, latent_suffix_ids=self.latent_suffix_ids)
+            fork.index = index
+            self.forks.append(fork)
+
+    def fork_from(self, leader: "Request", refeed_token: int | None) -> None:
+        """Take the leader's prompt and thoughts at the end of its latent mode (next: <eot>
+        and the latent suffix), or, with ``refeed_token`` (a prompt that starts in language),
+        its prompt but the last token, which this request feeds itself."""
+        self.prefilled_tokens = self.num_prompt_tokens
+        self.thoughts_done = leader.thoughts_done
+        self.trace = list(leader.trace)
+        self.stop_probs = list(leader.stop_probs)
+        self.times.scheduled, self.times.prefilled = leader.times.scheduled, leader.times.prefilled
+        if refeed_token is not None:
+            self.status = RequestStatus.DECODING
+            self.pending_token = refeed_token
+        else:
+            self.end_latent_mode()
+            self.times.latent_done = leader.times.latent_done
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, {self.status.name}, prompt={len(self.prompt_token_ids)}, "

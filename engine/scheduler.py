@@ -13,6 +13,11 @@ per running request whose prompt is in the cache (what it feeds and what its out
 hold, read off the request's state), this step's prompt chunks, and the slots freed since
 the last step. Requests that finish or are aborted leave at once (``remove``); their slot
 is released in the next plan. No tensors, no model.
+
+A request with ``forks`` (the other answers of ``SamplingParams.n`` > 1) is admitted only
+when a slot is free for each of its answers, and takes them all at once (so a fork never
+waits for a slot); the forks join the running requests when the core calls ``fork``, which
+puts the copy of the leader's cached positions into the next plan (``ForkCopy``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import heapq
 from collections import deque
 
 from engine.request import Request, RequestStatus
-from engine.runner.plan import DecodeRow, PrefillChunk, ReleasedSlot, StepPlan
+from engine.runner.plan import DecodeRow, ForkCopy, PrefillChunk, ReleasedSlot, StepPlan
 
 
 class Scheduler:
@@ -32,6 +37,9 @@ class Scheduler:
         self.running: dict[str, Request] = {}        # admission order
         self._free_slots = list(range(max_batch_size))
         self._released: list[ReleasedSlot] = []
+        self._reserved: dict[str, list[Request]] = {}    # admitted leader id -> forks holding a slot
+        self._unforked: dict[str, Request] = {}          # fork id -> fork, until it forks or ends
+        self._forks: list[ForkCopy] = []
 
     @property
     def num_waiting(self) -> int:
@@ -42,30 +50,62 @@ class Scheduler:
         return len(self.running)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._released)
+        return bool(self.waiting or self.running or self._released or self._forks)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
+        for fork in request.forks:
+            self._unforked[fork.request_id] = fork
 
     def schedule(self) -> StepPlan:
-        plan = StepPlan(released=self._released)
-        self._released = []
+        plan = StepPlan(released=self._released, forks=self._forks)
+        self._released, self._forks = [], []
         budget = self.max_prefill_tokens
         for request in self.running.values():
             if request.prefilled_tokens == request.num_prompt_tokens:
                 plan.decode.append(self._decode_row(request))
             elif budget > 0:
                 budget -= self._add_chunk(plan, request, budget)
-        while self.waiting and self._free_slots and budget > 0:
+        while self.waiting and len(self._free_slots) >= len(self.waiting[0].members) and budget > 0:
             request = self.waiting.popleft()
             request.slot = heapq.heappop(self._free_slots)
+            if request.forks:
+                for fork in request.forks:
+                    fork.slot = heapq.heappop(self._free_slots)
+                self._reserved[request.request_id] = list(request.forks)
             request.start()
             self.running[request.request_id] = request
             budget -= self._add_chunk(plan, request, budget)
         return plan
 
+    def fork(self, leader: Request, length: int, refeed_token: int | None = None) -> None:
+        """The leader's answers fork now (``Request.fork_from``): each fork that has not
+        ended joins the running requests, its slot taking the leader's first ``length``
+        positions in the next plan; the slots of forks that ended before are freed."""
+        leader.forked = True
+        for fork in self._reserved.pop(leader.request_id, []):
+            self._unforked.pop(fork.request_id, None)
+            if fork.is_finished:
+                heapq.heappush(self._free_slots, fork.slot)
+                continue
+            fork.fork_from(leader, refeed_token)
+            self.running[fork.request_id] = fork
+            self._forks.append(ForkCopy(leader.slot, fork.slot, length))
+
+    def unforked(self, leader: Request) -> list[Request]:
+        """The leader's forks that have not forked (nor ended) yet."""
+        return [f for f in leader.forks if f.request_id in self._unforked and not f.is_finished]
+
     def remove(self, request: Request) -> None:
-        """A request ended (finished, aborted or failed): free its slot."""
+        """A request ended (finished, aborted or failed): free its slot (and, for a leader
+        that ends before its answers forked, theirs; the core ends them)."""
+        if request.request_id in self._unforked:     # a fork that ends before forking
+            self._unforked.pop(request.request_id)   # (its slot is freed when its leader forks)
+            return
+        for fork in self._reserved.pop(request.request_id, []):
+            heapq.heappush(self._free_slots, fork.slot)
+        for fork in request.forks:
+            self._unforked.pop(fork.request_id, None)
         if self.running.pop(request.request_id, None) is not None:
             self._released.append(ReleasedSlot(request.request_id, request.slot))
             heapq.heappush(self._free_slots, request.slot)
@@ -78,6 +118,8 @@ class Scheduler:
     def find(self, request_id: str) -> Request | None:
         if request_id in self.running:
             return self.running[request_id]
+        if request_id in self._unforked:
+            return self._unforked[request_id]
         for r in self.waiting:
             if r.request_id == request_id:
                 return r

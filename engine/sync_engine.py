@@ -113,16 +113,21 @@ class Engine:
             prompt = self.prompt_format.build(question, resolved)
         request_id = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         watch = prompt.node_ids if prompt.graph and resolved.trace_top_k else None
-        return Request(request_id, prompt.ids, sampling, resolved, self.checkpoint.markers.eot,
-                       starts_in_language=prompt.in_language, watch_token_ids=watch, graph=prompt.graph,
-                       renamed_tokens=prompt.renamed_tokens, latent_suffix_ids=self.checkpoint.markers.suffix)
+        request = Request(request_id, prompt.ids, sampling.for_sample(0) if sampling.n > 1 else sampling, resolved,
+                          self.checkpoint.markers.eot, starts_in_language=prompt.in_language,
+                          watch_token_ids=watch, graph=prompt.graph, renamed_tokens=prompt.renamed_tokens,
+                          latent_suffix_ids=self.checkpoint.markers.suffix)
+        if sampling.n > 1:   # the other answers fork from this request's prompt and thoughts
+            request.add_forks([sampling.for_sample(i) for i in range(1, sampling.n)])
+        return request
 
     def add_request(self, question: str | Request, sampling: SamplingParams | None = None,
                     latent: LatentPolicy | None = None, request_id: str | None = None) -> str:
         request = question if isinstance(question, Request) else self.make_request(
             question, sampling, latent, request_id)
         self.core.add_request(request)
-        self.outputs.add(request)
+        for member in request.members:
+            self.outputs.add(member)
         return request.request_id
 
     def abort(self, request_id: str) -> None:
@@ -143,7 +148,9 @@ class Engine:
     def generate(self, questions: str | list[str], sampling: SamplingParams | list[SamplingParams] | None = None,
                  latent: LatentPolicy | list[LatentPolicy] | None = None,
                  progress: bool = False) -> list[RequestOutput]:
-        """Answer every question; one result per question, in order."""
+        """Answer every question; one result per question, in order. With
+        ``sampling.n`` > 1 a question's result is its first answer, and its ``samples`` hold
+        all ``n`` (index order)."""
         single = isinstance(questions, str)
         questions = [questions] if single else list(questions)
         samplings = broadcast(sampling, len(questions), "sampling")
@@ -156,14 +163,21 @@ class Engine:
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=len(requests), desc="generate", unit="q")
-        while len(done) < len(requests):
+        wanted = sum(len(r.members) for r in requests)
+        while len(done) < wanted:
             if not self.has_unfinished():
                 raise RuntimeError("the engine went idle with requests unanswered (a bug)")
             for out in self.step():
                 if out.finished:
                     done[out.request_id] = out
-                    if bar is not None:
+                    if bar is not None and out.index == 0:
                         bar.update(1)
         if bar is not None:
             bar.close()
-        return [done[r.request_id] for r in requests]
+        results = []
+        for r in requests:
+            first = done[r.request_id]
+            if r.forks:
+                first.samples = [done[m.request_id] for m in r.members]
+            results.append(first)
+        return results

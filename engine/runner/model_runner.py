@@ -2,7 +2,8 @@
 
 ``execute(plan)`` (a ``StepPlan`` of plain data, ``engine.runner.plan``) does, in order:
 
-1. forget the slots of requests that ended (``released``): nothing is copied;
+1. forget the slots of requests that ended (``released``): nothing is copied; copy the
+   cached positions of slots that answers fork from into their own slots (``forks``);
 2. one decode forward over the leading slots 0..n-1 (n = the highest slot with a decode
    row, + 1), one new position each: a row in latent mode feeds its slot's last hidden
    state (a continuous thought), a row in language mode the embedding of its token. Slots
@@ -42,7 +43,7 @@ import torch
 
 from engine.feedback import entropy_and_argmax, mix_embeddings, soft_mixture
 from engine.runner.adapter import DecoderAdapter
-from engine.runner.plan import DecodeRow, PrefillChunk, RowOutput, RowWork, StepPlan, TraceEntry
+from engine.runner.plan import DecodeRow, ForkCopy, PrefillChunk, RowOutput, RowWork, StepPlan, TraceEntry
 from engine.runner.sampler import sample
 from engine.runner.slot_cache import SlotCache, slot_attention_masks
 
@@ -96,6 +97,7 @@ class ModelRunner:
         for released in plan.released:
             self.lengths[released.slot] = 0
             self.generators.pop(released.request_id, None)
+        self._fork(plan.forks)
         rows: list[RowWork] = []
         states: list[torch.Tensor] = []
         for forward, work in ((self._decode, plan.decode), (self._prefill, plan.prefill)):
@@ -139,6 +141,18 @@ class ModelRunner:
         """Forget every slot (after an error left the cache in an unknown state)."""
         self.lengths = [0] * self.num_slots
         self.generators.clear()
+
+    def _fork(self, forks: list[ForkCopy]) -> None:
+        """Each fork's slot takes its source's first ``length`` positions. The source may
+        have ended in the step that decided the fork (released just above): its columns stay
+        intact until a forward writes into the slot again, which comes after this."""
+        by_source: dict[tuple[int, int], list[int]] = {}
+        for fork in forks:
+            by_source.setdefault((fork.source_slot, fork.length), []).append(fork.slot)
+            self.lengths[fork.slot] = fork.length
+            self.thoughts[fork.slot] = self.thoughts[fork.source_slot]
+        for (source, length), targets in by_source.items():
+            self.cache.copy_positions(source, targets, length)
 
     # ---------------------------------------------------------------- forwards
 

@@ -12,6 +12,9 @@ table (each slot's length and last hidden state) and the slot cache itself.
   longer than the step's budget comes in several chunks, and only the ``last`` one
   produces an output.
 - ``released``: the slots of requests that ended since the last step, free from now on.
+- ``forks``: slots that take a copy of another slot's first ``length`` positions (the
+  answers of one prompt forking from the request that prefilled it and thought), before
+  this step's forwards.
 
 What a row's output holds is fixed by the plan: ``sampling`` set -> a sampled token (and
 its log-probability, and its ``top_logprobs`` most likely alternatives', when asked);
@@ -64,15 +67,23 @@ class ReleasedSlot:
     slot: int
 
 
+@dataclass(frozen=True)
+class ForkCopy:
+    source_slot: int
+    slot: int
+    length: int          # positions 0..length-1 of source_slot are copied into slot
+
+
 @dataclass
 class StepPlan:
     decode: list[DecodeRow] = field(default_factory=list)
     prefill: list[PrefillChunk] = field(default_factory=list)
     released: list[ReleasedSlot] = field(default_factory=list)
+    forks: list[ForkCopy] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        return not (self.decode or self.prefill or self.released)
+        return not (self.decode or self.prefill or self.released or self.forks)
 
     @property
     def rows_with_output(self) -> list[RowWork]:

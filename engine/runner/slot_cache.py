@@ -110,6 +110,17 @@ class SlotCache(Cache):
                              f"{positions.shape[1]}, got {kv_len}")
         self.write = SlotWrite(slots, positions.clamp(max=self.max_seq_len - 1), kv_len, rows_are_leading, fresh)
 
+    def copy_positions(self, source: int, targets: list[int], length: int) -> None:
+        """Copy slot ``source``'s first ``length`` positions into each of ``targets`` (every
+        layer's keys and values), in place."""
+        if not targets or length <= 0:
+            return
+        for layer in self.layers:
+            if layer.is_initialized:
+                index = torch.tensor(targets, device=layer.keys.device)
+                layer.keys[index, :, :length] = layer.keys[source, :, :length]
+                layer.values[index, :, :length] = layer.values[source, :, :length]
+
     @property
     def memory_bytes(self) -> int:
         return sum(layer.keys.numel() * layer.keys.element_size() * 2
