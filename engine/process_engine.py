@@ -46,6 +46,7 @@ import time
 from typing import Callable
 
 from engine.async_engine import EngineCrashedError, EngineDeadError, RequestStreams
+from engine.config import EngineConfig
 from engine.core import StepStats
 from engine.output import RequestOutput
 from engine.request import Request
@@ -189,7 +190,8 @@ class ProcessEngine(RequestStreams):
         self.on_restart = on_restart
         self.on_give_up = on_give_up
         self.engine = Engine.frontend(self.path, max_seq_len=self.config.get("max_seq_len"),
-                                      coconut=self.config.get("coconut"))
+                                      coconut=self.config.get("coconut"),
+                                      max_batch_size=self.config.get("max_batch_size", EngineConfig.max_batch_size))
         try:
             with open(f"{self.path}/config.json") as f:
                 self._model_type = json.load(f).get("model_type")

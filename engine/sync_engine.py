@@ -65,14 +65,15 @@ class Engine:
 
     @classmethod
     def frontend(cls, path: str | Path, max_seq_len: int | None = None,
-                 coconut: dict | None = None) -> "Engine":
+                 coconut: dict | None = None, max_batch_size: int = 1) -> "Engine":
         """The text side of an engine without its weights or KV cache (the model stays on
         the meta device): ``make_request``, the limits and ``outputs`` work, ``step`` does
         not. For a process that tokenizes while the model runs in another
-        (``engine.process_engine``)."""
+        (``engine.process_engine``); ``max_batch_size`` is the other's, which ``check_fits``
+        holds ``SamplingParams.n`` to."""
         engine = cls.__new__(cls)
         limit = engine._init_text(load_checkpoint(path, weights=False, coconut=coconut),
-                                  EngineConfig(max_batch_size=1, max_seq_len=max_seq_len))
+                                  EngineConfig(max_batch_size=max_batch_size, max_seq_len=max_seq_len))
         engine.runner = None
         engine.core = EngineCore(None, engine.config, limit, engine.checkpoint.markers.eos)
         return engine

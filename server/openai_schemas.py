@@ -2,7 +2,7 @@
 
 Unknown fields are ignored (OpenAI clients send fields such as ``user``); fields of
 OpenAI's API that the server cannot honour answer 422 naming the field and saying it is
-not supported, rather than being silently dropped: ``n`` and ``best_of`` above 1,
+not supported, rather than being silently dropped: ``best_of`` above 1,
 ``echo``, ``suffix``, ``logit_bias``, ``presence_penalty`` / ``frequency_penalty`` other
 than 0, and on chat ``tools``, ``tool_choice``, ``functions``, ``function_call``,
 ``parallel_tool_calls``, ``response_format`` other than text, ``audio``, ``modalities``
@@ -31,7 +31,11 @@ question's names in the question's words, ``bytes`` their UTF-8.
 
 ``prompt`` may be a list of strings (up to ``MAX_PROMPTS``): one choice per prompt, with
 its ``index``, generated concurrently in the engine's batch (lm-eval's ``--batch_size``
-sends that).
+sends that). ``n`` (up to ``engine.params.MAX_SAMPLES`` and the server's batch size) asks
+for n choices per prompt, which share its prefill and its latent thoughts (choice
+``prompt_index * n + i`` samples with ``seed + i``); each choice then also carries its
+``answer`` and the response a ``majority`` vote (chat: one; completions: one per prompt).
+Usage counts each prompt and its thoughts once and every choice's tokens.
 """
 
 from __future__ import annotations
@@ -43,12 +47,12 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Str
 from pydantic_core import PydanticCustomError
 
 from engine.params import MIN_MAX_TOKENS
-from server.schemas import FinishReason, LatentThought, SamplingFields
+from server.schemas import FinishReason, LatentThought, Majority, SamplingFields
 
 MAX_PROMPTS = 256
 MAX_COMPLETION_LOGPROBS = 5     # OpenAI's limit for /v1/completions `logprobs`
 MAX_CHAT_TOP_LOGPROBS = 20      # OpenAI's limit for /v1/chat/completions `top_logprobs`
-MAX_CHOICES = 1                 # `n` and `best_of`: one choice per prompt
+MAX_CHOICES = 1                 # `best_of`: no ranking of several candidates
 
 Prompt = Annotated[str, Field(min_length=1)]
 
@@ -105,20 +109,10 @@ class _OpenAIBase(SamplingFields, _Refusals):
     model: str | None = Field(None, description="must name the served model when given")
     stream: StrictBool = Field(False, description="reply with server-sent events")
     stream_options: StreamOptions | None = None
-    n: StrictInt = Field(1, ge=1, description=f"choices per prompt: only {MAX_CHOICES} is supported (for "
-                         "several completions of different prompts, send `prompt` as a list)")
     presence_penalty: StrictFloat | None = Field(None, description="not supported: only 0 is accepted")
     frequency_penalty: StrictFloat | None = Field(None, description="not supported: only 0 is accepted")
     logit_bias: Any = _unsupported("no logit bias is applied; only {} is accepted")
     user: str | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value > MAX_CHOICES:
-            raise _not_supported("n", f"n={value} asks for {value} choices per prompt; only n={MAX_CHOICES} is "
-                                      "(for several completions of different prompts, send `prompt` as a list)")
-        return value
 
     @field_validator("logit_bias", "presence_penalty", "frequency_penalty")
     @classmethod
@@ -273,6 +267,7 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None
     logprobs: CompletionLogprobs | None = None
     latent_trace: list[LatentThought] | None = None
+    answer: str | None = Field(None, description="with n > 1: the text after the answer prefix")
 
 
 class CompletionResponse(BaseModel):
@@ -282,6 +277,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: CompletionUsage
+    majority: list[Majority] | None = Field(None, description="with n > 1: each prompt's vote, in prompt order")
 
 
 class TopLogprob(BaseModel):
@@ -310,6 +306,7 @@ class ChatChoice(BaseModel):
     finish_reason: str | None
     logprobs: ChatLogprobs | None = None
     latent_trace: list[LatentThought] | None = None
+    answer: str | None = Field(None, description="with n > 1: the text after the answer prefix")
 
 
 class ChatResponse(BaseModel):
@@ -319,6 +316,7 @@ class ChatResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: CompletionUsage
+    majority: Majority | None = Field(None, description="with n > 1: the most frequent answer")
 
 
 # ---------------------------------------------------------------- stream events

@@ -8,7 +8,9 @@ runs and its ``ValueError`` also answers 422.
 
 A streamed reply (``stream: true``) is a sequence of ``ReasonStreamEvent`` (one per new
 piece of answer text; the last one carries ``finish_reason``, ``usage``, ``timings``,
-``answer`` and ``latent_trace`` when asked), then ``data: [DONE]``; the OpenAPI schema
+``answer`` and ``latent_trace`` when asked), then ``data: [DONE]``. With ``n`` > 1 every
+event names its answer (``index``), each answer ends with its own last event, and one more
+event carries the ``majority`` before ``[DONE]``; the OpenAPI schema
 declares it (``sse_response``). Booleans are strict: ``"stream": 0`` or ``"true"`` is a 422,
 not a silent false or true; and so are numbers: ``"seed": false``, ``"max_tokens": 2.0`` or
 ``"temperature": "0.5"`` is a 422 (``StrictInt``, ``StrictFloat``), not a silent 0, 2 or 0.5.
@@ -25,7 +27,8 @@ from engine.params import (DEFAULT_MAX_TOKENS, DEFAULT_SOFT_TEMPERATURE, DEFAULT
                            MAX_STOP_STRINGS, MAX_TEMPERATURE, MAX_THOUGHTS_CEILING, MAX_THRESHOLD, MAX_TOP_P,
                            MAX_TRACE_TOP_K, MIN_ENTROPY_THRESHOLD, MIN_MAX_THOUGHTS, MIN_MAX_TOKENS,
                            MIN_SOFT_TEMPERATURE, MIN_STOP_LENGTH, MIN_TEMPERATURE, MIN_THOUGHTS, MIN_THRESHOLD,
-                           MIN_TOP_K, MIN_TOP_P, MIN_TRACE_TOP_K, SEED_LIMIT, FeedbackType, LatentMode)
+                           MIN_TOP_K, MIN_TOP_P, MIN_TRACE_TOP_K, MAX_SAMPLES, SEED_LIMIT, FeedbackType,
+                           LatentMode)
 
 StopString = Annotated[str, Field(min_length=MIN_STOP_LENGTH)]
 StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
@@ -83,7 +86,12 @@ class SamplingFields(BaseModel):
     temperature: StrictFloat | None = Field(None, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, description="0 = greedy")
     top_p: StrictFloat | None = Field(None, gt=MIN_TOP_P, le=MAX_TOP_P)
     top_k: StrictInt | None = Field(None, ge=MIN_TOP_K, description="0 = disabled")
-    seed: StrictInt | None = Field(None, ge=0, lt=SEED_LIMIT, description="per-request generator seed")
+    seed: StrictInt | None = Field(None, ge=0, lt=SEED_LIMIT, description="per-request generator seed "
+                                   "(answer i of n samples with seed + i)")
+    n: StrictInt = Field(1, ge=1, le=MAX_SAMPLES,
+                         description="answers to the question (self-consistency): the prompt is prefilled "
+                                     "once and the latent thoughts are computed once, the answers fork from "
+                                     "them; at most the server's --max-batch-size")
     stop: StopString | StopList | None = Field(None, description="strings that end the answer")
     ignore_eos: StrictBool = Field(False, description="keep going past end-of-sequence")
     latent: LatentOptions | None = None
@@ -162,15 +170,36 @@ class LatentThought(BaseModel):
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
+class Majority(BaseModel):
+    """Self-consistency's vote over the n answers."""
+
+    answer: str = Field(description="the most frequent non-empty answer (a tie: the lowest index's); "
+                                    "empty only when no answer has one")
+    count: int = Field(description="how many answers gave it")
+    of: int = Field(description="n, the answers counted")
+
+
+class Sample(BaseModel):
+    """One of the n answers."""
+
+    index: int
+    text: str
+    answer: str
+    finish_reason: FinishReason | None
+    completion_tokens: int
+
+
 class ReasonResponse(BaseModel):
     id: str
     model: str
-    text: str = Field(description="the generated language")
-    answer: str = Field(description="the text after the answer prefix, stripped")
+    text: str = Field(description="the generated language (with n > 1: answer 0's)")
+    answer: str = Field(description="the text after the answer prefix, stripped (with n > 1: answer 0's)")
     finish_reason: FinishReason | None
-    usage: Usage
+    usage: Usage = Field(description="prompt tokens and thoughts once, completion tokens of every answer")
     timings: Timings
     latent_trace: list[LatentThought] | None = None
+    samples: list[Sample] | None = Field(None, description="with n > 1: every answer, in index order")
+    majority: Majority | None = Field(None, description="with n > 1: the most frequent answer")
 
 
 class ReasonStreamEvent(BaseModel):
@@ -178,12 +207,14 @@ class ReasonStreamEvent(BaseModel):
 
     id: str
     model: str
+    index: int = Field(0, description="which of the n answers this event belongs to")
     delta: str = Field(description="new answer text")
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     timings: Timings | None = None
     answer: str | None = None
     latent_trace: list[LatentThought] | None = None
+    majority: Majority | None = Field(None, description="with n > 1, the last event (delta empty): the vote")
 
 
 class ErrorBody(BaseModel):

@@ -12,7 +12,10 @@ Both validate and tokenize before anything is queued (bad input raises ``ApiErro
 engine step), and both turn an engine failure into ``ApiError`` 500 carrying the
 engine's message. A stream waits for its first output before the HTTP response starts,
 so an error up to that point still gets a proper status code; a failure later in a
-stream is the route's to report in-band. Nothing here knows of torch.
+stream is the route's to report in-band. With ``n`` > 1 (``SamplingParams.n``) the
+stream interleaves the answers' outputs (``RequestOutput.index``) and ``complete``
+returns the first answer with every answer in its ``samples``; ``majority`` counts their
+answers. Nothing here knows of torch.
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ class GenerationService:
                 temperature=temperature,
                 top_p=top_p,
                 top_k=fields.top_k if fields.top_k is not None else DEFAULT_TOP_K,
-                seed=fields.seed, stop=fields.stop or (), ignore_eos=fields.ignore_eos)
+                seed=fields.seed, stop=fields.stop or (), ignore_eos=fields.ignore_eos, n=fields.n)
             latent = None
             options = fields.latent
             top_k = fields.latent_trace_top_k if fields.return_latent_trace else 0
@@ -131,12 +134,12 @@ class GenerationService:
         """The engine's outputs for one request, observed for metrics and the access log.
         A full queue or a stopping engine raises ApiError 503 (nothing was queued); an
         engine failure (finish_reason 'error', or the loop died) raises ApiError 500."""
-        observer = self.metrics.observer()
+        observers = {member.index: self.metrics.observer() for member in request.members}   # one per answer
         reason: str | None = None       # overrides the last output's finish_reason
         try:
             async with contextlib.aclosing(self.engine.generate(request)) as outputs:
                 async for out in outputs:
-                    observer.on_output(out)
+                    observers[out.index].on_output(out)
                     if out.finish_reason == "error":
                         reason = "error"
                         raise ApiError(500, f"the engine failed this request: {out.error}", "engine_error")
@@ -157,28 +160,34 @@ class GenerationService:
             reason = "error"
             raise self._failure(e) from None
         finally:
-            last = observer.last
-            if reason is None and (last is None or not last.finished):
+            lasts = [o.last for o in observers.values()]
+            if reason is None and any(last is None or not last.finished for last in lasts):
                 reason = "abort"     # left before the end (closed early)
             if reason == "rejected":
                 self.metrics.finished.labels("rejected").inc()
             else:
-                observer.finish(reason)
+                for observer in observers.values():
+                    observer.finish(reason)
+            last = lasts[0]
             _annotate(http, finish_reason=reason or last.finish_reason,
                       latent_thoughts=last.num_thoughts if last else 0,
-                      completion_tokens=len(last.token_ids) if last else 0)
+                      completion_tokens=sum(len(o.token_ids) for o in lasts if o is not None))
 
     async def complete(self, gen: Generation, http: HttpRequest) -> RequestOutput:
         """The final output; raises ClientDisconnected if the client leaves first."""
         request = self._enter(gen, http)
 
         async def collect() -> RequestOutput:
-            last = None
+            finals: dict[int, RequestOutput] = {}
             async with contextlib.aclosing(self._outputs(request, http)) as outputs:
                 async for out in outputs:
-                    last = out
-            assert last is not None and last.finished
-            return last
+                    if out.finished:
+                        finals[out.index] = out
+            assert len(finals) == len(request.members)
+            first = finals[0]
+            if len(finals) > 1:
+                first.samples = [finals[i] for i in range(len(finals))]
+            return first
 
         return await _race_disconnect(collect(), http)
 
@@ -196,11 +205,30 @@ class GenerationService:
         async def rest() -> AsyncIterator[RequestOutput]:
             async with contextlib.aclosing(outputs):
                 yield first
-                if not first.finished:
+                if not (first.finished and len(request.members) == 1):
                     async for out in outputs:
                         yield out
 
         return rest()
+
+
+def answers_of(out: RequestOutput) -> list[RequestOutput]:
+    """Every answer of a finished generation (``complete``'s output), in index order."""
+    return out.samples or [out]
+
+
+def majority(outs: list[RequestOutput]) -> dict:
+    """Self-consistency's vote: the most frequent non-empty ``answer`` and how many of the
+    answers gave it (a tie goes to the one given first, by index); ``""`` only when no
+    answer has one."""
+    counts: dict[str, int] = {}
+    for out in outs:
+        if out.answer:
+            counts[out.answer] = counts.get(out.answer, 0) + 1
+    if not counts:
+        return {"answer": "", "count": len(outs), "of": len(outs)}
+    best = max(counts, key=counts.get)          # max keeps the first of equal counts
+    return {"answer": best, "count": counts[best], "of": len(outs)}
 
 
 def latent_trace(out: RequestOutput, asked: bool = True) -> list[LatentThought] | None:

@@ -12,7 +12,7 @@ real server (``engine serve`` subprocess) with a tiny random GPT-2:
   non-streamed ones;
 - ``prompt`` as a list of strings (lm-eval's batches): one choice per prompt, with its
   ``index``, each equal to the same prompt sent alone; streamed too;
-- ``n > 1`` and bad ``logprobs`` values are a clear 422.
+- ``n`` beyond the batch and bad ``logprobs`` values are a clear 422.
 """
 
 from __future__ import annotations
@@ -324,11 +324,11 @@ def test_a_prompt_too_long_fails_the_list_and_leaves_nothing_running(http, serve
     assert http.post("/v1/completions", json={"prompt": [QUESTION, QUESTION], "max_tokens": 2}).status_code == 200
 
 
-def test_n_above_1_is_a_clear_422(client, checkpoint):
-    with pytest.raises(openai.UnprocessableEntityError, match=r"n: n is not supported by this server: n=2"):
-        client.completions.create(model=checkpoint.name, prompt=QUESTION, n=2)
-    with pytest.raises(openai.UnprocessableEntityError, match=r"n: n is not supported by this server: n=3"):
-        client.chat.completions.create(model=checkpoint.name, messages=[{"role": "user", "content": QUESTION}], n=3)
+def test_n_beyond_the_batch_is_a_clear_422(client, checkpoint):
+    with pytest.raises(openai.UnprocessableEntityError, match=r"n=9 answers need 9 batch slots"):
+        client.completions.create(model=checkpoint.name, prompt=QUESTION, n=9)
+    with pytest.raises(openai.UnprocessableEntityError, match=r"n"):
+        client.chat.completions.create(model=checkpoint.name, messages=[{"role": "user", "content": QUESTION}], n=0)
 
 
 def test_logprobs_are_finite_json(http):

@@ -46,11 +46,9 @@ REFUSED = [
     (CHAT, "logit_bias", {"50256": -100}),
     (CHAT, "presence_penalty", 0.5),
     (CHAT, "frequency_penalty", -1),
-    (CHAT, "n", 2),
     (COMPLETIONS, "logit_bias", {"50256": 100}),
     (COMPLETIONS, "presence_penalty", 1.0),
     (COMPLETIONS, "frequency_penalty", 2),
-    (COMPLETIONS, "n", 3),
     (COMPLETIONS, "best_of", 2),
     (COMPLETIONS, "echo", True),
     (COMPLETIONS, "suffix", " and so on"),
@@ -199,8 +197,8 @@ def test_the_openai_package_reads_the_refusal(server, checkpoint):
                            match="response_format is not supported by this server"):
             client.chat.completions.create(model=checkpoint.name, messages=MESSAGES, max_tokens=2,
                                            response_format={"type": "json_object"})
-        with pytest.raises(openai.UnprocessableEntityError, match="n is not supported by this server"):
-            client.completions.create(model=checkpoint.name, prompt=QUESTION, max_tokens=2, n=2)
+        with pytest.raises(openai.UnprocessableEntityError, match="best_of is not supported by this server"):
+            client.completions.create(model=checkpoint.name, prompt=QUESTION, max_tokens=2, best_of=2)
         ok = client.chat.completions.create(model=checkpoint.name, messages=MESSAGES, max_tokens=2,
                                             temperature=0, response_format={"type": "text"}, tool_choice="none")
         assert ok.choices[0].finish_reason in ("length", "stop")
@@ -212,4 +210,4 @@ def test_the_schema_lists_the_refused_fields(http):
         model = "ChatRequest" if route == CHAT else "CompletionRequest"
         assert field in schemas[model]["properties"], (model, field)
         assert "not supported" in schemas[model]["properties"][field]["description"] or \
-            field in ("n", "best_of"), (model, field)
+            field == "best_of", (model, field)

@@ -6,7 +6,7 @@ loaded, the lifespan does not run) and the SDK's pydantic types:
 - every field an SDK response type declares exists in the server schema it parses
   (``ReasonResult`` - ``ReasonResponse``, ``StreamEvent`` - ``ReasonStreamEvent``,
   ``Usage``, ``Timings``, ``LatentThought``, ``TraceToken``, ``Model`` - ``ModelCard``,
-  ``ModelList``), and accepts every value the server's schema allows there;
+  ``ModelList``, ``Sample``, ``Majority``), and accepts every value the server's schema allows there;
 - a field the SDK requires is one the server always sends (required, never null);
 - every request field the SDK can send (each argument of ``reason`` / ``stream``, and
   each ``Latent`` field) is a field of ``ReasonRequest`` / ``LatentOptions`` whose schema
@@ -35,6 +35,8 @@ SDK_TO_SERVER = {
     "TraceToken": "TraceToken",
     "Model": "ModelCard",
     "ModelList": "ModelList",
+    "Sample": "Sample",
+    "Majority": "Majority",
 }
 #: Request models: the SDK's ``Latent`` is sent as the request's ``latent`` object.
 SDK_REQUEST_TO_SERVER = {"Latent": "LatentOptions"}
@@ -43,7 +45,7 @@ SDK_REQUEST_TO_SERVER = {"Latent": "LatentOptions"}
 REQUEST_VALUES = {
     "max_tokens": 8, "temperature": 0.5, "top_p": 0.9, "top_k": 3, "seed": 7, "stop": ["\n\n"],
     "ignore_eos": True, "latent": sdk.Latent(mode="auto", max_thoughts=4, threshold=0.6),
-    "return_latent_trace": True, "latent_trace_top_k": 3, "model": "coconut",
+    "return_latent_trace": True, "latent_trace_top_k": 3, "model": "coconut", "n": 3,
 }
 #: Arguments of ``_reason_options`` that are not request fields.
 TRANSPORT_ARGS = {"self", "question", "stream", "extra_body", "extra_headers", "timeout", "max_retries"}

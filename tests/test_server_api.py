@@ -186,8 +186,8 @@ def test_openai_errors_are_typed(openai_client, checkpoint):
     import openai
     with pytest.raises(openai.NotFoundError, match="not served"):
         openai_client.completions.create(model="no-such-model", prompt=QUESTION)
-    with pytest.raises(openai.UnprocessableEntityError, match="n"):
-        openai_client.completions.create(model=checkpoint.name, prompt=QUESTION, n=2)
+    with pytest.raises(openai.UnprocessableEntityError, match="best_of"):
+        openai_client.completions.create(model=checkpoint.name, prompt=QUESTION, best_of=2)
     with pytest.raises(openai.UnprocessableEntityError, match="user message"):
         openai_client.chat.completions.create(model=checkpoint.name, messages=[{"role": "system", "content": "x"}])
 

@@ -8,7 +8,9 @@ service, same engine, same errors as ``/v1/reason``; only the shapes differ.
 
 A list of prompts on /v1/completions becomes one engine request per prompt, all
 submitted together (they share the engine's batch) and answered as one choice each, with
-its ``index``; if one fails (e.g. the waiting queue is full), the others are aborted and
+its ``index``; with ``n`` > 1 each prompt has n choices (index ``prompt_index * n + i``),
+which carry their ``answer``, and the response a ``majority`` vote per prompt (chat: one);
+if one fails (e.g. the waiting queue is full), the others are aborted and
 the error is the answer. Log-probabilities come from the engine (``SamplingParams.logprobs``
 and ``top_logprobs``: the chosen token's log-probability under the unmodified distribution
 and the most likely tokens of the same distribution); see ``server.openai_schemas`` for
@@ -35,7 +37,8 @@ from server.openai_schemas import (AssistantMessage, ChatChoice, ChatLogprobs, C
                                    ChatTokenLogprob, CompletionChoice, CompletionLogprobs, CompletionRequest,
                                    CompletionResponse, CompletionUsage, ModelCard, ModelList, TopLogprob)
 from server.schemas import ERROR_RESPONSES, sse_response
-from server.service import Generation, GenerationService, latent_trace, latent_trace_json
+from server.schemas import Majority
+from server.service import Generation, GenerationService, answers_of, latent_trace, latent_trace_json, majority
 from server.sse import event_stream
 
 router = APIRouter(tags=["openai"])
@@ -49,12 +52,19 @@ _STREAM_NOTE = ("JSON, or with `stream: true` server-sent events (`data: {%s}` .
                 "a failure after the stream started is one `data: {\"error\": ...}` event, without [DONE])")
 
 
-def _usage(outs: Iterable[RequestOutput]) -> CompletionUsage:
-    outs = list(outs)
-    prompt = sum(len(o.prompt_token_ids) for o in outs)
-    completion = sum(len(o.token_ids) for o in outs)
+def _usage(groups: Iterable[list[RequestOutput]]) -> CompletionUsage:
+    """Per prompt (a group: its n answers) the prompt tokens and the thoughts once (its
+    answers share them), and the tokens of every answer."""
+    groups = [list(g) for g in groups]
+    prompt = sum(len(g[0].prompt_token_ids) for g in groups)
+    completion = sum(len(o.token_ids) for g in groups for o in g)
     return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion,
-                           total_tokens=prompt + completion, latent_thoughts=sum(o.num_thoughts for o in outs))
+                           total_tokens=prompt + completion, latent_thoughts=sum(g[0].num_thoughts for g in groups))
+
+
+def _response_id(out: RequestOutput) -> str:
+    """The request's id: a forked answer's id is ``<leader>#<i>``."""
+    return out.request_id.split("#")[0]
 
 
 def _trace(out: RequestOutput, body) -> list | None:
@@ -275,13 +285,16 @@ async def completions(body: CompletionRequest, request: Request,
         streams = await _open_streams(service, gens, request)
         return event_stream(_completion_chunks(_merge(streams), service, body, len(gens)), request_id_of(request))
     outs = await _all_or_none([service.complete(g, request) for g in gens])
+    groups = [answers_of(out) for out in outs]
     texts = _token_texts(service) if body.logprobs is not None else None
-    choices = [CompletionChoice(index=i, text=out.text, finish_reason=out.finish_reason,
-                                logprobs=_CompletionLogprobs(texts).take(out) if texts else None,
-                                latent_trace=_trace(out, body))
-               for i, out in enumerate(outs)]
+    several = body.n > 1
+    choices = [CompletionChoice(index=p * body.n + a.index, text=a.text, finish_reason=a.finish_reason,
+                                logprobs=_CompletionLogprobs(texts).take(a) if texts else None,
+                                latent_trace=_trace(a, body), answer=a.answer if several else None)
+               for p, group in enumerate(groups) for a in group]
     return CompletionResponse(id=outs[0].request_id, created=int(time.time()), model=service.model_name,
-                              choices=choices, usage=_usage(outs))
+                              choices=choices, usage=_usage(groups),
+                              majority=[Majority(**majority(g)) for g in groups] if several else None)
 
 
 @router.post("/v1/chat/completions", response_model=ChatResponse, response_model_exclude_none=True,
@@ -303,11 +316,16 @@ async def chat_completions(body: ChatRequest, request: Request,
         outputs = await service.open_stream(gen, request)
         return event_stream(_chat_chunks(outputs, service, body), request_id_of(request))
     out = await service.complete(gen, request)
-    logprobs = _ChatLogprobs(_token_texts(service)).take(out) if body.logprobs else None
+    answers = answers_of(out)
+    several = len(answers) > 1
+    texts = _token_texts(service) if body.logprobs else None
+    choices = [ChatChoice(index=a.index, message=AssistantMessage(content=a.text),
+                          logprobs=_ChatLogprobs(texts).take(a) if texts else None,
+                          finish_reason=a.finish_reason, latent_trace=_trace(a, body),
+                          answer=a.answer if several else None) for a in answers]
     return ChatResponse(id=out.request_id, created=int(time.time()), model=service.model_name,
-                        choices=[ChatChoice(message=AssistantMessage(content=out.text), logprobs=logprobs,
-                                            finish_reason=out.finish_reason, latent_trace=_trace(out, body))],
-                        usage=_usage([out]))
+                        choices=choices, usage=_usage([answers]),
+                        majority=Majority(**majority(answers)) if several else None)
 
 
 def _include_usage(body) -> bool:
@@ -315,51 +333,62 @@ def _include_usage(body) -> bool:
 
 
 async def _completion_chunks(outputs: AsyncIterator[tuple[int, RequestOutput]], service: GenerationService,
-                             body: CompletionRequest, n: int) -> AsyncIterator[dict]:
+                             body: CompletionRequest, prompts: int) -> AsyncIterator[dict]:
+    """Chunks of ``prompts`` prompts' streams merged; choice ``prompt * n + answer``."""
     created, model = int(time.time()), service.model_name
     texts = _token_texts(service) if body.logprobs is not None else None
+    n = prompts * body.n
     logprobs = [_CompletionLogprobs(texts) for _ in range(n)] if texts else None
     finished: dict[int, RequestOutput] = {}
     response_id = None
-    async for index, out in outputs:
+    async for prompt, out in outputs:
         if not (out.delta or out.finished):
             continue
-        response_id = response_id or out.request_id
+        index = prompt * body.n + out.index
+        response_id = response_id or _response_id(out)
         choice = {"index": index, "text": out.delta, "finish_reason": out.finish_reason,
                   "logprobs": logprobs[index].take(out).model_dump() if logprobs else None}
         if out.finished and body.return_latent_trace:
             choice["latent_trace"] = latent_trace_json(out)
+        if out.finished and body.n > 1:
+            choice["answer"] = out.answer
         yield {"id": response_id, "object": "text_completion", "created": created, "model": model,
                "choices": [choice]}
         if out.finished:
             finished[index] = out
     if len(finished) == n and _include_usage(body):
         yield {"id": response_id, "object": "text_completion", "created": created, "model": model,
-               "choices": [], "usage": _usage(finished[i] for i in range(n)).model_dump()}
+               "choices": [], "usage": _usage([finished[p * body.n + i] for i in range(body.n)]
+                                             for p in range(prompts)).model_dump()}
 
 
 async def _chat_chunks(outputs: AsyncIterator[RequestOutput], service: GenerationService,
                        body: ChatRequest) -> AsyncIterator[dict]:
     created, model = int(time.time()), service.model_name
-    logprobs = _ChatLogprobs(_token_texts(service)) if body.logprobs else None
-    first = True
+    texts = _token_texts(service) if body.logprobs else None
+    logprobs: dict[int, _ChatLogprobs] = {}
+    finished: dict[int, RequestOutput] = {}
     async for out in outputs:
-        head = {"id": out.request_id, "object": "chat.completion.chunk", "created": created, "model": model}
-        if first:  # OpenAI opens every chat stream with the role
-            first = False
-            yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+        index = out.index
+        head = {"id": _response_id(out), "object": "chat.completion.chunk", "created": created, "model": model}
+        if index not in logprobs:  # OpenAI opens every choice's stream with the role
+            logprobs[index] = _ChatLogprobs(texts) if texts else None
+            yield {**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None}]}
         if out.delta:
-            choice = {"index": 0, "delta": {"content": out.delta}, "finish_reason": None}
-            if logprobs is not None:
-                choice["logprobs"] = logprobs.take(out).model_dump()
+            choice = {"index": index, "delta": {"content": out.delta}, "finish_reason": None}
+            if texts:
+                choice["logprobs"] = logprobs[index].take(out).model_dump()
             yield {**head, "choices": [choice]}
         if out.finished:
-            choice = {"index": 0, "delta": {}, "finish_reason": out.finish_reason}
-            if logprobs is not None:
-                choice["logprobs"] = logprobs.take(out).model_dump()
+            finished[index] = out
+            choice = {"index": index, "delta": {}, "finish_reason": out.finish_reason}
+            if texts:
+                choice["logprobs"] = logprobs[index].take(out).model_dump()
             if body.return_latent_trace:
                 choice["latent_trace"] = latent_trace_json(out)
+            if body.n > 1:
+                choice["answer"] = out.answer
             yield {**head, "choices": [choice]}
-            if _include_usage(body):
-                yield {**head, "choices": [], "usage": _usage([out]).model_dump()}
+            if len(finished) == body.n and _include_usage(body):
+                yield {**head, "choices": [], "usage": _usage([[finished[i] for i in range(body.n)]]).model_dump()}

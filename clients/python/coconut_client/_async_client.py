@@ -85,6 +85,7 @@ class AsyncCoconutClient(BaseClient):
                stop: Union[str, Sequence[str], None] = None, ignore_eos: Optional[bool] = None,
                latent: Optional[LatentParam] = None, return_latent_trace: Optional[bool] = None,
                latent_trace_top_k: Optional[int] = None, model: Optional[str] = None,
+               n: Optional[int] = None,
                extra_body: Optional[Mapping[str, Any]] = None,
                extra_headers: Optional[Mapping[str, str]] = None,
                timeout: Any = NOT_GIVEN, max_retries: Optional[int] = None) -> ReasonResult:
@@ -93,7 +94,7 @@ class AsyncCoconutClient(BaseClient):
             question, stream=False, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos, latent=latent,
             return_latent_trace=return_latent_trace, latent_trace_top_k=latent_trace_top_k,
-            model=model, extra_body=extra_body,
+            model=model, n=n, extra_body=extra_body,
             extra_headers=extra_headers, timeout=timeout, max_retries=max_retries)
         return self._parse(await self._send(opts), ReasonResult)
 
@@ -103,6 +104,7 @@ class AsyncCoconutClient(BaseClient):
                stop: Union[str, Sequence[str], None] = None, ignore_eos: Optional[bool] = None,
                latent: Optional[LatentParam] = None, return_latent_trace: Optional[bool] = None,
                latent_trace_top_k: Optional[int] = None, model: Optional[str] = None,
+               n: Optional[int] = None,
                extra_body: Optional[Mapping[str, Any]] = None,
                extra_headers: Optional[Mapping[str, str]] = None,
                timeout: Any = NOT_GIVEN, max_retries: Optional[int] = None) -> AsyncStream[StreamEvent]:
@@ -111,7 +113,7 @@ class AsyncCoconutClient(BaseClient):
             question, stream=True, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos, latent=latent,
             return_latent_trace=return_latent_trace, latent_trace_top_k=latent_trace_top_k,
-            model=model, extra_body=extra_body,
+            model=model, n=n, extra_body=extra_body,
             extra_headers=extra_headers, timeout=timeout, max_retries=max_retries)
         return AsyncStream(lambda: self._send(opts), StreamEvent)
 

@@ -182,12 +182,12 @@ class BaseClient:
                         return_latent_trace: Optional[bool], latent_trace_top_k: Optional[int],
                         model: Optional[str], extra_body: Optional[Mapping[str, Any]],
                         extra_headers: Optional[Mapping[str, str]], timeout: Any,
-                        max_retries: Optional[int]) -> RequestOptions:
+                        max_retries: Optional[int], n: Optional[int] = None) -> RequestOptions:
         body: Dict[str, Any] = {"question": question}
         optional = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
                     "top_k": top_k, "seed": seed, "ignore_eos": ignore_eos,
                     "return_latent_trace": return_latent_trace,
-                    "latent_trace_top_k": latent_trace_top_k, "model": model}
+                    "latent_trace_top_k": latent_trace_top_k, "model": model, "n": n}
         body.update({k: v for k, v in optional.items() if v is not None})
         if stop is not None:
             body["stop"] = stop if isinstance(stop, str) else list(stop)

@@ -93,8 +93,27 @@ class _WithRequestId(_Response):
         return self._request_id
 
 
+class Majority(_Response):
+    """With ``n`` > 1: the most frequent non-empty answer, how many gave it, of how many."""
+
+    answer: str
+    count: int
+    of: Optional[int] = None
+
+
+class Sample(_Response):
+    """One of the ``n`` answers of ``POST /v1/reason``."""
+
+    index: int
+    text: str
+    answer: str
+    finish_reason: Optional[str] = None
+    completion_tokens: Optional[int] = None
+
+
 class ReasonResult(_WithRequestId):
-    """The answer to ``POST /v1/reason`` (non-streamed)."""
+    """The answer to ``POST /v1/reason`` (non-streamed); with ``n`` > 1 also ``samples``
+    (every answer) and ``majority`` (the vote over their answers)."""
 
     id: str
     model: Optional[str] = None
@@ -104,6 +123,8 @@ class ReasonResult(_WithRequestId):
     usage: Usage
     timings: Optional[Timings] = None
     latent_trace: Optional[List[LatentThought]] = None
+    samples: Optional[List[Sample]] = None
+    majority: Optional[Majority] = None
 
 
 class StreamEvent(_Response):
@@ -112,10 +133,13 @@ class StreamEvent(_Response):
     ``delta`` is the new text (possibly empty); the deltas of a stream concatenate to
     the non-streamed ``text``. The last event carries ``finish_reason``, ``usage``,
     ``timings``, ``answer`` and (when asked) ``latent_trace``; earlier ones have them
-    ``None``.
+    ``None``. With ``n`` > 1 each event names its answer (``index``), each answer has its
+    own last event, and a final one carries ``majority``.
     """
 
     delta: str = ""
+    index: int = 0
+    majority: Optional[Majority] = None
     id: Optional[str] = None
     model: Optional[str] = None
     finish_reason: Optional[str] = None
