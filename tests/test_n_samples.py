@@ -196,3 +196,28 @@ def test_fork_copies_exactly_the_leaders_positions(tiny_checkpoint):
         assert torch.equal(tensor[1:, :, :5], old[0:1, :, :5].expand(2, -1, -1, -1))
         assert torch.equal(tensor[1:, :, 5:], old[1:, :, 5:])
         assert torch.equal(tensor[0], old[0])
+
+
+def test_bench_samples_counts_one_prefill_and_one_latent_pass_per_question(tmp_path, tiny_checkpoint):
+    """``engine bench samples`` end to end: the forked arm prefills each prompt once and feeds
+    its thoughts once (1/n of the independent arm's, counted on the plans), and both arms'
+    seeded answers are identical."""
+    import json
+    import subprocess
+    import sys
+
+    from engine.data.prosqa import generate
+
+    data = tmp_path / "test.json"
+    data.write_text(json.dumps(generate(4, seed=3, size="mini")))
+    out = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "bench", "samples", "--model", str(tiny_checkpoint("gpt2")),
+         "--data", str(data), "--questions", "4", "--n", "3", "--rounds", "1", "--max-tokens", "3",
+         "--threads", "1", "--max-batch-size", "12", "--json"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert report["identical_answers"] is True
+    forked, independent = report["arms"]["forked"], report["arms"]["independent"]
+    assert independent["prefill_tokens"] == 3 * forked["prefill_tokens"] > 0
+    assert independent["latent_positions"] == 3 * forked["latent_positions"]
+    assert 0.0 <= report["accuracy"]["majority"] <= 1.0
