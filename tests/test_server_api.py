@@ -381,6 +381,29 @@ def test_bench_serve_drives_the_server_and_the_engine(server, checkpoint, capsys
         assert row["ratio"] > 0
 
 
+@pytest.mark.parametrize("client", ["raw", "httpx"])
+def test_bench_serve_streams_and_json_with_cpu_per_request(server, capsys, client):
+    """`--mode stream,json` drives both kinds of request with either client: every request
+    completes with its tokens, and the local server's CPU per request is read from /proc
+    (its own process and its engine child)."""
+    from engine.bench.serve import listening_pid
+    from engine.cli import main
+    argv = ["bench", "serve", "--url", server.url, "--concurrency", "2", "--num-prompts", "4",
+            "--max-tokens", "3", "--mode", "stream,json", "--client", client, "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["server_pid"] == listening_pid(server.url) is not None
+    row = report["results"][0]
+    for side in ("http", "http_json"):
+        r = row[side]
+        assert r["completed"] == 4 and r["failed"] == 0 and r["total_output_tokens"] == 12, r["errors"]
+        assert r["server_cpu_ms_per_request"] >= 0 and r["engine_cpu_ms_per_request"] >= 0
+    # /proc counts in 10 ms ticks: a few tiny requests may fall within one; both sides together do not
+    assert sum(row[side][k] for side in ("http", "http_json")
+               for k in ("server_cpu_ms_per_request", "engine_cpu_ms_per_request")) > 0
+    assert 0 < row["http"]["itl_count"] <= 4 * 2 and row["http_json"]["itl_count"] == 0   # gaps: streamed only
+
+
 @pytest.mark.parametrize("route", ["/v1/reason", "/v1/chat/completions", "/v1/completions"])
 @pytest.mark.parametrize("field, value", [("temperature", "1e400"), ("temperature", "NaN"), ("top_p", "Infinity"),
                                           ("top_p", "-Infinity"), ("latent.threshold", "NaN"),
