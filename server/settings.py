@@ -51,7 +51,8 @@ class ServerSettings(BaseSettings):
     engine_restart_backoff_s: float = Field(1.0, ge=0, description="the wait before the first restart within the "
                                             "window, doubled for each further one (at most 60 s)")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch ops (default: "
-                                      "torch's choice; 1 is fastest for small models on busy CPUs)")
+                                      "torch's choice, or with the engine process every usable CPU but one, left to the API "
+                                      "process; 1 is fastest for small models on busy CPUs)")
 
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request body (413 above)")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 503")

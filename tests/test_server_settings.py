@@ -81,3 +81,16 @@ def test_auto_device_and_dtype():
     s = ServerSettings(device="cpu")
     assert (s.resolved_device(), s.resolved_dtype()) == ("cpu", "float32")
     assert ServerSettings(device="cpu", dtype="bfloat16").resolved_dtype() == "bfloat16"
+
+
+def test_the_engine_process_leaves_one_cpu_to_the_api_process(monkeypatch):
+    """Without --torch-threads the engine process takes every usable CPU but one (at least
+    one); --torch-threads wins."""
+    import os
+
+    from server.app import engine_process_threads
+
+    for cpus, want in ((1, 1), (2, 1), (16, 15)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
+        assert engine_process_threads(ServerSettings()) == want
+        assert engine_process_threads(ServerSettings(torch_threads=3)) == 3
