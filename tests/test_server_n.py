@@ -9,7 +9,8 @@ Oracles, none of them the code under test:
 - usage: the prompt and its thoughts once (``n: 1``'s counts), the completion tokens the
   sum of every answer's;
 - a stream's deltas, grouped by ``index``, concatenate to the JSON reply's texts;
-- n beyond the server's batch is a 422 that says so, and the server stays up.
+- n beyond the server's batch is a 422 that says so, and the server stays up;
+- a client that leaves mid-stream ends every answer: then a request for every slot is served.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import collections
 import httpx
 import pytest
 
-from tests.test_server_harness import one_thread_server, sse_payloads
+from tests.test_server_harness import (one_thread_server, post_on_raw_socket, read_metrics, sse_payloads,
+                                       wait_for)
 
 QUESTION = "Every wumpus is a yumpus. Tom is a wumpus. Is Tom a yumpus or a zumpus?"
 OTHER = "Sally is a rompus. Every rompus is a lempus. Is Sally a lempus or a tumpus?"
@@ -173,3 +175,16 @@ def test_the_sdk_passes_n(server):
             by_index[e.index] += e.delta
     assert [by_index[i] for i in range(3)] == [s.text for s in result.samples]
     assert events[-1].majority.answer == result.majority.answer
+
+
+def test_a_client_leaving_mid_stream_ends_every_answer_and_frees_every_slot(server, http):
+    """A stream of n=3 closed after its first bytes: all three answers are aborted, and a
+    request for n=6 (every slot of this 6-slot server at once) is then answered."""
+    sock = post_on_raw_socket(server.port, "/v1/reason", {"question": QUESTION, "n": 3, "stream": True,
+                                                           "max_tokens": 200, "ignore_eos": True})
+    assert sock.recv(64)
+    sock.close()
+    wait_for(lambda: (lambda m: m if m["coconut_num_requests_running"] == 0 and
+                      m["coconut_num_requests_waiting"] == 0 else None)(read_metrics(server.url)), what="idle")
+    full = reason(http, n=6, max_tokens=3, temperature=1.0, seed=1)
+    assert [s["index"] for s in full["samples"]] == list(range(6))
