@@ -85,13 +85,17 @@ class PromptFormat:
     def _rename(self, graph):
         """The question in symbols (a fixed assignment per question), each node's symbol token
         (``graph.nodes`` order) and the symbol tokens mapped back to the question's words."""
-        from engine.data.question import parse_question
+        from engine.data.question import QuestionGraph
         from engine.data.symbols import SymbolMap
 
-        names = SymbolMap.for_text(graph.compact(), self.config.symbols, seed=graph.compact())
-        renamed = parse_question(names.rename(graph.compact()))
+        compact = graph.compact()
+        names = SymbolMap.for_text(compact, self.config.symbols, seed=compact)
+        to = names.forward
+        # the graph of the renamed text (what parse_question(names.rename(compact)) reads), built
+        # without parsing it again
+        renamed = QuestionGraph(name=to[graph.name], options=(to[graph.options[0]], to[graph.options[1]]),
+                                edges=tuple((to[a], to[b]) for a, b in graph.edges))
         node_ids = self._node_ids(renamed)
-        assert list(renamed.nodes) == [names.forward[n] for n in graph.nodes]   # same order, renamed
         return renamed.compact(), node_ids, {i: " " + n for i, n in zip(node_ids, graph.nodes)}
 
     def read_graph(self, question: str):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 
@@ -24,6 +25,7 @@ import engine as engine_pkg
 from engine.async_engine import AsyncEngine
 from engine.sync_engine import Engine
 from server import errors
+from server.fast_lane import ROUTES as LANE_ROUTES, ReasonLane
 from server.metrics import ServerMetrics
 from server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from server.openai_schemas import ChatCompletionChunk, CompletionChunk
@@ -127,8 +129,9 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
                      async_engine.num_waiting, async_engine.num_running)
             await async_engine.shutdown(drain=True, timeout=settings.drain_timeout_s)
 
-    app = FastAPI(title="coconut-serve", version=engine_pkg.__version__, lifespan=lifespan,
-                  description="Inference server for latent-reasoning (COCONUT) language models.")
+    app = ServerApp(title="coconut-serve", version=engine_pkg.__version__, lifespan=lifespan,
+                  description="Inference server for latent-reasoning (COCONUT) language models.",
+                  **_without_telemetry())
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.engine = None
@@ -143,14 +146,50 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
     for router in routers:
         app.include_router(router)
     routes = frozenset(r.path for router in routers for r in router.routes) | {"/openapi.json", "/docs"}
-    # Added innermost first: the request context wraps everything, so even an auth or
-    # body-size refusal carries an x-request-id and is counted and logged.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(AuthMiddleware, api_key=settings.api_key.get_secret_value() if settings.api_key else None)
+    # Innermost first: the request context wraps everything, so even an auth or body-size
+    # refusal carries an x-request-id and is counted and logged.
+    inner = _Dispatch(app)
+    inner = BodyLimitMiddleware(inner, max_body_bytes=settings.max_body_bytes)
+    inner = AuthMiddleware(inner, api_key=settings.api_key.get_secret_value() if settings.api_key else None)
     replica_header = [(b"x-coconut-replica", replica_name.encode())] if replica_name else []
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, routes=routes, extra_headers=replica_header,
-                       proxy_sets_request_id=replica_name is not None)
+    app.front = RequestContextMiddleware(inner, metrics=metrics, routes=routes, extra_headers=replica_header,
+                                         proxy_sets_request_id=replica_name is not None)
     return app
+
+
+class ServerApp(FastAPI):
+    """The FastAPI app behind the server's own middlewares (``front``), which route the hot
+    requests to ``server.fast_lane`` and the rest to FastAPI. ``fast_lane`` off sends every
+    request through FastAPI (the lane's tests compare the two)."""
+
+    front = None
+    fast_lane = True
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and self.front is not None:
+            return await self.front(scope, receive, send)
+        return await super().__call__(scope, receive, send)
+
+
+class _Dispatch:
+    def __init__(self, app: ServerApp):
+        self.app = app
+        self.framework = super(ServerApp, app).__call__
+        self.lane = ReasonLane(app, self.framework)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.app.fast_lane and (scope["method"], scope["path"]) in LANE_ROUTES:
+            return await self.lane(scope, receive, send)
+        return await self.framework(scope, receive, send)
+
+
+def _without_telemetry() -> dict:
+    """FastAPI >= 0.165 asks OpenTelemetry for its providers on every request (4% of the API
+    process's CPU under load, py-spy); the server has its own Prometheus metrics and access
+    log, so that is turned off where the option exists."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
 
 
 def _add_stream_schemas(app: FastAPI) -> None:

@@ -108,14 +108,25 @@ def _field_errors(exc: RequestValidationError) -> list[dict]:
     return out
 
 
+async def disconnected_response(request: Request, exc: ClientDisconnected) -> JSONResponse:
+    return error_response(request, ApiError(499, str(exc), "client_disconnected"))
+
+
+async def internal_error_response(request: Request, exc: Exception) -> JSONResponse:
+    """An unhandled exception's 500 (logged by ``RequestContextMiddleware``, which the
+    exception reaches after this body is sent). Async, as every handler here: Starlette
+    runs a plain function in its thread pool."""
+    return error_response(request, ApiError(500, "internal server error; the request id identifies it in "
+                                                 "the server log", "internal_error"))
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         return error_response(request, exc)
 
-    @app.exception_handler(ClientDisconnected)
-    async def _gone(request: Request, exc: ClientDisconnected):
-        return error_response(request, ApiError(499, str(exc), "client_disconnected"))
+    app.add_exception_handler(ClientDisconnected, disconnected_response)
+    app.add_exception_handler(Exception, internal_error_response)   # Starlette's ServerErrorMiddleware
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

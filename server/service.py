@@ -34,6 +34,7 @@ from engine.async_engine import AsyncEngine, EngineCrashedError, EngineDeadError
 from engine.output import RequestOutput
 from engine.params import (DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P,
                            LatentPolicy, SamplingParams, LatentFeedback)
+from server.disconnect import guard_of
 from server.errors import ApiError, ClientDisconnected, from_engine_exception
 from server.metrics import ServerMetrics
 from server.schemas import LatentThought, SamplingFields, ThoughtFeed, TraceToken
@@ -189,7 +190,14 @@ class GenerationService:
                 first.samples = [finals[i] for i in range(len(finals))]
             return first
 
-        return await _race_disconnect(collect(), http)
+        guard = guard_of(http)
+        try:
+            return await guard.run(collect())
+        except ClientDisconnected:
+            _annotate(http, finish_reason="abort")
+            raise
+        finally:
+            guard.close()
 
     async def open_stream(self, gen: Generation, http: HttpRequest) -> AsyncIterator[RequestOutput]:
         """An iterator of outputs whose first item is already there (so errors before it
@@ -197,8 +205,10 @@ class GenerationService:
         request = self._enter(gen, http)
         outputs = self._outputs(request, http)
         try:
-            first = await _race_disconnect(outputs.__anext__(), http)
-        except BaseException:
+            first = await guard_of(http).run(outputs.__anext__())
+        except BaseException as e:
+            if isinstance(e, ClientDisconnected):
+                _annotate(http, finish_reason="abort")
             await outputs.aclose()
             raise
 
@@ -257,33 +267,6 @@ def latent_trace_json(out: RequestOutput, asked: bool = True) -> list[dict] | No
     """``latent_trace`` as the JSON of a stream event (unset fields left out)."""
     trace = latent_trace(out, asked)
     return None if trace is None else [t.model_dump(exclude_none=True) for t in trace]
-
-
-async def _wait_disconnect(http: HttpRequest) -> None:
-    # The body is read already, so the next ASGI message is the disconnect.
-    while True:
-        message = await http.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _race_disconnect(work, http: HttpRequest):
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(http))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-        watcher.cancel()
-        with contextlib.suppress(BaseException):
-            await watcher
-    if task.cancelled() or not task.done():
-        _annotate(http, finish_reason="abort")
-        raise ClientDisconnected("the client disconnected; the request was aborted")
-    return task.result()
 
 
 def _annotate(http: HttpRequest, **fields) -> None:

@@ -94,3 +94,11 @@ def test_the_engine_process_leaves_one_cpu_to_the_api_process(monkeypatch):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
         assert engine_process_threads(ServerSettings()) == want
         assert engine_process_threads(ServerSettings(torch_threads=3)) == 3
+
+
+def test_bench_serve_matches_the_servers_prefill_budget_by_default():
+    """`engine bench serve` drives its offline engine with the server's default
+    --max-prefill-tokens, so the two sides plan their steps alike unless told otherwise."""
+    from engine.bench.serve import SERVER_PREFILL_TOKENS
+    from server.settings import ServerSettings
+    assert SERVER_PREFILL_TOKENS == ServerSettings.model_fields["max_prefill_tokens"].default

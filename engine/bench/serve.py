@@ -38,6 +38,11 @@ from collections import deque
 from dataclasses import dataclass, field
 
 
+#: ``engine serve``'s default ``--max-prefill-tokens`` (server.settings), which the offline
+#: engine matches unless told otherwise: the step plans then compare, not the configurations
+SERVER_PREFILL_TOKENS = 512
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="HTTP serving throughput and latency vs the engine driven directly",
                        description=__doc__.split("\n\n")[0])
@@ -50,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="device of the offline engine (default cpu)")
     p.add_argument("--dtype", default="float32", help="dtype of the offline engine (default float32)")
     p.add_argument("--max-batch-size", type=int, default=32, help="offline engine batch limit (default 32)")
+    p.add_argument("--max-prefill-tokens", type=int, default=SERVER_PREFILL_TOKENS,
+                   help="prompt tokens per step of the offline engine: match the server's --max-prefill-tokens "
+                        f"(default {SERVER_PREFILL_TOKENS}, the server's default)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads of the offline engine (match the server's --torch-threads)")
     p.add_argument("--repeats", type=int, default=1, help="runs per level; the median is reported (default 1)")
@@ -533,7 +541,8 @@ def run(args: argparse.Namespace) -> int:
         if args.torch_threads is not None:
             torch.set_num_threads(args.torch_threads)
         engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                        max_batch_size=args.max_batch_size)
+                                        max_batch_size=args.max_batch_size,
+                                        max_prefill_tokens=args.max_prefill_tokens)
         sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
         latent = LatentPolicy(mode="fixed", thoughts=args.thoughts) if args.thoughts is not None else None
     results = []
@@ -568,7 +577,8 @@ def run(args: argparse.Namespace) -> int:
     report = {"url": args.url, "compare_url": args.compare_url, "labels": labels if len(labels) == 2 else None,
               "num_prompts": args.num_prompts,
               "max_tokens": args.max_tokens, "modes": modes, "client": args.client, "server_pid": server_pid,
-              "thoughts": args.thoughts, "model": args.model, "results": results}
+              "thoughts": args.thoughts, "model": args.model, "max_prefill_tokens": args.max_prefill_tokens,
+              "results": results}
     if args.json:
         print(json.dumps(report, indent=2))
     else:

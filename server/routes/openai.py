@@ -32,6 +32,7 @@ from fastapi import APIRouter, Depends, Request
 from engine.output import RequestOutput
 from engine.params import OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS, OPENAI_DEFAULT_TEMPERATURE
 from server.deps import get_service
+from server.disconnect import guard_of
 from server.errors import request_id_of
 from server.openai_schemas import (AssistantMessage, ChatChoice, ChatLogprobs, ChatRequest, ChatResponse,
                                    ChatTokenLogprob, CompletionChoice, CompletionLogprobs, CompletionRequest,
@@ -283,7 +284,8 @@ async def completions(body: CompletionRequest, request: Request,
         gens = [_with_logprobs(g, body.logprobs) for g in gens]
     if body.stream:
         streams = await _open_streams(service, gens, request)
-        return event_stream(_completion_chunks(_merge(streams), service, body, len(gens)), request_id_of(request))
+        return event_stream(_completion_chunks(_merge(streams), service, body, len(gens)), request_id_of(request),
+                            guard_of(request))
     outs = await _all_or_none([service.complete(g, request) for g in gens])
     groups = [answers_of(out) for out in outs]
     texts = _token_texts(service) if body.logprobs is not None else None
@@ -314,7 +316,7 @@ async def chat_completions(body: ChatRequest, request: Request,
         gen = _with_logprobs(gen, body.top_logprobs or 0)
     if body.stream:
         outputs = await service.open_stream(gen, request)
-        return event_stream(_chat_chunks(outputs, service, body), request_id_of(request))
+        return event_stream(_chat_chunks(outputs, service, body), request_id_of(request), guard_of(request))
     out = await service.complete(gen, request)
     answers = answers_of(out)
     several = len(answers) > 1

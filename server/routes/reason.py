@@ -17,11 +17,12 @@ from fastapi import APIRouter, Depends, Request
 
 from engine.output import RequestOutput
 from server.deps import get_service
+from server.disconnect import guard_of
 from server.errors import request_id_of
 from server.schemas import (ERROR_RESPONSES, Majority, ReasonRequest, ReasonResponse, Sample, Timings, Usage,
                             sse_response)
 from server.service import GenerationService, answers_of, latent_trace, latent_trace_json, majority
-from server.sse import event_stream
+from server.sse import delta_frames, event_stream
 
 router = APIRouter(tags=["reason"])
 
@@ -52,7 +53,7 @@ async def reason(body: ReasonRequest, request: Request,
     if body.stream:
         outputs = await service.open_stream(gen, request)
         return event_stream(_events(outputs, service.model_name, body.return_latent_trace, body.n),
-                            request_id_of(request))
+                            request_id_of(request), guard_of(request))
     out = await service.complete(gen, request)
     answers = answers_of(out)
     several = len(answers) > 1
@@ -65,17 +66,21 @@ async def reason(body: ReasonRequest, request: Request,
 
 
 async def _events(outputs: AsyncIterator[RequestOutput], model: str, want_trace: bool,
-                  n: int = 1) -> AsyncIterator[dict]:
+                  n: int = 1) -> AsyncIterator[dict | bytes]:
     """Stream events; with n > 1 each names its answer (``index``), the answer's id is the
     request's (answer 0's), and a last event holds the vote."""
     finals: dict[int, RequestOutput] = {}
+    frames = {}           # answer index -> its delta events' encoder
     response_id = None
     async for out in outputs:
         response_id = response_id or out.request_id.split("#")[0]
-        head = {"id": response_id, "model": model}
-        if n > 1:
-            head["index"] = out.index
-        if out.finished:
+        if out.delta and not out.finished:          # the hot path: one answer token's text
+            frame = frames.get(out.index)
+            if frame is None:
+                frame = frames[out.index] = delta_frames(_head(response_id, model, n, out.index))
+            yield frame(out.delta)
+        elif out.finished:
+            head = _head(response_id, model, n, out.index)
             finals[out.index] = out
             final = {**head, "delta": out.delta, "finish_reason": out.finish_reason,
                      "usage": usage_of(out).model_dump(), "timings": timings_of(out).model_dump(),
@@ -83,8 +88,10 @@ async def _events(outputs: AsyncIterator[RequestOutput], model: str, want_trace:
             if want_trace:
                 final["latent_trace"] = latent_trace_json(out)
             yield final
-        elif out.delta:
-            yield {**head, "delta": out.delta, "finish_reason": None}
     if n > 1 and len(finals) == n:
         yield {"id": response_id, "model": model, "delta": "", "finish_reason": None,
                "majority": majority([finals[i] for i in range(n)])}
+
+
+def _head(response_id: str, model: str, n: int, index: int) -> dict:
+    return {"id": response_id, "model": model, **({"index": index} if n > 1 else {})}
