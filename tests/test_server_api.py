@@ -381,6 +381,25 @@ def test_bench_serve_drives_the_server_and_the_engine(server, checkpoint, capsys
         assert row["ratio"] > 0
 
 
+def test_bench_serve_spreads_answer_lengths_alike_on_both_sides(server, checkpoint, capsys):
+    """`--spread-tokens`: each request asks its own answer length, the same over HTTP and
+    offline; with ignore_eos every request produces exactly its length (counted here from
+    the generator's seed, not from the benchmark's report)."""
+    import random
+
+    from engine.cli import main
+    rng = random.Random(7)
+    want = sum(rng.randint(3, 9) for _ in range(6))      # [6/2, 3*6/2] for --max-tokens 6
+    argv = ["bench", "serve", "--url", server.url, "--concurrency", "3", "--num-prompts", "6", "--seed", "7",
+            "--max-tokens", "6", "--thoughts", "1", "--model", str(checkpoint), "--spread-tokens", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["spread_tokens"] is True
+    for side in ("http", "offline"):
+        r = report["results"][0][side]
+        assert r["completed"] == 6 and r["total_output_tokens"] == want, (side, r["total_output_tokens"], want)
+
+
 @pytest.mark.parametrize("client", ["raw", "httpx"])
 def test_bench_serve_streams_and_json_with_cpu_per_request(server, capsys, client):
     """`--mode stream,json` drives both kinds of request with either client: every request

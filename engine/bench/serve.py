@@ -78,6 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--client", choices=("raw", "httpx"), default="raw",
                    help="HTTP client: raw (a minimal asyncio HTTP/1.1 client, light on the CPU the benchmark "
                         "shares with a local server; http:// only) or httpx (default raw)")
+    p.add_argument("--spread-tokens", action="store_true",
+                   help="answer lengths drawn uniform in [max_tokens/2, 3 max_tokens/2] per request (seeded, the "
+                        "same on every side), so that requests do not finish and arrive in cohorts")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=run)
 
@@ -102,6 +105,14 @@ class Trace:
         else:
             self.itl.append(now - self.last)
         self.last = now
+
+
+def answer_lengths(n: int, max_tokens: int, seed: int) -> list[int]:
+    """``--spread-tokens``: n answer lengths uniform in [max_tokens/2, 3 max_tokens/2]."""
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randint(max(1, max_tokens // 2), max(1, max_tokens * 3 // 2)) for _ in range(n)]
 
 
 def questions(n: int, seed: int) -> list[str]:
@@ -180,13 +191,15 @@ async def _http_one(client, body: dict, question: str, gate) -> Trace:
 
 async def run_http(url: str, prompts: list[str], body: dict, concurrency: int, api_key: str | None,
                    server_pid: int | None = None, client: str = "raw") -> dict:
-    """One level over HTTP; with ``server_pid`` (a local server) the CPU its process and its
+    """One level over HTTP (``body``: one request body for every prompt, or a list with one
+    per prompt); with ``server_pid`` (a local server) the CPU its process and its
     children (the engine process) and this process spent during the timed run, per request.
     ``client``: ``raw`` (a minimal HTTP/1.1 client on asyncio streams, so that the benchmark
     takes little of the CPU it shares with the server; ``http://`` URLs only) or ``httpx``."""
     import asyncio
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    bodies = body if isinstance(body, list) else [body] * len(prompts)
     if client == "raw" and url.startswith("http://"):
         pool = RawPool(url, headers)
         one = pool.one
@@ -200,10 +213,10 @@ async def run_http(url: str, prompts: list[str], body: dict, concurrency: int, a
         close = session.aclose
     try:
         gate = asyncio.Semaphore(concurrency)
-        await asyncio.gather(*(one(body, q, gate) for q in prompts[:min(4, len(prompts))]))  # warm-up
+        await asyncio.gather(*(one(b, q, gate) for b, q in list(zip(bodies, prompts))[:4]))  # warm-up
         before = cpu_snapshot(server_pid)
         start = time.perf_counter()
-        traces = await asyncio.gather(*(one(body, q, gate) for q in prompts))
+        traces = await asyncio.gather(*(one(b, q, gate) for b, q in zip(bodies, prompts)))
         duration = time.perf_counter() - start
         after = cpu_snapshot(server_pid)
     finally:
@@ -528,6 +541,7 @@ def run(args: argparse.Namespace) -> int:
     body = {"max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True, "stream": True}
     if args.thoughts is not None:
         body["latent"] = {"mode": "fixed", "thoughts": args.thoughts}
+    lengths = answer_lengths(len(prompts), args.max_tokens, args.seed) if args.spread_tokens else None
     url, compare_url = args.url.rstrip("/"), args.compare_url.rstrip("/") if args.compare_url else None
     server_pid = args.server_pid if args.server_pid is not None else listening_pid(url)
     compare_pid = listening_pid(compare_url) if compare_url else None
@@ -543,7 +557,8 @@ def run(args: argparse.Namespace) -> int:
         engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                         max_batch_size=args.max_batch_size,
                                         max_prefill_tokens=args.max_prefill_tokens)
-        sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+        sampling = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+                    for n in lengths or [args.max_tokens] * len(prompts)]
         latent = LatentPolicy(mode="fixed", thoughts=args.thoughts) if args.thoughts is not None else None
     results = []
     for c in levels:
@@ -554,6 +569,8 @@ def run(args: argparse.Namespace) -> int:
             for mode in modes:
                 side, compare_side = MODES[mode]
                 mode_body = {**body, "stream": mode == "stream"}
+                if lengths:
+                    mode_body = [{**mode_body, "max_tokens": n} for n in lengths]
                 runs[side].append(asyncio.run(run_http(url, prompts, mode_body, c, args.api_key, server_pid,
                                                           args.client)))
                 if compare_url:
@@ -576,7 +593,7 @@ def run(args: argparse.Namespace) -> int:
     labels = (args.labels or "").split(",")
     report = {"url": args.url, "compare_url": args.compare_url, "labels": labels if len(labels) == 2 else None,
               "num_prompts": args.num_prompts,
-              "max_tokens": args.max_tokens, "modes": modes, "client": args.client, "server_pid": server_pid,
+              "max_tokens": args.max_tokens, "spread_tokens": args.spread_tokens, "modes": modes, "client": args.client, "server_pid": server_pid,
               "thoughts": args.thoughts, "model": args.model, "max_prefill_tokens": args.max_prefill_tokens,
               "results": results}
     if args.json:
@@ -608,9 +625,10 @@ def _plot(report: dict, path: str) -> None:
     width = 0.8 / len(sides)
     for k, side in enumerate(sides):
         xs = [i + (k - (len(sides) - 1) / 2) * width for i in range(len(rows))]
-        a.bar(xs, [row[side]["request_throughput"] for row in rows], width, label=names[side])
+        color = f"C{k}"           # one colour per side on both panels
+        a.bar(xs, [row[side]["request_throughput"] for row in rows], width, label=names[side], color=color)
         if side not in ("http_json", "compare_json"):   # a JSON reply has no gaps between tokens
-            b.bar(xs, [row[side]["itl_ms"]["p99"] or 0.0 for row in rows], width, label=names[side])
+            b.bar(xs, [row[side]["itl_ms"]["p99"] or 0.0 for row in rows], width, label=names[side], color=color)
     for ax, label in ((a, "requests / s"), (b, "ITL p99, ms")):
         ax.set_xticks(range(len(rows)), [str(row["concurrency"]) for row in rows])
         ax.set(xlabel="concurrency", ylabel=label)
