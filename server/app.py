@@ -25,7 +25,7 @@ import engine as engine_pkg
 from engine.async_engine import AsyncEngine
 from engine.sync_engine import Engine
 from server import errors
-from server.fast_lane import ROUTES as LANE_ROUTES, ReasonLane
+from server.fast_lane import ROUTES as LANE_ROUTES, FastLane
 from server.metrics import ServerMetrics
 from server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from server.openai_schemas import ChatCompletionChunk, CompletionChunk
@@ -175,7 +175,7 @@ class _Dispatch:
     def __init__(self, app: ServerApp):
         self.app = app
         self.framework = super(ServerApp, app).__call__
-        self.lane = ReasonLane(app, self.framework)
+        self.lane = FastLane(app, self.framework)
 
     async def __call__(self, scope, receive, send) -> None:
         if self.app.fast_lane and (scope["method"], scope["path"]) in LANE_ROUTES:

@@ -190,14 +190,13 @@ class GenerationService:
                 first.samples = [finals[i] for i in range(len(finals))]
             return first
 
-        guard = guard_of(http)
+        # the guard is left running: an OpenAI request with several prompts completes each
+        # under it at once, and it ends by itself once the response is sent
         try:
-            return await guard.run(collect())
+            return await guard_of(http).run(collect())
         except ClientDisconnected:
             _annotate(http, finish_reason="abort")
             raise
-        finally:
-            guard.close()
 
     async def open_stream(self, gen: Generation, http: HttpRequest) -> AsyncIterator[RequestOutput]:
         """An iterator of outputs whose first item is already there (so errors before it
