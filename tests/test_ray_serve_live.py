@@ -36,7 +36,10 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 QUESTION = ("Carol is a nolpus. Davis is a scrompus. Every grulpus is a zhoolpus. Jack is a holpus. "
             "Every scrompus is a torpus. Every torpus is a vompus. Max is a gwelpus. Every nolpus is a "
             "grulpus. Is Davis a vompus or zhoolpus?")
-ARGS = ("--max-batch-size", "4", "--max-queue", "48", "--torch-threads", "1", "--seed", "0")
+# a queue of 64 per replica: the 64 concurrent requests fit in either replica alone, however
+# the ingress spreads them (HAProxy sent more than 4 + 48 to one replica of the 256-wide model
+# under load, and those were 503s)
+ARGS = ("--max-batch-size", "4", "--max-queue", "64", "--torch-threads", "1", "--seed", "0")
 
 
 def replica_of(response: httpx.Response) -> str:
@@ -105,7 +108,7 @@ def test_errors_and_request_ids_are_the_single_servers(cluster):
 
 
 def test_503_with_retry_after_once_every_replica_is_full(cluster):
-    # 2 replicas x (4 running + 48 waiting) = 104 places; 160 long requests at once
+    # 2 replicas x (4 running + 64 waiting) = 136 places; 160 long requests at once
     async def main():
         async with httpx.AsyncClient(base_url=cluster.url, headers=AUTH, timeout=600,
                                      limits=httpx.Limits(max_connections=160)) as client:
