@@ -46,4 +46,8 @@ done
     --run "COCONUT 256 wide (bundled)=$runs/prosqa_superposition_wide@COCONUT 128 wide:70" \
     --run "CoT=$runs/prosqa_superposition_cot" --run "no-CoT=$runs/prosqa_superposition_no_cot" \
     --out "$docs/superposition_comparison.png" --title "ProsQA, the superposition recipe"
+.venv/bin/python -m engine.train.compare --run "COCONUT 128 wide=$runs/prosqa_superposition" \
+    --run "COCONUT 256 wide (bundled)=$runs/prosqa_superposition_wide@COCONUT 128 wide:70" \
+    --run "CoT=$runs/prosqa_superposition_cot" --run "no-CoT=$runs/prosqa_superposition_no_cot" --x samples \
+    --out "$docs/superposition_comparison_samples.png" --title "ProsQA, the superposition recipe, against samples"
 cat "$out/eval.json"

@@ -1,4 +1,5 @@
-"""``engine.train.compare``: the time axis of runs that continue another run's checkpoint."""
+"""``engine.train.compare``: the time and samples axes of runs that continue another run's
+checkpoint."""
 
 from __future__ import annotations
 
@@ -28,6 +29,20 @@ def test_a_continued_run_starts_where_its_parent_epoch_ended(tmp_path):
     assert b.minutes == [2, 2.5, 4] and b.accuracy == [0.7, 0.6, None] and b.stages == [0, 1, 2]
     out = tmp_path / "cmp.png"
     assert main(["--run", f"CoT={cot}", "--run", f"Coconut={coconut}@CoT:2", "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
+
+
+def test_the_samples_axis_counts_the_parents_epochs_first(tmp_path):
+    small = write_run(tmp_path / "small", [{"epoch": e, "train_seconds": 60, "samples": 100, "val_accuracy": 0.5, "val_mean_tokens": 3}
+                                           for e in (1, 2, 3)])
+    wide = write_run(tmp_path / "wide", [{"epoch": e, "train_seconds": 120, "samples": 250, "val_accuracy": 0.9, "val_mean_tokens": 3}
+                                         for e in (4, 5)])
+    [a, b] = load_curves([f"small={small}", f"wide={wide}@small:3"])
+    assert a.samples == [100, 200, 300]
+    assert b.samples == [300, 550, 800] and b.minutes == [3, 5, 7]
+    out = tmp_path / "samples.png"
+    assert main(["--run", f"small={small}", "--run", f"wide={wide}@small:3", "--x", "samples",
+                 "--out", str(out)]) == 0
     assert out.stat().st_size > 1000
 
 

@@ -1,5 +1,5 @@
 """Compare training runs in one figure: validation accuracy and generated tokens against
-training time.
+training time, or (``--x samples``) against training samples seen.
 
     python -m engine.train.compare --run CoT=runs/recipes/prosqa_linear_cot \\
         --run no-CoT=runs/recipes/prosqa_linear_no_cot \\
@@ -7,9 +7,10 @@ training time.
 
 ``LABEL=RUN_DIR`` reads ``RUN_DIR/metrics.jsonl`` (its ``epoch`` lines). ``@OTHER:E``
 says the run continues another run's checkpoint of epoch E (COCONUT's stages 1+ on top of
-the CoT run's stage 0): its time axis starts where OTHER's epoch E ended, and OTHER's
-epochs up to E are drawn before it. The x axis is cumulative training seconds (validation
-excluded), in minutes. This module knows only the metrics format.
+the CoT run's stage 0): its axis starts where OTHER's epoch E ended, and OTHER's epochs up
+to E are drawn before it. The x axis is cumulative training seconds (validation excluded),
+in minutes, or cumulative ``samples`` of the epoch lines (an epoch without the field counts
+none). This module knows only the metrics format.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from engine.train.metrics import read_metrics
 class Curve:
     label: str
     minutes: list[float]
+    samples: list[int]
     accuracy: list[float | None]
     tokens: list[float | None]
     stages: list[int]
@@ -51,20 +53,31 @@ def load_curves(specs: list[str]) -> list[Curve]:
                 raise ValueError(f"--run {label}: '@{after}' must name another --run label and an epoch")
             prefix = [e for e in by_label[other] if e["epoch"] <= int(epoch)]
             start = sum(e["train_seconds"] for e in prefix)
-        elapsed, minutes = start, []
+            seen_before = sum(e.get("samples", 0) for e in prefix)
+        else:
+            seen_before = 0
+        elapsed, minutes, seen, samples = start, [], seen_before, []
         for e in epochs:
             elapsed += e["train_seconds"]
+            seen += e.get("samples", 0)
             minutes.append(elapsed / 60)
+            samples.append(seen)
         rows = list(epochs)
         if prefix:   # draw the shared stage 0 point at the hand-over
             minutes.insert(0, start / 60)
+            samples.insert(0, seen_before)
             rows.insert(0, prefix[-1])
-        curves.append(Curve(label, minutes, [r.get("val_accuracy") for r in rows],
+        curves.append(Curve(label, minutes, samples, [r.get("val_accuracy") for r in rows],
                             [r.get("val_mean_tokens") for r in rows], [r.get("stage", 0) for r in rows]))
     return curves
 
 
-def plot_curves(curves: list[Curve], out: Path, title: str = "") -> Path:
+#: --x: the axis (a Curve field) and its label
+AXES = {"minutes": ("minutes", "training minutes (one CPU core)"),
+        "samples": ("samples", "training samples seen")}
+
+
+def plot_curves(curves: list[Curve], out: Path, title: str = "", x: str = "minutes") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,7 +86,7 @@ def plot_curves(curves: list[Curve], out: Path, title: str = "") -> Path:
     fig, (acc_ax, tok_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for curve in curves:
         for ax, values in ((acc_ax, curve.accuracy), (tok_ax, curve.tokens)):
-            points = [(m, v) for m, v in zip(curve.minutes, values) if v is not None]
+            points = [(m, v) for m, v in zip(getattr(curve, AXES[x][0]), values) if v is not None]
             if points:
                 ax.plot([m for m, _ in points], [v for _, v in points], ".-", label=curve.label)
     acc_ax.axhline(0.5, color="grey", lw=0.8, ls=":", label="chance")
@@ -82,7 +95,7 @@ def plot_curves(curves: list[Curve], out: Path, title: str = "") -> Path:
     tok_ax.set_ylabel("generated tokens per answer")
     tok_ax.set_ylim(bottom=0)
     for ax in (acc_ax, tok_ax):
-        ax.set_xlabel("training minutes (one CPU core)")
+        ax.set_xlabel(AXES[x][1])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title or "training runs")
@@ -97,12 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", action="append", required=True, metavar="LABEL=RUN_DIR[@OTHER:EPOCH]")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--title", default="")
+    parser.add_argument("--x", choices=sorted(AXES), default="minutes",
+                        help="the x axis: training minutes (default) or samples seen")
     args = parser.parse_args(argv)
     try:
         curves = load_curves(args.run)
     except ValueError as e:
         parser.error(str(e))
-    print(plot_curves(curves, args.out, args.title))
+    print(plot_curves(curves, args.out, args.title, args.x))
     return 0
 
 
