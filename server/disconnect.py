@@ -6,8 +6,9 @@ awaits in the caller's own task and, if the client leaves first, cancels that wa
 raises ``ClientDisconnected`` (the awaited generator's cleanup aborts the generation).
 The same guard serves the wait for a stream's first output (``server.service``) and the
 stream itself (``server.sse``), so a streamed request costs one extra task, where racing
-each phase in tasks of its own cost four and an ``asyncio.wait`` per phase (7% of the API
-process's CPU under 64 streaming clients, py-spy). ``close()`` stops the watcher; it also
+the first output in two tasks and an ``asyncio.wait``, then Starlette's anyio task group for
+the stream, cost three (about 7% of the API process's CPU under 64 streaming clients,
+py-spy). ``close()`` stops the watcher; it also
 ends by itself when the response is complete (the server then answers ``receive`` with a
 disconnect).
 
