@@ -3,8 +3,10 @@
     with LiveServer(model_dir, "--max-batch-size", "8") as server:
         httpx.get(server.url + "/ready")
 
-``model_dir=None`` leaves ``--model`` out (the bundled default model). The server gets a free port, its output goes to a log file (shown when it fails to
-start), and leaving the block sends SIGTERM and waits for a clean exit. Extra
+``model_dir=None`` leaves ``--model`` out (the bundled default model). The server gets a free port
+(another one, up to three times, when a process took it before the server bound it), its output
+goes to a log file (shown when it fails to start), and leaving the block sends SIGTERM and waits
+for a clean exit. Extra
 environment variables can be passed with ``env``.
 """
 
@@ -28,6 +30,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class PortTaken(RuntimeError):
+    """The server could not bind its port: another process took it first."""
+
+
 class LiveServer:
     def __init__(self, model_dir: str | Path | None, *args: str, env: dict[str, str] | None = None,
                  startup_timeout: float = 120.0):
@@ -41,6 +47,19 @@ class LiveServer:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="server-", suffix=".log", delete=False)
 
     def __enter__(self) -> "LiveServer":
+        for attempt in range(3):
+            try:
+                return self._start()
+            except PortTaken:
+                # free_port() released the port before the server bound it, and another process
+                # (Ray starts many) took it in between: try again on a fresh port
+                self.port = free_port()
+                self.url = f"http://127.0.0.1:{self.port}"
+                self.log.seek(0)
+                self.log.truncate()
+        return self._start()
+
+    def _start(self) -> "LiveServer":
         model = [] if self.model_dir is None else ["--model", str(self.model_dir)]
         cmd = [sys.executable, "-m", "engine.cli", "serve", *model,
                "--host", "127.0.0.1", "--port", str(self.port), *self.args]
@@ -49,7 +68,10 @@ class LiveServer:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+                output = self.output()
+                if str(self.port) in output and ("Failed to bind" in output or "address already in use" in output):
+                    raise PortTaken(self.port)
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{output}")
             try:
                 if httpx.get(self.url + "/ready", timeout=1.0).status_code == 200:
                     return self
