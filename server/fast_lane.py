@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from server.errors import ApiError, ClientDisconnected, error_response
+from server.errors import ApiError, ClientDisconnected, disconnected_response, error_response
 from server.openai_schemas import ChatRequest, CompletionRequest
 from server.routes.openai import chat_completions, completions
 from server.routes.reason import reason
@@ -90,7 +90,7 @@ class FastLane:
         except ApiError as e:
             response = error_response(request, e)
         except ClientDisconnected as e:
-            response = error_response(request, ApiError(499, str(e), "client_disconnected"))
+            response = await disconnected_response(request, e)
         else:
             response = result if isinstance(result, Response) else Response(
                 result.model_dump_json(exclude_none=True, by_alias=True), media_type="application/json")
