@@ -4,11 +4,13 @@
 # `superposition` (configs/prosqa_superposition.yaml: COCONUT from scratch with symbols,
 # frontier targets and teacher-forced thoughts); `superposition_wide`
 # (configs/prosqa_superposition_wide.yaml: that run's best model widened to d=256, 8 heads, by
-# `engine widen`, function-preserving, then trained on). Not named: coconut, cot and no_cot.
+# `engine widen`, function-preserving, then trained on); `superposition_wide_cot` and
+# `superposition_wide_no_cot` (its baselines at d=256, from the 10-node model widened). Not
+# named: coconut, cot and no_cot.
 # A run resumes exactly from its last checkpoint_<E> when interrupted: rerun the same command
 # (a finished run is not trained again; --set num_epochs=N trains a finished one further).
 # Extra --set options apply to every run named.
-# Usage: scripts/train_prosqa.sh [coconut|cot|no_cot|superposition|superposition_wide ...] [-- --set key=value ...]
+# Usage: scripts/train_prosqa.sh [coconut|cot|no_cot|superposition|superposition_wide|superposition_wide_cot|superposition_wide_no_cot ...] [-- --set key=value ...]
 # Model selection uses the official ProsQA validation split when ../shared/data holds it,
 # else the configs' generator split (seed 4242).
 set -euo pipefail
@@ -55,6 +57,13 @@ for m in "${methods[@]}"; do
   wide_init=runs/prosqa/superposition_wide_init
   if [ "$m" = superposition_wide ] && [ ! -f "$wide_init/model.safetensors" ]; then
     "$engine" widen --from checkpoints/prosqa/prosqa_superposition/best --out "$wide_init" \
+      --hidden-size 256 --heads 8 --intermediate-size 1024 --noise 1e-5 --seed 0
+  fi
+  # superposition_wide_cot / _no_cot (the baselines at that width) start from the 10-node model
+  # the d=128 baselines started from, widened the same way
+  small_wide_init=runs/prosqa/superposition_small_wide_init
+  if [[ "$m" = superposition_wide_cot || "$m" = superposition_wide_no_cot ]] && [ ! -f "$small_wide_init/model.safetensors" ]; then
+    "$engine" widen --from checkpoints/prosqa/prosqa_superposition_small/best --out "$small_wide_init" \
       --hidden-size 256 --heads 8 --intermediate-size 1024 --noise 1e-5 --seed 0
   fi
   echo "training prosqa_$m (log: runs/prosqa/prosqa_$m.log)"

@@ -34,6 +34,18 @@ class PortTaken(RuntimeError):
     """The server could not bind its port: another process took it first."""
 
 
+# how each listener says its port was taken: uvicorn ("[Errno 98] ... address already in use"),
+# Ray Serve's proxy ("Failed to bind"), Ray's HAProxy ingress ("cannot bind socket (Address
+# already in use)")
+_BIND_FAILURES = ("address already in use", "failed to bind", "cannot bind socket")
+
+
+def port_was_taken(output: str, port: int) -> bool:
+    """Whether a server's log says it could not bind ``port`` (not some other failure)."""
+    lowered = output.lower()
+    return str(port) in output and any(failure in lowered for failure in _BIND_FAILURES)
+
+
 class LiveServer:
     def __init__(self, model_dir: str | Path | None, *args: str, env: dict[str, str] | None = None,
                  startup_timeout: float = 120.0):
@@ -69,7 +81,7 @@ class LiveServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 output = self.output()
-                if str(self.port) in output and ("Failed to bind" in output or "address already in use" in output):
+                if port_was_taken(output, self.port):
                     raise PortTaken(self.port)
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{output}")
             try:
