@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Rebuild the bundled default model (models/prosqa-coconut) from the superposition recipe:
 # train COCONUT at 128 wide, then widened to 256 (superposition_wide, from the first run's
-# best), and the CoT and no-CoT baselines (scripts/train_prosqa.sh superposition
-# superposition_wide superposition_cot superposition_no_cot: each continues from its
+# best), and the CoT and no-CoT baselines at both widths (scripts/train_prosqa.sh superposition
+# superposition_wide superposition_cot superposition_no_cot superposition_wide_cot
+# superposition_wide_no_cot: each continues from its
 # committed checkpoint or the 10-node model, each resumes exactly when interrupted), copy the
 # 256-wide run's best checkpoint (model selection on the official validation split when
 # ../shared/data has it), write the held-out test split, and measure every run on it and on
@@ -16,7 +17,8 @@ out=${1:-models/prosqa-coconut}
 runs=runs/prosqa
 engine=$PWD/.venv/bin/engine
 [ -x "$engine" ] || scripts/setup.sh
-[ "$train" = 1 ] && scripts/train_prosqa.sh superposition superposition_wide superposition_cot superposition_no_cot
+[ "$train" = 1 ] && scripts/train_prosqa.sh superposition superposition_wide superposition_cot superposition_no_cot \
+    superposition_wide_cot superposition_wide_no_cot
 
 best=$runs/prosqa_superposition_wide/best
 mkdir -p "$out" && find "$out" -mindepth 1 ! -name README.md -delete   # the README is written by hand
@@ -28,7 +30,7 @@ cp "$runs"/prosqa_superposition_wide/{metrics.jsonl,metrics.png} "$out"/
 official=../shared/data/prosqa_valid.json
 docs=docs/recipe/prosqa
 mkdir -p "$docs"
-for m in superposition_wide superposition superposition_cot superposition_no_cot; do
+for m in superposition_wide superposition superposition_cot superposition_no_cot superposition_wide_cot superposition_wide_no_cot; do
   model="$runs/prosqa_$m/best"; [ "$m" = superposition_wide ] && model="$out"
   [ -f "$model/model.safetensors" ] || { echo "skipping $m: no $model"; continue; }
   "$engine" eval --model "$model" --data "$out/test.json" --max-tokens 24 --json > "$docs/eval_${m}_heldout.json"
@@ -40,14 +42,16 @@ for m in superposition_wide superposition superposition_cot superposition_no_cot
 done
 .venv/bin/python -m engine.train.eval_plot "$docs/eval_superposition_heldout.png" \
     "COCONUT 256 wide (bundled)=$docs/eval_superposition_wide_heldout.json" \
-    "COCONUT 128 wide=$docs/eval_superposition_heldout.json" CoT="$docs/eval_superposition_cot_heldout.json" \
-    no-CoT="$docs/eval_superposition_no_cot_heldout.json" --title "ProsQA, 1,000 held-out questions"
+    "COCONUT 128 wide=$docs/eval_superposition_heldout.json" "CoT 256 wide=$docs/eval_superposition_wide_cot_heldout.json" \
+    "no-CoT 256 wide=$docs/eval_superposition_wide_no_cot_heldout.json" --title "ProsQA, 1,000 held-out questions"
 .venv/bin/python -m engine.train.compare --run "COCONUT 128 wide=$runs/prosqa_superposition" \
     --run "COCONUT 256 wide (bundled)=$runs/prosqa_superposition_wide@COCONUT 128 wide:70" \
-    --run "CoT=$runs/prosqa_superposition_cot" --run "no-CoT=$runs/prosqa_superposition_no_cot" \
+    --run "CoT 128 wide=$runs/prosqa_superposition_cot" --run "no-CoT 128 wide=$runs/prosqa_superposition_no_cot" \
+    --run "CoT 256 wide=$runs/prosqa_superposition_wide_cot" --run "no-CoT 256 wide=$runs/prosqa_superposition_wide_no_cot" \
     --out "$docs/superposition_comparison.png" --title "ProsQA, the superposition recipe"
 .venv/bin/python -m engine.train.compare --run "COCONUT 128 wide=$runs/prosqa_superposition" \
     --run "COCONUT 256 wide (bundled)=$runs/prosqa_superposition_wide@COCONUT 128 wide:70" \
-    --run "CoT=$runs/prosqa_superposition_cot" --run "no-CoT=$runs/prosqa_superposition_no_cot" --x samples \
+    --run "CoT 128 wide=$runs/prosqa_superposition_cot" --run "no-CoT 128 wide=$runs/prosqa_superposition_no_cot" \
+    --run "CoT 256 wide=$runs/prosqa_superposition_wide_cot" --run "no-CoT 256 wide=$runs/prosqa_superposition_wide_no_cot" --x samples \
     --out "$docs/superposition_comparison_samples.png" --title "ProsQA, the superposition recipe, against samples"
 cat "$out/eval.json"
