@@ -92,6 +92,8 @@ class CoconutConfig(BaseModel):
     symbols: int = Field(0, ge=0, description="compact models trained with per-question symbols "
                                              "(engine.data.symbols): each question's names are renamed to these "
                                              "many symbols before tokenizing, and the output is renamed back")
+    use_chat_template: bool = Field(False, description="render a /v1/reason question as one user message "
+                                    "through the tokenizer's chat template (a plain model with a template: true)")
     stop_classifier: StopClassifierSpec | None = None
     latent_feedback: FeedbackSpec = Field(default_factory=FeedbackSpec,
                                           description="what a thought feeds back (default: the hidden state)")
@@ -229,9 +231,9 @@ class CoconutConfig(BaseModel):
 
 @dataclass
 class MarkerIds:
-    bot: int
-    eot: int
-    latent: int
+    bot: int | None       # None: a plain language model without latent markers
+    eot: int | None
+    latent: int | None
     eos: tuple[int, ...]
     pad: int
     prefix: tuple[int, ...] = ()     # latent_prefix_tokens: between the question and <bot>
@@ -332,25 +334,36 @@ def load_tokenizer(directory: str | Path):
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
-                    weights: bool = True, coconut: dict[str, Any] | None = None) -> Checkpoint:
-    """Load and validate a checkpoint directory. Raises ``CheckpointError`` naming the problem.
+                    weights: bool = True, coconut: dict[str, Any] | None = None,
+                    revision: str | None = None) -> Checkpoint:
+    """Load and validate a model. Raises ``CheckpointError`` naming the problem.
+
+    ``path``: a checkpoint directory, a ``.gguf`` file (dequantized to ``dtype`` through a
+    temporary directory) or a Hugging Face Hub id (``revision``: its branch, tag or
+    commit), as ``engine.sources.resolve_model`` reads them.
     ``weights=False``: the model is built on the meta device from its config (shapes, no
     memory) and no stop classifier is loaded; for a process that only tokenizes.
 
-    ``coconut``: ``coconut.json`` fields that override the file's; with them a plain Hugging
-    Face model directory (no ``coconut.json``) is served too (e.g. Soft Thinking:
-    ``{"latent_feedback": {"type": "soft_embedding"}, "bot_token": "<think>", "eot_token":
-    "</think>"}``). Markers such a model's tokenizer lacks are added as special tokens, with
-    new embedding rows (the mean of the others)."""
+    A directory without ``coconut.json`` is a plain Hugging Face model: it is served as a
+    language model (its chat template renders ``/v1/reason`` questions too) unless
+    ``coconut`` asks for latent mode (``latent_feedback``, ``latent_mode``, the markers or
+    ``method``): then its own ``<think>`` / ``</think>`` are the markers when its tokenizer
+    has them, and markers it lacks are added as special tokens, with new embedding rows
+    (the mean of the others). ``coconut``: ``coconut.json`` fields over the file's (or the
+    plain defaults)."""
     from transformers import AutoModelForCausalLM
 
+    from engine.sources import resolve_model
     from engine.stop_classifier import StopClassifier
 
-    directory = Path(path)
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: not a directory")
-    plain = not (directory / COCONUT_JSON).is_file() and coconut is not None
-    config = CoconutConfig.read(directory, overrides=coconut)
+    source = resolve_model(path, revision)
+    if source.is_gguf:
+        from engine.gguf import materialize
+
+        directory = materialize(source.directory / source.gguf_file, _dtype_name(dtype))
+    else:
+        directory = source.directory
+    plain = not (directory / COCONUT_JSON).is_file()
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory}: missing config.json (the Hugging Face model config)")
     _check_weights_are_safetensors(directory)
@@ -359,6 +372,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str | torch.dt
         tokenizer = load_tokenizer(directory)
     except Exception as e:  # transformers raises many kinds here
         raise CheckpointError(f"{directory}: the tokenizer does not load ({e})") from e
+    config = CoconutConfig.read(directory, overrides=plain_fields(tokenizer, coconut) if plain else coconut)
     try:
         if weights:
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, use_safetensors=True)
@@ -367,12 +381,14 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str | torch.dt
             model = _model_without_weights(directory, torch_dtype)
     except Exception as e:
         raise CheckpointError(f"{directory}: the model does not load ({e})") from e
-    if plain:
+    latent = config.method not in ("cot", "no_cot") or config.latent_mode not in (None, "none")
+    if plain and latent:
         _add_missing_markers(model, tokenizer, config, resize=weights)   # resize: real weights to fill
+    pause = config.method == "pause_as_thought"
     markers = MarkerIds(
-        bot=token_id(tokenizer, config.bot_token, "bot_token"),
-        eot=token_id(tokenizer, config.eot_token, "eot_token"),
-        latent=token_id(tokenizer, config.latent_token, "latent_token"),
+        bot=_marker(tokenizer, config.bot_token, "bot_token", required=latent or not plain),
+        eot=_marker(tokenizer, config.eot_token, "eot_token", required=latent or not plain),
+        latent=_marker(tokenizer, config.latent_token, "latent_token", required=pause or not plain),
         eos=eos_ids(tokenizer, model),
         pad=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                 else (tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)),
@@ -384,7 +400,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str | torch.dt
                               f"generation config no eos_token_id")
     vocab, hidden = model.get_input_embeddings().weight.shape
     for name in ("bot", "eot", "latent"):
-        if getattr(markers, name) >= vocab:
+        if getattr(markers, name) is not None and getattr(markers, name) >= vocab:
             raise CheckpointError(f"{directory}: {name}_token id {getattr(markers, name)} is outside "
                                   f"the model's embedding table ({vocab} rows)")
     bad = [i for i in config.suppress_token_ids if not 0 <= i < vocab]
@@ -403,22 +419,64 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str | torch.dt
         projection.to(device=device, dtype=torch_dtype)
     return Checkpoint(path=directory, model=model, tokenizer=tokenizer, config=config,
                       markers=markers, stop_classifier=classifier,
-                      max_seq_len=model_max_len(model.config), name=directory.name, projection=projection)
+                      max_seq_len=model_max_len(model.config), name=source.name, projection=projection)
+
+
+#: What asks a plain model (no coconut.json) for latent mode.
+LATENT_FIELDS = ("latent_feedback", "latent_mode", "bot_token", "eot_token", "method", "num_thoughts")
+THINK_MARKERS = ("<think>", "</think>")
+
+
+def plain_fields(tokenizer, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """``coconut.json`` fields for a plain model: a language model (``no_cot``: no markers,
+    no thoughts) whose questions go through its chat template when it has one and whose
+    answer is all it says; with any of ``LATENT_FIELDS`` among the ``overrides``, a latent
+    reasoner (``coconut``, fixed thoughts by default) whose markers are the tokenizer's own
+    ``<think>`` / ``</think>`` when it has them. ``overrides`` are applied last."""
+    overrides = dict(overrides or {})
+    latent = any(key in overrides for key in LATENT_FIELDS)
+    fields: dict[str, Any] = {"method": "coconut" if latent else "no_cot", "question_suffix": "",
+                              "answer_prefix": "", "step_suffix": "",
+                              "use_chat_template": bool(getattr(tokenizer, "chat_template", None))}
+    vocab = tokenizer.get_vocab()
+    if all(marker in vocab for marker in THINK_MARKERS):
+        fields["bot_token"], fields["eot_token"] = THINK_MARKERS
+    return {**fields, **overrides}
+
+
+def _marker(tokenizer, token: str, field: str, required: bool) -> int | None:
+    """A marker's id; a plain language model may lack its markers (None: never fed)."""
+    if not required and token not in tokenizer.get_vocab():
+        return None
+    return token_id(tokenizer, token, field)
+
+
+def _dtype_name(dtype: str | torch.dtype) -> str:
+    return str(resolve_dtype(dtype)).removeprefix("torch.")
 
 
 def _add_missing_markers(model, tokenizer, config: CoconutConfig, resize: bool) -> None:
     """A plain model served with markers its tokenizer lacks: add them as special tokens and
     grow the embedding (and untied LM head) with rows at the mean of the others."""
     vocab = set(tokenizer.get_vocab())
-    missing = [t for t in dict.fromkeys([config.bot_token, config.eot_token, config.latent_token,
-                                         *config.latent_prefix_tokens, *config.latent_suffix_tokens])
+    wanted = [config.bot_token, config.eot_token, *config.latent_prefix_tokens, *config.latent_suffix_tokens]
+    if config.method == "pause_as_thought":
+        wanted.append(config.latent_token)
+    missing = [t for t in dict.fromkeys(wanted)
                if t not in vocab]
     if not missing:
         return
     tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:   # on the meta device (a frontend): the shapes only
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=resize)
+        # transformers' mean_resizing draws the new rows at random (a normal with the old rows'
+        # mean and covariance); the exact mean keeps every start, and every process, identical
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        if resize:
+            with torch.no_grad():
+                for table in {id(t): t for t in (model.get_input_embeddings(), model.get_output_embeddings())
+                              if t is not None}.values():
+                    table.weight[rows:] = table.weight[:rows].mean(dim=0)
     log.info("added markers %s to the tokenizer (%d tokens)", missing, len(tokenizer))
 
 

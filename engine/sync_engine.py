@@ -22,6 +22,7 @@ from pathlib import Path
 from engine.checkpoint import Checkpoint, load_checkpoint
 from engine.config import EngineConfig
 from engine.core import EngineCore
+from engine.kv_cache_sizing import DEFAULT_MAX_SEQ_LEN, check_allocation, plan_for_model
 from engine.output import OutputProcessor, RequestOutput
 from engine.params import LatentPolicy, SamplingParams, broadcast
 from engine.prompt import PromptFormat
@@ -30,22 +31,21 @@ from engine.runner.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
-# Positions per request when neither the model (ALiBi, or a very long context) nor the
-# configuration bounds them: the slot cache holds max_batch_size x max_seq_len positions.
-DEFAULT_MAX_SEQ_LEN = 4096
-
 
 class Engine:
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None):
-        max_seq_len = self._init_text(checkpoint, config)
+        self._init_text(checkpoint, config)
+        kv_plan = plan_for_model(checkpoint.model, checkpoint.max_seq_len, self.config)  # ValueError: no fit
+        max_seq_len = kv_plan.max_seq_len
         self.runner = ModelRunner(checkpoint.model, checkpoint.markers.pad, checkpoint.stop_classifier,
                                   seed=self.config.seed, num_slots=self.config.max_batch_size,
                                   max_seq_len=max_seq_len, compile=self.config.compile,
                                   projection=checkpoint.projection,
                                   suppress_token_ids=checkpoint.config.suppress_token_ids)
         cache_bytes = self.runner.allocate()
-        log.info("KV cache: %d slots x %d positions, %.1f MiB", self.config.max_batch_size, max_seq_len,
-                 cache_bytes / 2**20)
+        log.info("KV cache: %d slots x %d positions, %.1f MiB (%s)", self.config.max_batch_size, max_seq_len,
+                 cache_bytes / 2**20, kv_plan.source)
+        check_allocation(kv_plan, self.config.max_batch_size, cache_bytes)
         if self.config.compile:
             log.info("compiling the decode step for batch sizes %s ...", self.runner.decode_buckets)
             log.info("decode step compiled in %.1f s", self.runner.warm_up())
@@ -53,7 +53,8 @@ class Engine:
 
     def _init_text(self, checkpoint: Checkpoint, config: EngineConfig | None) -> int:
         """Everything but the model runner: tokenizer, prompt format, output processing.
-        Returns the sequence limit."""
+        Returns the sequence limit without a memory budget (the frontend's, until the engine
+        process reports its own)."""
         self.checkpoint = checkpoint
         self.config = config or EngineConfig()
         self.tokenizer = checkpoint.tokenizer
@@ -80,15 +81,16 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu", dtype: str = "float32",
-                        coconut: dict | None = None, **config) -> "Engine":
-        """Load a checkpoint directory (default: the bundled model) and build an engine.
-        ``coconut``: ``coconut.json`` fields over the file's (or, for a plain Hugging Face
-        model directory, instead of it: ``load_checkpoint``). Extra keyword arguments are
-        ``EngineConfig`` fields (``max_batch_size``, ...)."""
+                        coconut: dict | None = None, revision: str | None = None, **config) -> "Engine":
+        """Load a model (default: the bundled one) and build an engine. ``path``: a checkpoint
+        directory, a ``.gguf`` file or a Hugging Face Hub id (``revision``: its branch, tag
+        or commit); ``engine.sources``. ``coconut``: ``coconut.json`` fields over the file's
+        (or, for a plain Hugging Face model, over the plain defaults: ``load_checkpoint``).
+        Extra keyword arguments are ``EngineConfig`` fields (``max_batch_size``, ...)."""
         if path is None:
             from engine.models import default_model_dir
             path = default_model_dir()
-        checkpoint = load_checkpoint(path, device=device, dtype=dtype, coconut=coconut)
+        checkpoint = load_checkpoint(path, device=device, dtype=dtype, coconut=coconut, revision=revision)
         return cls(checkpoint, EngineConfig(device=device, dtype=dtype, **config))
 
     @property
@@ -108,6 +110,12 @@ class Engine:
         a chat template (``prompt_format.has_chat_template``)."""
         sampling = sampling or SamplingParams()
         resolved = self.coconut.resolve(latent)
+        if resolved.mode != "none" and self.checkpoint.markers.bot is None:
+            raise ValueError("this model is served as a plain language model (no coconut.json and no latent "
+                             "flags at start-up), so it has no latent mode: ask without latent, or serve it "
+                             "with --latent-feedback soft_embedding (Soft Thinking)")
+        if isinstance(question, str) and self.coconut.use_chat_template and self.prompt_format.has_chat_template:
+            question = [{"role": "user", "content": question}]
         if isinstance(question, list):   # chat messages, for a tokenizer with a chat template
             prompt = self.prompt_format.build_chat(question, resolved)
         else:

@@ -41,12 +41,31 @@ log = logging.getLogger(__name__)
 STREAM_EVENT_MODELS = [ReasonStreamEvent, CompletionChunk, ChatCompletionChunk]
 
 
+def resolve_served_model(settings: ServerSettings) -> ServerSettings:
+    """The settings with ``model`` as a local directory: a Hub id resolved in the Hub's cache,
+    a ``.gguf`` file dequantized once into a temporary directory that lives as long as this
+    process (so an engine process, and each one that replaces it, loads a plain directory).
+    ``served_model_name`` defaults to what the user named (the Hub id, the GGUF file's stem).
+    Raises ``CheckpointError`` naming the model and the reason."""
+    from engine.sources import resolve_model
+
+    source = resolve_model(settings.model_spec(), settings.revision)
+    directory = source.directory
+    if source.is_gguf:
+        from engine.gguf import materialize
+
+        log.info("dequantizing %s to %s ...", source.gguf_file, settings.resolved_dtype())
+        directory = materialize(source.directory / source.gguf_file, settings.resolved_dtype())
+    return settings.model_copy(update={"model": str(directory), "revision": None,
+                                       "served_model_name": settings.served_model_name or source.name})
+
+
 def engine_options(settings: ServerSettings) -> dict:
     """``Engine.from_pretrained`` keyword arguments from the settings."""
-    return dict(device=settings.resolved_device(), dtype=settings.resolved_dtype(),
+    return dict(device=settings.resolved_device(), dtype=settings.resolved_dtype(), revision=settings.revision,
                 max_batch_size=settings.max_batch_size, max_seq_len=settings.max_seq_len,
                 max_prefill_tokens=settings.max_prefill_tokens, seed=settings.seed, compile=settings.compile,
-                coconut=settings.coconut_overrides())
+                kv_cache_memory=settings.kv_cache_memory, coconut=settings.coconut_overrides())
 
 
 def engine_process_threads(settings: ServerSettings) -> int:
@@ -67,7 +86,7 @@ def load_engine(settings: ServerSettings) -> Engine:
     if settings.torch_threads is not None:
         import torch
         torch.set_num_threads(settings.torch_threads)
-    return Engine.from_pretrained(settings.model_dir(), **engine_options(settings))
+    return Engine.from_pretrained(settings.model_spec(), **engine_options(settings))
 
 
 async def start_engine(settings: ServerSettings, engine: Engine | None, on_step, on_restart=None,
@@ -80,7 +99,7 @@ async def start_engine(settings: ServerSettings, engine: Engine | None, on_step,
 
         policy = RestartPolicy(max_restarts=settings.max_engine_restarts, window_s=settings.engine_restart_window_s,
                                backoff_s=settings.engine_restart_backoff_s)
-        running = await asyncio.to_thread(ProcessEngine, settings.model_dir(), engine_options(settings),
+        running = await asyncio.to_thread(ProcessEngine, settings.model_spec(), engine_options(settings),
                                           settings.max_queue, engine_process_threads(settings), on_step, policy,
                                           on_restart, on_give_up)
     else:
@@ -111,12 +130,13 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        async_engine = await start_engine(settings, engine, metrics.on_step,
+        served = settings if engine is not None else await asyncio.to_thread(resolve_served_model, settings)
+        async_engine = await start_engine(served, engine, metrics.on_step,
                                           on_restart=lambda reason: metrics.engine_restarts.inc(),
                                           on_give_up=give_up)
         metrics.bind_engine(lambda: async_engine.num_waiting, lambda: async_engine.num_running)
         core = async_engine.engine
-        name = settings.served_model_name or core.model_name
+        name = served.served_model_name or core.model_name
         app.state.service = GenerationService(async_engine, metrics, name, settings.retry_after_s)
         app.state.engine = async_engine
         log.info("serving %s (max_batch_size=%d, max_queue=%d, max_seq_len=%d%s)", name,

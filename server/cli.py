@@ -58,8 +58,8 @@ _UNSET = {"api_key": "no key, the API is open", "seed": "a random seed"}
 
 def flag_help(name: str, field) -> str:
     """The help of one setting's flag: its description, its default (unless the
-    description already states it) and its environment variable."""
-    text = field.description or name.replace("_", " ")
+    description already states it) and its environment variable ('%' escaped for argparse)."""
+    text = (field.description or name.replace("_", " ")).replace("%", "%%")
     env = f"env COCONUT_{name.upper()}"
     if "(default:" in text:
         return f"{text} ({env})"
@@ -83,6 +83,24 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         raise ValueError(f"invalid server settings: {problems}") from None
 
 
+def check_model(settings: ServerSettings) -> ServerSettings:
+    """Before uvicorn starts: the model named, as a local directory that loads (its config,
+    tokenizer and ``coconut.json`` checked, no weights read), or ``CheckpointError`` (a
+    ``ValueError``: ``engine`` prints one line naming the model and the reason, and exits 2)."""
+    from engine.checkpoint import load_checkpoint
+    from engine.errors import CheckpointError
+    from server.app import resolve_served_model
+
+    spec = settings.model_spec()
+    try:
+        settings = resolve_served_model(settings)
+        load_checkpoint(settings.model_spec(), weights=False, coconut=settings.coconut_overrides())
+    except ValueError as e:
+        message = str(e)
+        raise CheckpointError(message if spec in message else f"--model {spec}: {message}") from None
+    return settings
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -90,10 +108,8 @@ def run(args: argparse.Namespace) -> int:
     from server.app import create_app
 
     settings = settings_from_args(args)
-    model_dir = settings.model_dir()
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"--model {model_dir}: not a directory")
     configure(settings.log_level)
+    settings = check_model(settings)
     if settings.uses_ray():
         from server.ray_serve import serve_on_ray
 

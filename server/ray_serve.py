@@ -240,7 +240,7 @@ def serve_on_ray(settings: ServerSettings) -> int:
         serve.run(build_application(settings), name=APP_NAME, route_prefix="/", blocking=False)
         replicas = settings.autoscale or settings.replicas
         log.info("Ray Serve: %s replicas of %s ready in %.1f s; listening on http://%s:%d",
-                 replicas, settings.model_dir().name, time.perf_counter() - started, settings.host, port)
+                 replicas, settings.served_model_name or settings.model_spec(), time.perf_counter() - started, settings.host, port)
         node_id = ray.get_runtime_context().get_node_id()
         stop.wait()
         log.info("shutting down: draining every replica (up to %.0f s)", settings.drain_timeout_s)

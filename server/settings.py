@@ -20,9 +20,12 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="COCONUT_", extra="forbid", frozen=True)
 
-    model: Path | None = Field(None, description="checkpoint directory (default: the bundled model)")
+    model: str | None = Field(None, description="the model: a checkpoint directory, a .gguf file (or DIR:FILE.gguf), "
+                              "or a Hugging Face Hub id org/name (or org/name:FILE.gguf) taken from the Hub's cache "
+                              "(HF_HOME, HF_HUB_OFFLINE, HF_TOKEN honoured) (default: the bundled model)")
+    revision: str | None = Field(None, description="a Hub id's branch, tag or commit (default: main)")
     served_model_name: str | None = Field(None, description="name reported by the API "
-                                          "(default: the checkpoint directory's name)")
+                                          "(default: the Hub id, the GGUF file's stem or the directory's name)")
     host: str = Field("127.0.0.1", description="interface to bind (0.0.0.0 for all)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
     api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer KEY' on the API")
@@ -32,7 +35,12 @@ class ServerSettings(BaseSettings):
         "auto", description="weights dtype (auto: float32 on CPU, bfloat16 on CUDA)")
     max_batch_size: int = Field(32, ge=1, description="requests decoded together in one forward pass")
     max_queue: int = Field(256, ge=1, description="requests waiting for a batch slot before 503")
-    max_seq_len: int | None = Field(None, ge=2, description="positions per request (default: the model's, at most 4096); the KV cache holds max_batch_size x max_seq_len")
+    max_seq_len: int | None = Field(None, ge=2, description="positions per request (default: the model's, at most 4096, or with --kv-cache-memory at most what fits); the KV cache holds max_batch_size x max_seq_len")
+    kv_cache_memory: str | None = Field(None, description="memory for the KV cache: 4GiB, 512MiB, a plain "
+                                        "number of GiB (4, 0.5), or 90% of the device's memory free after the weights "
+                                        "are loaded; with it max_seq_len defaults to the model's context if that fits "
+                                        "max_batch_size slots, else to what fits (no 4096 cap), and a given max_seq_len "
+                                        "that does not fit is refused at start-up (default: sized by max_seq_len alone)")
     max_prefill_tokens: int = Field(512, ge=1, description="prompt tokens prefilled per step (longer prompts are prefilled in chunks, interleaved with decoding): lower for steadier gaps between tokens under arrivals, higher for sooner first tokens")
     seed: int | None = Field(None, description="seed of the engine's shared generator (unseeded requests)")
     compile: bool = Field(False, description="compile the decode step with torch.compile (rows padded to "
@@ -114,6 +122,15 @@ class ServerSettings(BaseSettings):
         or one on a given cluster) or autoscaling. ``--replicas 1`` alone is the plain server."""
         return bool((self.replicas or 1) > 1 or self.autoscale or self.ray_address)
 
+    @field_validator("kv_cache_memory")
+    @classmethod
+    def _kv_cache_memory(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from engine.kv_cache_sizing import parse_kv_cache_memory
+        parse_kv_cache_memory(value)   # ValueError saying what is expected
+        return value.strip()
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:
@@ -153,8 +170,14 @@ class ServerSettings(BaseSettings):
             fields.update(json_object(self.coconut, "coconut", "a JSON object of coconut.json fields"))
         return fields or None
 
-    def model_dir(self) -> Path:
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model(cls, value):
+        return str(value) if isinstance(value, Path) else value
+
+    def model_spec(self) -> str:
+        """What ``--model`` names (``engine.sources.resolve_model`` reads it), or the bundled model."""
         if self.model is not None:
             return self.model
         from engine.models import default_model_dir
-        return default_model_dir()
+        return str(default_model_dir())

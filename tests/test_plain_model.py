@@ -22,30 +22,41 @@ from tests.test_server_harness import InProcessServer
 
 TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+# use_chat_template false: the question itself is the prompt (the reference's input)
 SOFT = {"latent_feedback": {"type": "soft_embedding", "top_k": 5}, "bot_token": "<think>",
-        "eot_token": "</think>", "question_suffix": "", "answer_prefix": ""}
+        "eot_token": "</think>", "question_suffix": "", "answer_prefix": "", "use_chat_template": False}
 QUESTION = "Every wumpus is a yumpus. Tom is a wumpus. Is Tom a yumpus or zumpus?"
 
 
-@pytest.fixture(scope="module")
-def plain_dir(tmp_path_factory) -> Path:
+def _plain_model(directory: Path, think_markers: bool) -> Path:
     from transformers import AutoModelForCausalLM
 
     from engine.tiny import model_config, sample_corpus, train_tokenizer
 
     tokenizer = train_tokenizer(sample_corpus(), vocab_size=400)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]},
-                                 replace_extra_special_tokens=False)
+    if think_markers:
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]},
+                                     replace_extra_special_tokens=False)
     tokenizer.chat_template = TEMPLATE
     config = model_config("llama", len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(4)
     model = AutoModelForCausalLM.from_config(config)
-    directory = tmp_path_factory.mktemp("plain-llama")
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     assert not (directory / "coconut.json").exists()
     return directory
+
+
+@pytest.fixture(scope="module")
+def plain_dir(tmp_path_factory) -> Path:
+    return _plain_model(tmp_path_factory.mktemp("plain-llama"), think_markers=True)
+
+
+@pytest.fixture(scope="module")
+def bare_dir(tmp_path_factory) -> Path:
+    """A plain model whose tokenizer has no think markers."""
+    return _plain_model(tmp_path_factory.mktemp("bare-llama"), think_markers=False)
 
 
 def _reference(engine, prompt: str, thoughts: int, max_tokens: int, **kw):
@@ -55,9 +66,38 @@ def _reference(engine, prompt: str, thoughts: int, max_tokens: int, **kw):
                               max_tokens=max_tokens, feedback=soft_embedding_feedback(top_k=5), **kw)
 
 
-def test_a_plain_directory_needs_the_flags(plain_dir):
-    with pytest.raises(CheckpointError, match="missing coconut.json"):
-        Engine.from_pretrained(plain_dir)
+def _hf_greedy(engine, ids: list[int], max_tokens: int) -> list[int]:
+    """transformers' own greedy decoding of ``ids`` (the oracle), without the EOS."""
+    model = engine.checkpoint.model
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=max_tokens, do_sample=False, pad_token_id=engine.checkpoint.markers.pad,
+                         eos_token_id=list(engine.checkpoint.markers.eos))
+    new = out[0, len(ids):].tolist()
+    return [t for t in new if t not in engine.checkpoint.markers.eos]
+
+
+@pytest.mark.parametrize("fixture", ["plain_dir", "bare_dir"])
+def test_a_plain_directory_is_a_language_model_with_its_chat_template(fixture, request):
+    """No coconut.json, no flags: no thoughts, the question rendered as a user message by the
+    tokenizer's chat template, the answer all the model says; transformers' generate agrees."""
+    engine = Engine.from_pretrained(request.getfixturevalue(fixture))
+    assert engine.coconut.method == "no_cot" and engine.coconut.use_chat_template
+    rendered = engine.tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}],
+                                                    add_generation_prompt=True, tokenize=False)
+    ids = engine.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    [result] = engine.generate([QUESTION], SamplingParams(max_tokens=8))
+    assert result.prompt_token_ids == ids and result.num_thoughts == 0
+    assert result.token_ids[:len(_hf_greedy(engine, ids, 8))] == _hf_greedy(engine, ids, 8)
+    assert result.answer == result.text.strip()
+
+
+def test_a_plain_model_takes_its_own_think_markers(plain_dir):
+    """(A plain model with no markers at all refuses latent requests: tests/test_real_models.py.)"""
+    # its own <think> / </think> are the markers of a plain model that has them
+    soft = Engine.from_pretrained(plain_dir, coconut={"latent_feedback": {"type": "soft_embedding"}})
+    names = soft.tokenizer.convert_ids_to_tokens([soft.checkpoint.markers.bot, soft.checkpoint.markers.eot])
+    assert names == ["<think>", "</think>"] and soft.coconut.method == "coconut"
+    assert len(soft.tokenizer) == Engine.from_pretrained(plain_dir).checkpoint.model.vocab_size
 
 
 def test_soft_thinking_on_a_plain_model_matches_reference(plain_dir):
@@ -92,6 +132,9 @@ def test_server_serves_a_plain_model_with_its_chat_template(plain_dir):
     assert rendered.startswith("<s>system: Answer briefly.")
     # the rendered prompt has its own <s> tokens; the tokenizer adds none (no post-processor)
     expected = _reference(oracle, rendered, 3, 6, ignore_eos=True)
+    # /v1/reason: a plain model with a chat template renders the question as one user message
+    asked = oracle.tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
+                                                 tokenize=False)
     with InProcessServer(plain_dir, latent_feedback="soft_embedding", bot_token="<think>", eot_token="</think>",
                          coconut='{"question_suffix": "", "answer_prefix": "", '
                                  '"latent_feedback": {"type": "soft_embedding", "top_k": 5}}') as server:
@@ -108,7 +151,7 @@ def test_server_serves_a_plain_model_with_its_chat_template(plain_dir):
                                               "latent": {"thoughts": 3, "feedback": {"type": "soft_embedding",
                                                                                       "top_k": 2}}})
             assert r.status_code == 200, r.text
-            want = reference_generate(oracle.checkpoint.model, oracle.tokenizer, QUESTION, question_suffix="",
+            want = reference_generate(oracle.checkpoint.model, oracle.tokenizer, asked, question_suffix="",
                                       bot_id=oracle.checkpoint.markers.bot, eot_id=oracle.checkpoint.markers.eot,
                                       eos_ids=set(oracle.checkpoint.markers.eos), thoughts=3, max_tokens=6,
                                       feedback=soft_embedding_feedback(top_k=2), ignore_eos=True)
@@ -116,12 +159,12 @@ def test_server_serves_a_plain_model_with_its_chat_template(plain_dir):
             r = http.post("/v1/reason", json={"question": QUESTION, "latent": {"feedback": {"type": "projection"}}})
             assert r.status_code == 422 and "projection" in r.json()["error"]["message"]
             # the entropy stop and the trace's mixture, over HTTP, as the reference decides them
-            threshold = statistics.median(_reference(oracle, QUESTION, 6, 1, record_hiddens=True).thought_entropies)
+            threshold = statistics.median(_reference(oracle, asked, 6, 1, record_hiddens=True).thought_entropies)
             r = http.post("/v1/reason", json={
                 "question": QUESTION, "max_tokens": 4, "ignore_eos": True, "return_latent_trace": True,
                 "latent": {"mode": "entropy", "entropy_threshold": threshold, "max_thoughts": 6}})
             assert r.status_code == 200, r.text
-            want = _reference(oracle, QUESTION, 6, 4, ignore_eos=True, mode="entropy", entropy_threshold=threshold)
+            want = _reference(oracle, asked, 6, 4, ignore_eos=True, mode="entropy", entropy_threshold=threshold)
             body = r.json()
             assert body["usage"]["latent_thoughts"] == want.num_thoughts
             assert body["text"] == oracle.tokenizer.decode(want.token_ids)

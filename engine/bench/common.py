@@ -14,7 +14,9 @@ def log(message: str) -> None:
 def add_model_arguments(p: argparse.ArgumentParser, *, hidden: int, layers: int, heads: int, vocab: int,
                         label: str) -> None:
     """--model (else a random GPT-2 of the given shape), --device, --dtype, --threads, --seed, --json."""
-    p.add_argument("--model", default=None, help=f"checkpoint directory (default: a random {label})")
+    p.add_argument("--model", default=None, help=f"a checkpoint directory, a .gguf file or a Hugging Face Hub "
+                   f"id (default: a random {label})")
+    p.add_argument("--revision", default=None, help="the Hub id's branch, tag or commit (default: main)")
     p.add_argument("--hidden", type=int, default=hidden, help=f"width of the random model (default {hidden})")
     p.add_argument("--layers", type=int, default=layers, help=f"layers of the random model (default {layers})")
     p.add_argument("--heads", type=int, default=heads, help=f"attention heads of the random model (default {heads})")
@@ -29,9 +31,23 @@ def add_model_arguments(p: argparse.ArgumentParser, *, hidden: int, layers: int,
 def model_dir(args: argparse.Namespace, tmp: str) -> str | Path:
     """``--model``, or a random GPT-2 of ``args``' shape written under ``tmp``."""
     if args.model is not None:
-        return args.model
+        return local_model(args.model, getattr(args, "revision", None), getattr(args, "dtype", "float32"))
     from engine.tiny import make_checkpoint
 
     log(f"building a random GPT-2 ({args.hidden} wide, {args.layers} layers, vocab {args.vocab})")
     return make_checkpoint(Path(tmp) / "model", "gpt2", hidden=args.hidden, layers=args.layers, heads=args.heads,
                            max_positions=1024, init_std=0.02, model_vocab_size=args.vocab, seed=args.seed)
+
+
+def local_model(spec: str, revision: str | None = None, dtype: str = "float32") -> Path:
+    """What ``--model`` names, as a checkpoint directory: a Hub id from the Hub's cache, a
+    ``.gguf`` file dequantized to ``dtype`` into a temporary directory (``engine.sources``)."""
+    from engine.sources import resolve_model
+
+    source = resolve_model(spec, revision)
+    if not source.is_gguf:
+        return source.directory
+    from engine.gguf import materialize
+
+    log(f"dequantizing {source.gguf_file} to {dtype}")
+    return materialize(source.directory / source.gguf_file, dtype)

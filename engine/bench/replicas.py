@@ -38,7 +38,8 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("replicas", help="requests/s with 1 and N Ray Serve replicas vs the single server",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
+    p.add_argument("--model", default=None, help="the model, as `engine serve --model` takes it (default: the "
+                   "bundled model)")
     p.add_argument("--replicas", type=int, default=2, help="replicas of the scaled-out run (default 2)")
     p.add_argument("--concurrency", default="1,64", help="comma-separated in-flight limits (default 1,64)")
     p.add_argument("--num-prompts", type=int, default=128, help="requests per concurrency level (default 128)")

@@ -27,12 +27,13 @@ import statistics
 import time
 
 from engine.bench.common import log
+from engine.sources import add_model_arguments
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("samples", help="n answers forked from one latent pass vs n independent requests",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
+    add_model_arguments(p)
     p.add_argument("--data", default=None, help="records file (default: the model's test.json)")
     p.add_argument("--questions", type=int, default=32, help="questions asked (default 32)")
     p.add_argument("--n", type=int, default=8, help="answers per question (default 8)")
@@ -108,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--n must be >= 2, --questions and --rounds >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = args.model or default_model_dir()
+    from engine.bench.common import local_model
+
+    model = local_model(args.model, args.revision) if args.model else default_model_dir()
     data = args.data or f"{model}/test.json"
     records = load_records(data)[:args.questions]
     engine = Engine.from_pretrained(model, max_batch_size=args.max_batch_size)

@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 SERVER_PREFILL_TOKENS = 512
 
 
+from engine.sources import add_model_arguments
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="HTTP serving throughput and latency vs the engine driven directly",
                        description=__doc__.split("\n\n")[0])
@@ -51,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-prompts", type=int, default=64, help="requests per concurrency level (default 64)")
     p.add_argument("--max-tokens", type=int, default=32, help="answer tokens per request (default 32)")
     p.add_argument("--thoughts", type=int, default=None, help="fixed thoughts per request (default: checkpoint)")
-    p.add_argument("--model", default=None, help="checkpoint directory for the offline comparison")
+    add_model_arguments(p, "the model of the offline comparison (a directory, a .gguf file or a Hub id)")
     p.add_argument("--device", default="cpu", help="device of the offline engine (default cpu)")
     p.add_argument("--dtype", default="float32", help="dtype of the offline engine (default float32)")
     p.add_argument("--max-batch-size", type=int, default=32, help="offline engine batch limit (default 32)")
@@ -554,7 +556,7 @@ def run(args: argparse.Namespace) -> int:
 
         if args.torch_threads is not None:
             torch.set_num_threads(args.torch_threads)
-        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
                                         max_batch_size=args.max_batch_size,
                                         max_prefill_tokens=args.max_prefill_tokens)
         sampling = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)

@@ -6,12 +6,14 @@ import argparse
 import json
 import sys
 
+from engine.sources import add_model_arguments
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="answer questions with a checkpoint",
                        description="Answer questions with a COCONUT checkpoint (the bundled model by default).")
     p.add_argument("questions", nargs="+", help="question text(s)")
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
+    add_model_arguments(p)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--thoughts", type=int, default=None,
                        help="fixed number of latent thoughts (default: the checkpoint's)")
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
                               feedback=feedback)
     elif args.trace or feedback is not None:
         latent = LatentPolicy(mode=None, trace_top_k=args.trace, feedback=feedback)
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
     results = engine.generate(args.questions, sampling=sampling, latent=latent)
     for question, r in zip(args.questions, results):
         if args.json:

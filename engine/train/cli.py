@@ -21,6 +21,8 @@ import json
 import sys
 
 
+from engine.sources import add_model_arguments
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a COCONUT model (curriculum, checkpoints, metrics)",
                        description="Train with the COCONUT curriculum. CONFIG is a YAML file with the reference's "
@@ -32,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("eval", help="exact-match accuracy of a checkpoint on a data file",
                        description="Answer every question of --data with the engine and compare with its answer.")
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
+    add_model_arguments(p)
     p.add_argument("--data", required=True, help="data file (JSON/JSONL records) or generator spec")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--thoughts", type=int, default=None, help="fixed number of thoughts")
@@ -48,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_eval)
 
     convert = sub.add_parser("convert", help="convert another implementation's checkpoint into ours",
-                             description="Convert a checkpoint of another latent-reasoning implementation into a "
+                             description="Convert a checkpoint of another implementation or format into a "
                                          "servable checkpoint directory.")
     kinds = convert.add_subparsers(dest="kind", metavar="KIND", required=True)
     for p in (kinds.add_parser("reference", help="facebookresearch/coconut's checkpoint_N",
@@ -63,6 +65,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--c-thought", type=int, default=1, help="thoughts per reasoning step (default 1)")
         p.add_argument("--max-latent-stage", type=int, default=6, help="the last curriculum stage (default 6)")
         p.set_defaults(func=run_convert)
+    p = kinds.add_parser("gguf", help="a GGUF file (llama.cpp / Ollama), dequantized",
+                         description="Dequantize a GGUF file and write an ordinary checkpoint directory "
+                                     "(safetensors weights, tokenizer, chat template, generation config), so a "
+                                     "server does not dequantize it at every start. Needs the 'gguf' extra.")
+    p.add_argument("file", help="the .gguf file")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    p.set_defaults(func=run_convert_gguf)
     p = kinds.add_parser("codi", help="zhenyi4/codi's saved model (LoRA + projection)",
                          description="Merge a CODI checkpoint's LoRA adapters into its base model and write a "
                                      "checkpoint served with CODI's projection and prompt layout.")
@@ -90,6 +100,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="std of the new entries that write into the residual stream (default 1e-5; 0: exact)")
     p.add_argument("--seed", type=int, default=0, help="seed of the new entries (default 0)")
     p.set_defaults(func=run_widen)
+
+
+def run_convert_gguf(args: argparse.Namespace) -> int:
+    from engine.gguf import convert_gguf
+
+    out = convert_gguf(args.file, args.out, args.dtype)
+    print(f"wrote {out} (serve it with: engine serve --model {out})")
+    return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -142,6 +160,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
         args.model = str(default_model_dir())
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                    revision=getattr(args, "revision", None),
                                     max_batch_size=args.batch_size)
     report = evaluate(engine, records, latent, max_tokens=args.max_tokens, progress=not args.json)
     if args.json:
