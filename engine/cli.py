@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "engine.data.cli",            # engine data ...
     "engine.train.cli",           # engine train, engine eval, engine convert-reference
     "engine.bench.cli",           # engine bench latency | churn | train | serve
+    "engine.fetch_models",        # engine models fetch | list
 ]
 # Packages built on the engine add commands through this entry-point group (the server's
 # `engine serve`, declared in pyproject.toml); the engine does not import them by name.

@@ -11,9 +11,13 @@ class EngineConfig:
 
     ``max_batch_size``: requests decoded together in one forward pass; more wait.
     ``max_seq_len``: most positions one request may occupy (prompt + thoughts + answer);
-    ``None`` takes the model's own limit, at most 4096. A request that can never fit is
-    rejected. The KV cache is preallocated for ``max_batch_size`` x ``max_seq_len``
-    positions, so this bounds its memory.
+    ``None`` takes the model's own limit, at most 4096 (or, with ``kv_cache_memory``, at most
+    what fits). A request that can never fit is rejected. The KV cache is preallocated for
+    ``max_batch_size`` x ``max_seq_len`` positions, so this bounds its memory.
+    ``kv_cache_memory``: the KV cache's memory budget: ``"4GiB"``, ``"512MiB"``, a plain
+    number of GiB (``4``, ``"0.5"``) or ``"90%"`` of the device's free memory after the
+    weights are loaded; ``max_seq_len`` is then derived from it, or checked against it
+    (``engine.kv_cache_sizing``).
     ``max_prefill_tokens``: prompt tokens prefilled in one step; a longer prompt is
     prefilled in chunks over several steps, interleaved with decoding, so this bounds the
     latency a burst of arrivals adds to the running requests' next token.
@@ -28,6 +32,7 @@ class EngineConfig:
     max_prefill_tokens: int = 8192
     seed: int | None = None
     compile: bool = False
+    kv_cache_memory: str | float | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -36,6 +41,9 @@ class EngineConfig:
             raise ValueError(f"max_seq_len={self.max_seq_len} is invalid: expected >= 2")
         if self.max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens={self.max_prefill_tokens} is invalid: expected >= 1")
+        if self.kv_cache_memory is not None:
+            from engine.kv_cache_sizing import parse_kv_cache_memory
+            parse_kv_cache_memory(self.kv_cache_memory)
 
 
 def json_object(text: str, name: str, expected: str) -> dict:

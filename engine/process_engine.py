@@ -8,8 +8,9 @@ uses about one core whatever the machine has. ``ProcessEngine`` has the same int
 process (vLLM's engine-core process, in miniature):
 
 - the parent validates and tokenizes (``make_request``, with ``Engine.frontend``: the
-  tokenizer and the limits, no weights) and sends each ``Request`` to the child over a
-  pipe;
+  tokenizer and the limits, no weights; the sequence limit is the one each child reports
+  when it is ready, which its KV cache was sized for) and sends each ``Request`` to the
+  child over a pipe;
 - the child owns the model and the KV cache (``Engine.from_pretrained(path, **config)``)
   and after every step sends that step's ``RequestOutput`` list, its ``StepStats`` and its
   queue counts in one message;
@@ -76,7 +77,7 @@ def _child_main(inbox, conn, path: str, config: dict, torch_threads: int | None)
     except BaseException as e:  # the parent reports it and fails its start
         conn.send(("dead", f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ready", None))
+    conn.send(("ready", engine.max_seq_len))   # the limit its KV cache was sized for
     added = 0
     try:
         while True:
@@ -249,8 +250,16 @@ class ProcessEngine(RequestStreams):
             await self._reap()
             raise EngineDeadError(f"the engine process did not start: {payload}")
         self._fatal = None
+        self._adopt_limit(payload)
         threading.Thread(target=self._read_reports, args=(reports, process, self._generation),
                          name="engine-process-reader", daemon=True).start()
+
+    def _adopt_limit(self, max_seq_len: int) -> None:
+        """The child's sequence limit becomes the frontend's: with ``kv_cache_memory`` only the
+        child, which has the weights and the device, knows what its KV cache holds."""
+        if max_seq_len != self.engine.core.max_seq_len:
+            log.info("max_seq_len %d (the engine process's KV cache)", max_seq_len)
+            self.engine.core.max_seq_len = max_seq_len
 
     async def _reap(self) -> None:
         """Make sure the current child is gone and release its pipes and its handle."""

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Idempotent install into ./.venv: torch first, then this project and its SDK.
-# Usage: scripts/setup.sh [--test|--ray]  (--ray also installs the Ray Serve extra for
-#                                          `engine serve --replicas`; --test the test
-#                                          dependencies and that extra, whose tests run)
+# Usage: scripts/setup.sh [--test|--ray|--gguf]  (--ray also installs the Ray Serve extra for
+#                                          `engine serve --replicas`; --gguf the GGUF reader for
+#                                          .gguf models; --test the test dependencies and both
+#                                          extras, whose tests run)
 #        scripts/setup.sh --print-torch-index
 #                                         (print where torch would come from; installs nothing)
 #
@@ -78,10 +79,11 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 extras=""
 case "${1:-}" in
-  --test) extras="[test,ray]" ;;
+  --test) extras="[test,ray,gguf]" ;;
   --ray) extras="[ray]" ;;
+  --gguf) extras="[gguf]" ;;
   "") ;;
-  *) echo "usage: scripts/setup.sh [--test|--ray]" >&2; exit 2 ;;
+  *) echo "usage: scripts/setup.sh [--test|--ray|--gguf]" >&2; exit 2 ;;
 esac
 quiet_pip -e ".${extras}" -e clients/python
 python -c "import torch, transformers, engine, coconut_client; print(f'installed: torch {torch.__version__}, transformers {transformers.__version__}')"

@@ -24,7 +24,7 @@ def test_every_field_is_a_flag_and_an_env_var(monkeypatch):
     monkeypatch.setenv("COCONUT_MAX_QUEUE", "7")
     monkeypatch.setenv("COCONUT_MODEL", "/models/a")
     s = parse()
-    assert (s.port, s.api_key.get_secret_value(), s.max_queue, s.model) == (9123, "from-env", 7, Path("/models/a"))
+    assert (s.port, s.api_key.get_secret_value(), s.max_queue, s.model) == (9123, "from-env", 7, "/models/a")
     s = parse("--port", "9200", "--max-queue", "9", "--api-key", "from-flag", "--max-batch-size", "4",
               "--log-level", "debug")
     assert (s.port, s.max_queue, s.api_key.get_secret_value(), s.max_batch_size, s.log_level) == \
@@ -65,16 +65,18 @@ def test_model_defaults_to_the_bundled_one(monkeypatch):
     s = parse()
     assert s.model is None
     if (REPO_MODELS_DIR / DEFAULT_MODEL_NAME).is_dir():
-        assert s.model_dir() == REPO_MODELS_DIR / DEFAULT_MODEL_NAME
+        assert s.model_spec() == str(REPO_MODELS_DIR / DEFAULT_MODEL_NAME)
     else:
         with pytest.raises(FileNotFoundError, match="--model"):
-            s.model_dir()
+            s.model_spec()
 
 
 def test_serve_refuses_a_missing_model_dir_with_a_clear_error(tmp_path, capsys):
     from engine.cli import main
     assert main(["serve", "--model", str(tmp_path / "nope")]) == 2
-    assert "not a directory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no such directory or .gguf file, and not a Hugging Face Hub id" in err and str(tmp_path / "nope") in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_auto_device_and_dtype():
