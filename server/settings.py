@@ -38,7 +38,7 @@ class ServerSettings(BaseSettings):
     max_seq_len: int | None = Field(None, ge=2, description="positions per request (default: the model's, at most 4096, or with --kv-cache-memory at most what fits); the KV cache holds max_batch_size x max_seq_len")
     kv_cache_memory: str | None = Field(None, description="memory for the KV cache: 4GiB, 512MiB, a plain "
                                         "number of GiB (4, 0.5), or 90% of the device's memory free after the weights "
-                                        "are loaded; with it max_seq_len defaults to the model's context if that fits "
+                                        "are loaded; with it an unset max_seq_len becomes the model's context if that fits "
                                         "max_batch_size slots, else to what fits (no 4096 cap), and a given max_seq_len "
                                         "that does not fit is refused at start-up (default: sized by max_seq_len alone)")
     max_prefill_tokens: int = Field(512, ge=1, description="prompt tokens prefilled per step (longer prompts are prefilled in chunks, interleaved with decoding): lower for steadier gaps between tokens under arrivals, higher for sooner first tokens")
