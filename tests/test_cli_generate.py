@@ -30,4 +30,4 @@ def test_generate_reports_bad_input_without_traceback(gpt2_checkpoint, tmp_path)
     assert proc.returncode == 2
     assert "needs a stop classifier" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("generate", "--model", str(tmp_path), "Is Tom a wumpus?")
-    assert proc.returncode == 2 and "missing coconut.json" in proc.stderr
+    assert proc.returncode == 2 and "missing config.json" in proc.stderr and "Traceback" not in proc.stderr
