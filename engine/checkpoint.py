@@ -97,9 +97,9 @@ class CoconutConfig(BaseModel):
     stop_classifier: StopClassifierSpec | None = None
     latent_feedback: FeedbackSpec = Field(default_factory=FeedbackSpec,
                                           description="what a thought feeds back (default: the hidden state)")
-    latent_mode: Literal["fixed", "auto", "entropy", "token"] | None = Field(
+    latent_mode: Literal["fixed", "auto", "entropy", "token", "none"] | None = Field(
         None, description="the latent mode of a request that names none (None: fixed; CoT and no-CoT "
-                          "models answer without markers)")
+                          "models answer without markers; none: no thoughts unless a request asks)")
     max_thoughts: int = Field(16, ge=1, le=MAX_THOUGHTS_CEILING,
                               description="the cap of the entropy and token modes")
     entropy_threshold: float = Field(DEFAULT_ENTROPY_THRESHOLD, ge=0, le=MAX_ENTROPY_THRESHOLD,
@@ -434,7 +434,8 @@ def plain_fields(tokenizer, overrides: dict[str, Any] | None) -> dict[str, Any]:
     reasoner (``coconut``, fixed thoughts by default) whose markers are the tokenizer's own
     ``<think>`` / ``</think>`` when it has them. ``overrides`` are applied last."""
     overrides = dict(overrides or {})
-    latent = any(key in overrides for key in LATENT_FIELDS)
+    latent = any(key in overrides for key in LATENT_FIELDS
+                 if not (key == "latent_mode" and overrides.get(key) == "none"))
     fields: dict[str, Any] = {"method": "coconut" if latent else "no_cot", "question_suffix": "",
                               "answer_prefix": "", "step_suffix": "",
                               "use_chat_template": bool(getattr(tokenizer, "chat_template", None))}

@@ -76,8 +76,9 @@ class ServerSettings(BaseSettings):
     bot_token: str | None = Field(None, description="the token that opens latent mode (e.g. <think>; added "
                                   "to a plain model's tokenizer when it has none)")
     eot_token: str | None = Field(None, description="the token that closes it (e.g. </think>)")
-    latent_mode: Literal["fixed", "entropy", "token"] | None = Field(
-        None, description="the latent mode of a request that names none (coconut.json's latent_mode)")
+    latent_mode: Literal["fixed", "entropy", "token", "none"] | None = Field(
+        None, description="the latent mode of a request that names none (coconut.json's latent_mode; none: "
+                          "answer without thoughts unless a request asks for them)")
     coconut: str | None = Field(None, description="more coconut.json fields, as a JSON object (e.g. "
                                 "'{\"max_thoughts\": 32, \"entropy_threshold\": 0.05, \"answer_prefix\": \"\"}'), "
                                 "applied last")

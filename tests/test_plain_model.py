@@ -173,3 +173,15 @@ def test_server_serves_a_plain_model_with_its_chat_template(plain_dir):
             assert len(trace[0]["feed"]["tokens"]) == 5 and trace[0]["entropy"] > 0
             r = http.post("/v1/reason", json={"question": QUESTION, "latent": {"mode": "token", "patience": 2}})
             assert r.status_code == 422 and "patience" in r.json()["error"]["message"]
+
+
+def test_latent_mode_none_is_a_default_not_a_request_for_latent_mode(plain_dir, tiny_checkpoint):
+    plain = Engine.from_pretrained(plain_dir, coconut={"latent_mode": "none"})
+    assert plain.coconut.method == "no_cot"
+    [result] = plain.generate([QUESTION], SamplingParams(max_tokens=3))
+    assert result.num_thoughts == 0
+    # a COCONUT checkpoint told to answer without thoughts by default; a request may still ask
+    coconut = Engine.from_pretrained(tiny_checkpoint(), coconut={"latent_mode": "none"})
+    default, asked = coconut.generate([QUESTION, QUESTION], SamplingParams(max_tokens=3),
+                                      [None, LatentPolicy(mode="fixed", thoughts=2)])
+    assert (default.num_thoughts, asked.num_thoughts) == (0, 2)
