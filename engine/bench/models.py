@@ -198,9 +198,11 @@ def child_main(spec: dict) -> dict:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    rss_after, ru_maxrss = _vmrss_bytes(), _peak_rss_bytes()
+    # the kernel updates the high-water mark lazily: it may lag the RSS read just now by a few pages
     out = {"kind": kind, "seconds": seconds, "imports_s": imports_s, "rss_before_load_bytes": rss_before,
-           "rss_after_load_bytes": _vmrss_bytes(), "peak_rss_bytes": _peak_rss_bytes(),
-           "threads": torch.get_num_threads(), **split}
+           "rss_after_load_bytes": rss_after, "peak_rss_bytes": max(ru_maxrss, rss_after),
+           "ru_maxrss_bytes": ru_maxrss, "threads": torch.get_num_threads(), **split}
     if kind in ("gguf", "converted"):
         out["kv_cache_bytes"] = loaded.runner.cache.memory_bytes
         out["kv_cache_slots"], out["max_seq_len"] = loaded.config.max_batch_size, loaded.max_seq_len
