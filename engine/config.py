@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.params import FeedbackNoise, InputMixture
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,10 @@ class EngineConfig:
     latency a burst of arrivals adds to the running requests' next token.
     ``compile``: run the decode step through ``torch.compile`` (rows padded to batch
     buckets, every bucket compiled when the engine is built; needs a C++ compiler on CPU).
+    ``feedback_noise`` (``engine.params.FeedbackNoise``, or its dict): the noise of a soft
+    thought whose request names none; ``mixture`` (``engine.params.InputMixture``, or its
+    dict): the Mixture of Inputs of a request that names none. A request's ``{"type":
+    "none"}`` turns either off.
     """
 
     device: str = "cpu"
@@ -33,8 +41,16 @@ class EngineConfig:
     seed: int | None = None
     compile: bool = False
     kv_cache_memory: str | float | None = None
+    feedback_noise: "FeedbackNoise | dict | None" = None
+    mixture: "InputMixture | dict | None" = None
 
     def __post_init__(self) -> None:
+        from engine.params import FeedbackNoise, InputMixture
+
+        if isinstance(self.feedback_noise, dict):
+            object.__setattr__(self, "feedback_noise", FeedbackNoise(**self.feedback_noise))
+        if isinstance(self.mixture, dict):
+            object.__setattr__(self, "mixture", InputMixture(**self.mixture))
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size={self.max_batch_size} is invalid: expected >= 1")
         if self.max_seq_len is not None and self.max_seq_len < 2:

@@ -18,8 +18,10 @@ reads the entropy of ``softmax(W h)`` (below the threshold ``patience`` times in
 The answers of one prompt (``SamplingParams.n`` > 1: a leader request and its ``forks``)
 fork where the leader's latent mode ends, or right after the prefill of a prompt that
 starts in language (the forks then feed the prompt's last token again, to get the logits
-their first token is drawn from): the scheduler copies the leader's cached positions into
-the forks' slots. A leader that ends before that (aborted, failed) ends its forks too.
+their first token is drawn from) or whose thoughts are random (noisy soft thoughts: the
+forks feed ``<bot>`` again and draw their own first thought from its state): the scheduler
+copies the leader's cached positions into the forks' slots. A leader that ends before that
+(aborted, failed) ends its forks too.
 """
 
 from __future__ import annotations
@@ -153,12 +155,16 @@ class EngineCore:
         ended its latent mode before the cap."""
         result = CoreOutput(request.request_id)
         early = False
+        refed = request.refeeding               # a fork fed <bot>: its state makes its first thought
         if prefilled:
             request.times.prefilled = time.perf_counter()
-            if request.forks and request.starts_in_language:   # fork before the first token is drawn
+            # fork before the first token is drawn, or before the first random thought
+            if request.forks and (request.starts_in_language or request.thinks_randomly):
                 self.scheduler.fork(request, request.num_prompt_tokens - 1, request.prompt_token_ids[-1])
         if request.status == RequestStatus.LATENT:
-            if not prefilled:
+            if refed:
+                request.pending_token = None
+            elif not prefilled:
                 request.record_thought_fed()
             if row.stop_prob is not None:
                 request.stop_probs.append(row.stop_prob)
@@ -170,7 +176,7 @@ class EngineCore:
                 if request.latent.adaptive and request.thoughts_done < request.latent.thoughts:
                     early = True
                 request.end_latent_mode()
-                if request.forks:   # the answers fork from the prompt and the thoughts in the cache
+                if request.forks and not request.forked:   # the answers fork from the prompt and the thoughts
                     self.scheduler.fork(request, request.num_prompt_tokens + request.thoughts_done)
         elif request.status == RequestStatus.DECODING and row.token_id is None and request.forced_tokens:
             request.feed_forced_token()        # the latent suffix after <eot>: nothing sampled yet

@@ -75,6 +75,24 @@ DEFAULT_SOFT_TOP_K = 10
 DEFAULT_SOFT_TOP_P = 1.0
 MIN_SOFT_TEMPERATURE = 0.0         # exclusive
 MAX_SOFT_TEMPERATURE = 100.0
+#: Noise on a soft thought's weights (``latent.feedback.noise``, ``engine.noise``): Gumbel-Softmax's
+#: temperature and the Dirichlet's concentration scale (Soft Thinking's defaults, 1 and 1).
+NOISE_TYPES = ("gumbel", "dirichlet", "none")
+DEFAULT_GUMBEL_TAU = 1.0
+MIN_GUMBEL_TAU = 0.0               # exclusive
+MAX_GUMBEL_TAU = 100.0
+DEFAULT_DIRICHLET_ALPHA = 1.0
+MIN_DIRICHLET_ALPHA = 0.0          # exclusive
+MAX_DIRICHLET_ALPHA = 1e6
+#: Mixture of Inputs (``mixture``, ``engine.moi``): the prior's tokens and the sample's weight
+#: (mixinputs' defaults: vLLM's 20 logprobs, MIXINPUTS_BETA 1).
+MIXTURE_TYPES = ("moi", "none")
+DEFAULT_MOI_BETA = 1.0
+MIN_MOI_BETA = 0.0
+MAX_MOI_BETA = 100.0
+DEFAULT_MOI_TOP_K = 20
+MIN_MOI_TOP_K = 2                  # H(p) / log K needs K >= 2
+MAX_MOI_TOP_K = 256
 #: The HTTP API's ``latent_trace_top_k`` (used when ``return_latent_trace`` is true).
 DEFAULT_TRACE_TOP_K = 5
 MIN_TRACE_TOP_K = 1
@@ -83,6 +101,36 @@ MIN_TRACE_TOP_K = 1
 def _check(condition: bool, name: str, value, expected: str) -> None:
     if not condition:
         raise ValueError(f"{name}={value!r} is invalid: expected {expected}")
+
+
+@dataclass(frozen=True)
+class InputMixture:
+    """Mixture of Inputs (Zhuang et al. 2025), a language-mode operator (``engine.moi``):
+    after each sampled answer token ``y`` the next input is
+    ``Hn * sum_i w_i E[i] + (1 - Hn) * E[y]`` over the ``top_k`` most likely tokens of the
+    distribution ``y`` was drawn from (``p`` renormalised over them),
+    ``w = (p + beta * [i == y]) / (1 + beta)``, ``Hn = H(p) / log top_k``. ``type`` ``none``
+    asks for plain token inputs (over a server's default mixture)."""
+
+    type: Literal["moi", "none"] = "moi"
+    beta: float | None = None
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.type in MIXTURE_TYPES, "mixture.type", self.type, f"one of {MIXTURE_TYPES}")
+        _check(self.beta is None or (_is_number(self.beta) and MIN_MOI_BETA <= self.beta <= MAX_MOI_BETA),
+               "mixture.beta", self.beta, f"null or a number in [{MIN_MOI_BETA:g}, {MAX_MOI_BETA:g}]")
+        _check(self.top_k is None or (_is_int(self.top_k) and MIN_MOI_TOP_K <= self.top_k <= MAX_MOI_TOP_K),
+               "mixture.top_k", self.top_k, f"null or an integer in [{MIN_MOI_TOP_K}, {MAX_MOI_TOP_K}]")
+        if self.type == "none" and (self.beta is not None or self.top_k is not None):
+            raise ValueError("mixture.beta and mixture.top_k are only meaningful with type 'moi', got type 'none'")
+        if self.type == "moi":
+            object.__setattr__(self, "beta", DEFAULT_MOI_BETA if self.beta is None else float(self.beta))
+            object.__setattr__(self, "top_k", DEFAULT_MOI_TOP_K if self.top_k is None else self.top_k)
+
+    @property
+    def active(self) -> bool:
+        return self.type == "moi"
 
 
 @dataclass(frozen=True)
@@ -99,7 +147,10 @@ class SamplingParams:
     same distribution at each position, with theirs (0: none). ``n`` > 1 asks for ``n``
     answers to the same prompt: it is prefilled once, the latent thoughts (deterministic
     for every feedback operator) are computed once, and the answers fork from them;
-    answer ``i`` samples with ``seed + i`` (``for_sample(i)``).
+    answer ``i`` samples with ``seed + i`` (``for_sample(i)``). Noisy soft thoughts
+    (``LatentFeedback.noise``) draw from that same generator, so the answers then fork at
+    their first thought instead. ``mixture`` feeds each sampled token back as a Mixture of
+    Inputs (``InputMixture``; None: the token's embedding).
     """
 
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -113,8 +164,13 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     n: int = 1
+    mixture: InputMixture | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.mixture, dict):
+            object.__setattr__(self, "mixture", InputMixture(**self.mixture))
+        _check(self.mixture is None or isinstance(self.mixture, InputMixture), "mixture", self.mixture,
+               'null or a mixture object ({"type": "moi", "beta": B, "top_k": K})')
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         else:
@@ -159,6 +215,41 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class FeedbackNoise:
+    """Randomness in a soft thought (``engine.noise``): the kept, renormalised weights ``p``
+    of the mixture become ``softmax((log p_i + g_i) / tau)`` with ``g_i ~ Gumbel(0, 1)``
+    (``gumbel``, Gumbel-Softmax as in arXiv 2508.03440), or a draw of
+    ``Dirichlet(alpha * p)`` (``dirichlet``, as Soft Thinking's code draws it). ``none``
+    asks for noiseless thoughts (over a server's default noise)."""
+
+    type: Literal["gumbel", "dirichlet", "none"]
+    tau: float | None = None
+    alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.type in NOISE_TYPES, "latent.feedback.noise.type", self.type, f"one of {NOISE_TYPES}")
+        _check(self.tau is None or (_is_number(self.tau) and MIN_GUMBEL_TAU < self.tau <= MAX_GUMBEL_TAU),
+               "latent.feedback.noise.tau", self.tau, f"null or a number in ({MIN_GUMBEL_TAU:g}, {MAX_GUMBEL_TAU:g}]")
+        _check(self.alpha is None or (_is_number(self.alpha)
+                                      and MIN_DIRICHLET_ALPHA < self.alpha <= MAX_DIRICHLET_ALPHA),
+               "latent.feedback.noise.alpha", self.alpha,
+               f"null or a number in ({MIN_DIRICHLET_ALPHA:g}, {MAX_DIRICHLET_ALPHA:g}]")
+        if self.type != "gumbel" and self.tau is not None:
+            raise ValueError(f"latent.feedback.noise.tau is only meaningful with type 'gumbel', got type {self.type!r}")
+        if self.type != "dirichlet" and self.alpha is not None:
+            raise ValueError(f"latent.feedback.noise.alpha is only meaningful with type 'dirichlet', "
+                             f"got type {self.type!r}")
+        if self.type == "gumbel":
+            object.__setattr__(self, "tau", DEFAULT_GUMBEL_TAU if self.tau is None else float(self.tau))
+        if self.type == "dirichlet":
+            object.__setattr__(self, "alpha", DEFAULT_DIRICHLET_ALPHA if self.alpha is None else float(self.alpha))
+
+    @property
+    def active(self) -> bool:
+        return self.type != "none"
+
+
+@dataclass(frozen=True)
 class LatentFeedback:
     """What a continuous thought feeds back: an operator on the state ``h`` that the
     previous position produced (after the final norm).
@@ -170,7 +261,8 @@ class LatentFeedback:
       ``p = softmax(W h / temperature)`` kept to its ``top_k`` tokens (0: all), then to the
       smallest set whose mass reaches ``top_p``, renormalised (Soft Thinking).
 
-    ``temperature``, ``top_k`` and ``top_p`` belong to ``soft_embedding`` alone; ``None``
+    ``temperature``, ``top_k``, ``top_p`` and ``noise`` (``FeedbackNoise``: random weights;
+    None: none, or the engine's default) belong to ``soft_embedding`` alone; ``None``
     is the default (1, 10, 1). ``file`` names the projection's weights in a checkpoint's
     ``coconut.json``; a request never gives it.
     """
@@ -180,8 +272,13 @@ class LatentFeedback:
     top_k: int | None = None
     top_p: float | None = None
     file: str | None = None
+    noise: FeedbackNoise | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.noise, dict):
+            object.__setattr__(self, "noise", FeedbackNoise(**self.noise))
+        _check(self.noise is None or isinstance(self.noise, FeedbackNoise), "latent.feedback.noise", self.noise,
+               'null or a noise object ({"type": "gumbel", "tau": T} or {"type": "dirichlet", "alpha": A})')
         _check(self.type in FEEDBACK_TYPES, "latent.feedback.type", self.type, f"one of {FEEDBACK_TYPES}")
         _check(self.temperature is None or (_is_number(self.temperature)
                                             and MIN_SOFT_TEMPERATURE < self.temperature <= MAX_SOFT_TEMPERATURE),
@@ -191,7 +288,7 @@ class LatentFeedback:
                "latent.feedback.top_k", self.top_k, "null or an integer >= 0 (0 = the whole vocabulary)")
         _check(self.top_p is None or (_is_number(self.top_p) and MIN_TOP_P < self.top_p <= MAX_TOP_P),
                "latent.feedback.top_p", self.top_p, f"null or a number in ({MIN_TOP_P:g}, {MAX_TOP_P:g}]")
-        given = [name for name in ("temperature", "top_k", "top_p") if getattr(self, name) is not None]
+        given = [name for name in ("temperature", "top_k", "top_p", "noise") if getattr(self, name) is not None]
         if self.type != "soft_embedding" and given:
             raise ValueError(f"latent.feedback.{given[0]} is only meaningful with type 'soft_embedding', "
                              f"got type {self.type!r}")
@@ -206,11 +303,17 @@ class LatentFeedback:
         return LatentFeedback("soft_embedding",
                               DEFAULT_SOFT_TEMPERATURE if self.temperature is None else float(self.temperature),
                               DEFAULT_SOFT_TOP_K if self.top_k is None else self.top_k,
-                              DEFAULT_SOFT_TOP_P if self.top_p is None else float(self.top_p))
+                              DEFAULT_SOFT_TOP_P if self.top_p is None else float(self.top_p),
+                              noise=self.noise)
 
     @property
     def is_identity(self) -> bool:
         return self.type == "hidden"
+
+    @property
+    def random(self) -> bool:
+        """The thoughts it makes are random draws (a soft embedding with active noise)."""
+        return self.noise is not None and self.noise.active
 
 
 def _is_int(value) -> bool:
@@ -354,3 +457,28 @@ class ResolvedLatent:
     def adaptive(self) -> bool:
         """The end is decided after each thought (auto, entropy, token)."""
         return self.mode in ADAPTIVE_MODES
+
+
+def with_noise(resolved: ResolvedLatent, asked: FeedbackNoise | None,
+               default: FeedbackNoise | None) -> ResolvedLatent:
+    """The resolved policy with the noise of its soft thoughts: the request's (``asked``),
+    else the engine's ``default``; ``none`` (or no soft thoughts to put a default on) leaves
+    the thoughts noiseless. Noise the request asks for needs soft thoughts."""
+    feedback = resolved.feedback
+    soft = resolved.mode != "none" and resolved.feed == "hidden" and feedback.type == "soft_embedding"
+    if asked is not None and not soft and asked.active:
+        raise ValueError(f"latent.feedback.noise needs soft thoughts (type 'soft_embedding'); this request's "
+                         f"thoughts are {resolved.feed if resolved.feed == 'pause' else feedback.type!r}")
+    noise = asked if asked is not None else default
+    if not soft or noise is None or not noise.active:
+        return resolved if feedback.noise is None else replace(resolved, feedback=replace(feedback, noise=None))
+    return replace(resolved, feedback=replace(feedback, noise=noise))
+
+
+def with_default_mixture(sampling: SamplingParams, default: InputMixture | None) -> SamplingParams:
+    """The sampling parameters with their Mixture of Inputs: the request's, else ``default``;
+    ``none`` is no mixture (``mixture`` None)."""
+    mixture = sampling.mixture if sampling.mixture is not None else default
+    if mixture is not None and not mixture.active:
+        mixture = None
+    return sampling if mixture is sampling.mixture else replace(sampling, mixture=mixture)

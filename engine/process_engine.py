@@ -192,7 +192,9 @@ class ProcessEngine(RequestStreams):
         self.on_give_up = on_give_up
         self.engine = Engine.frontend(self.path, max_seq_len=self.config.get("max_seq_len"),
                                       coconut=self.config.get("coconut"),
-                                      max_batch_size=self.config.get("max_batch_size", EngineConfig.max_batch_size))
+                                      max_batch_size=self.config.get("max_batch_size", EngineConfig.max_batch_size),
+                                      feedback_noise=self.config.get("feedback_noise"),
+                                      mixture=self.config.get("mixture"))
         try:
             with open(f"{self.path}/config.json") as f:
                 self._model_type = json.load(f).get("model_type")

@@ -13,7 +13,9 @@ Several answers to one prompt (``SamplingParams.n`` > 1) are one *leader* reques
 ``forks`` are the other answers (``index`` 1..n-1, ids ``<leader id>#<index>``). Only the
 leader is prefilled and thinks; when its latent mode ends (or, for a prompt that starts in
 language, once it is prefilled) each fork takes a copy of its cache columns and its
-thoughts (``fork_from``) and decodes on its own.
+thoughts (``fork_from``) and decodes on its own. When the thoughts are random (noisy soft
+thoughts, ``thinks_randomly``) the forks take the prompt but its last token (``<bot>``)
+once the leader is prefilled, feed that token themselves and think their own thoughts.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class Request:
         self.trace: list[TraceEntry] = []
         self.stop_probs: list[float] = []
         self.pending_token: int | None = None
+        self.pending_is_sampled = False           # pending_token was sampled (not forced)
         self.slot: int | None = None          # KV-cache slot, given by the scheduler at admission
         self.prefilled_tokens = 0                # prompt tokens written into the slot so far
         self.times = RequestTimes()
@@ -129,15 +132,16 @@ class Request:
 
     def fork_from(self, leader: "Request", refeed_token: int | None) -> None:
         """Take the leader's prompt and thoughts at the end of its latent mode (next: <eot>
-        and the latent suffix), or, with ``refeed_token`` (a prompt that starts in language),
-        its prompt but the last token, which this request feeds itself."""
+        and the latent suffix), or, with ``refeed_token`` (a prompt that starts in language,
+        or random thoughts: right after the leader's prefill), its prompt but the last token,
+        which this request feeds itself, in the leader's mode."""
         self.prefilled_tokens = self.num_prompt_tokens
         self.thoughts_done = leader.thoughts_done
         self.trace = list(leader.trace)
         self.stop_probs = list(leader.stop_probs)
         self.times.scheduled, self.times.prefilled = leader.times.scheduled, leader.times.prefilled
         if refeed_token is not None:
-            self.status = RequestStatus.DECODING
+            self.status = leader.status
             self.pending_token = refeed_token
         else:
             self.end_latent_mode()
@@ -150,6 +154,16 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.finished
+
+    @property
+    def thinks_randomly(self) -> bool:
+        """Its thoughts are random draws (noisy soft thoughts), so its answers fork at the first."""
+        return not self.starts_in_language and self.latent.feed == "hidden" and self.latent.feedback.random
+
+    @property
+    def refeeding(self) -> bool:
+        """In latent mode, the next position feeds a token (a fork's <bot>), not a thought."""
+        return self.status == RequestStatus.LATENT and self.pending_token is not None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -178,11 +192,13 @@ class Request:
 
     def feed_forced_token(self) -> None:
         self.pending_token = self.forced_tokens.popleft()
+        self.pending_is_sampled = False
 
     def end_latent_mode(self) -> None:
         """Latent mode is over: feed <eot> (and the latent suffix) next, then decode language."""
         self.status = RequestStatus.DECODING
         self.pending_token = self.eot_token_id
+        self.pending_is_sampled = False
         self.forced_tokens = deque(self.latent_suffix_ids)
         self.times.latent_done = time.perf_counter()
 
@@ -196,6 +212,7 @@ class Request:
         if top_logprobs is not None:
             self.output_top_logprobs.append(top_logprobs)
         self.pending_token = token_id
+        self.pending_is_sampled = True
 
     def finish(self, status: RequestStatus, error: str | None = None) -> None:
         assert status.finished

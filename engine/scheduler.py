@@ -136,15 +136,20 @@ class Scheduler:
         feedback = request.latent.feedback
         may_feed = thoughts_after < request.latent.thoughts and not feedback.is_identity
         return {"trace_top_k": request.latent.trace_top_k, "watch_token_ids": tuple(request.watch_token_ids),
-                "feedback": feedback if may_feed else None}
+                "feedback": feedback if may_feed else None,
+                "latent_seed": request.sampling.seed if may_feed and feedback.random else None}
 
     def _decode_row(self, request: Request) -> DecodeRow:
         latent = request.status == RequestStatus.LATENT
+        # an answer that forks at its first thought feeds the prompt's last token (<bot>) first
+        thought = latent and request.pending_token is None
         mode = request.latent.mode
+        mixture = request.sampling.mixture
         return DecodeRow(request_id=request.request_id, slot=request.slot,
-                         feed_token=None if latent else request.pending_token,
-                         ask_stop=latent and mode == "auto", ask_entropy=latent and mode in ("entropy", "token"),
-                         **self._output_fields(request, request.thoughts_done + 1))
+                         feed_token=None if thought else request.pending_token,
+                         feed_mixture=request.pending_is_sampled and mixture is not None and mixture.active,
+                         ask_stop=thought and mode == "auto", ask_entropy=thought and mode in ("entropy", "token"),
+                         **self._output_fields(request, request.thoughts_done + thought))
 
     def _add_chunk(self, plan: StepPlan, request: Request, budget: int) -> int:
         start = request.prefilled_tokens

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from engine.checkpoint import Checkpoint, load_checkpoint
@@ -24,7 +25,7 @@ from engine.config import EngineConfig
 from engine.core import EngineCore
 from engine.kv_cache_sizing import DEFAULT_MAX_SEQ_LEN, check_allocation, plan_for_model
 from engine.output import OutputProcessor, RequestOutput
-from engine.params import LatentPolicy, SamplingParams, broadcast
+from engine.params import LatentPolicy, SamplingParams, broadcast, with_default_mixture, with_noise
 from engine.prompt import PromptFormat
 from engine.request import Request, RequestStatus
 from engine.runner.model_runner import ModelRunner
@@ -66,15 +67,18 @@ class Engine:
 
     @classmethod
     def frontend(cls, path: str | Path, max_seq_len: int | None = None,
-                 coconut: dict | None = None, max_batch_size: int = 1) -> "Engine":
+                 coconut: dict | None = None, max_batch_size: int = 1, feedback_noise=None,
+                 mixture=None) -> "Engine":
         """The text side of an engine without its weights or KV cache (the model stays on
         the meta device): ``make_request``, the limits and ``outputs`` work, ``step`` does
         not. For a process that tokenizes while the model runs in another
         (``engine.process_engine``); ``max_batch_size`` is the other's, which ``check_fits``
-        holds ``SamplingParams.n`` to."""
+        holds ``SamplingParams.n`` to; ``feedback_noise`` and ``mixture`` are its request
+        defaults (``EngineConfig``)."""
         engine = cls.__new__(cls)
         limit = engine._init_text(load_checkpoint(path, weights=False, coconut=coconut),
-                                  EngineConfig(max_batch_size=max_batch_size, max_seq_len=max_seq_len))
+                                  EngineConfig(max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                                               feedback_noise=feedback_noise, mixture=mixture))
         engine.runner = None
         engine.core = EngineCore(None, engine.config, limit, engine.checkpoint.markers.eos)
         return engine
@@ -107,9 +111,13 @@ class Engine:
                      latent: LatentPolicy | None = None, request_id: str | None = None) -> Request:
         """Validate and tokenize; raises ``ValueError`` with the reason for bad input.
         ``question`` may be chat messages (``[{"role", "content"}]``) when the tokenizer has
-        a chat template (``prompt_format.has_chat_template``)."""
-        sampling = sampling or SamplingParams()
-        resolved = self.coconut.resolve(latent)
+        a chat template (``prompt_format.has_chat_template``). The engine's request defaults
+        (``EngineConfig.feedback_noise``, ``mixture``) fill in what the request leaves unset."""
+        sampling = with_default_mixture(sampling or SamplingParams(), self.config.mixture)
+        noise = latent.feedback.noise if latent is not None and latent.feedback is not None else None
+        if noise is not None:   # the checkpoint's resolution rebuilds the operator: the noise goes back after
+            latent = replace(latent, feedback=replace(latent.feedback, noise=None))
+        resolved = with_noise(self.coconut.resolve(latent), noise, self.config.feedback_noise)
         if resolved.mode != "none" and self.checkpoint.markers.bot is None:
             raise ValueError("this model is served as a plain language model (no coconut.json and no latent "
                              "flags at start-up), so it has no latent mode: ask without latent, or serve it "

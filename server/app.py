@@ -65,7 +65,8 @@ def engine_options(settings: ServerSettings) -> dict:
     return dict(device=settings.resolved_device(), dtype=settings.resolved_dtype(), revision=settings.revision,
                 max_batch_size=settings.max_batch_size, max_seq_len=settings.max_seq_len,
                 max_prefill_tokens=settings.max_prefill_tokens, seed=settings.seed, compile=settings.compile,
-                kv_cache_memory=settings.kv_cache_memory, coconut=settings.coconut_overrides())
+                kv_cache_memory=settings.kv_cache_memory, coconut=settings.coconut_overrides(),
+                **settings.request_defaults())
 
 
 def engine_process_threads(settings: ServerSettings) -> int:

@@ -10,8 +10,9 @@ other than text, ``prediction``, ``web_search_options``, ``reasoning_effort``,
 ``verbosity``, ``store: true``, and messages' ``tool_calls`` / ``function_call`` and
 non-text parts. Each is accepted as null or as the value that asks for nothing
 (``tools: []``, ``tool_choice: "none"``, ``response_format: {"type": "text"}``, ...:
-``_Refusals``). The latent options (``latent``,
-``return_latent_trace``, ``latent_trace_top_k``) and ``top_k`` / ``ignore_eos`` are
+``_Refusals``). The latent options (``latent``, with its feedback's ``noise``,
+``return_latent_trace``, ``latent_trace_top_k``), ``mixture`` (Mixture of Inputs) and
+``top_k`` / ``ignore_eos`` are
 accepted as extra body fields (the ``openai`` package's ``extra_body``). Defaults follow
 OpenAI: temperature 1.0; ``max_tokens`` 16 for completions (``engine.params``:
 ``OPENAI_DEFAULT_TEMPERATURE``, ``OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS``; the other

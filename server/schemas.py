@@ -22,16 +22,50 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
-from engine.params import (DEFAULT_MAX_TOKENS, DEFAULT_SOFT_TEMPERATURE, DEFAULT_SOFT_TOP_K, DEFAULT_SOFT_TOP_P,
-                           DEFAULT_TRACE_TOP_K, MAX_ENTROPY_THRESHOLD, MAX_PATIENCE, MAX_SOFT_TEMPERATURE,
+from engine.params import (DEFAULT_DIRICHLET_ALPHA, DEFAULT_GUMBEL_TAU, DEFAULT_MAX_TOKENS, DEFAULT_MOI_BETA,
+                           DEFAULT_MOI_TOP_K, DEFAULT_SOFT_TEMPERATURE, DEFAULT_SOFT_TOP_K, DEFAULT_SOFT_TOP_P,
+                           DEFAULT_TRACE_TOP_K, MAX_DIRICHLET_ALPHA, MAX_ENTROPY_THRESHOLD, MAX_GUMBEL_TAU,
+                           MAX_MOI_BETA, MAX_MOI_TOP_K, MAX_PATIENCE, MAX_SOFT_TEMPERATURE,
                            MAX_STOP_STRINGS, MAX_TEMPERATURE, MAX_THOUGHTS_CEILING, MAX_THRESHOLD, MAX_TOP_P,
-                           MAX_TRACE_TOP_K, MIN_ENTROPY_THRESHOLD, MIN_MAX_THOUGHTS, MIN_MAX_TOKENS,
+                           MAX_TRACE_TOP_K, MIN_DIRICHLET_ALPHA, MIN_ENTROPY_THRESHOLD, MIN_GUMBEL_TAU,
+                           MIN_MAX_THOUGHTS, MIN_MAX_TOKENS, MIN_MOI_BETA, MIN_MOI_TOP_K,
                            MIN_SOFT_TEMPERATURE, MIN_STOP_LENGTH, MIN_TEMPERATURE, MIN_THOUGHTS, MIN_THRESHOLD,
                            MIN_TOP_K, MIN_TOP_P, MIN_TRACE_TOP_K, MAX_SAMPLES, SEED_LIMIT, FeedbackType,
                            LatentMode)
 
 StopString = Annotated[str, Field(min_length=MIN_STOP_LENGTH)]
 StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
+
+
+class NoiseOptions(BaseModel):
+    """Randomness in a soft thought's weights p (``engine.noise``); unset: the server's
+    default (``--feedback-noise``), if any."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    type: Literal["gumbel", "dirichlet", "none"] = Field(
+        description="gumbel: softmax((log p_i + g_i) / tau), g_i ~ Gumbel(0, 1) (Gumbel-Softmax); dirichlet: "
+                    "a draw of Dirichlet(alpha * p) (Soft Thinking's code); none: no noise, over a server default")
+    tau: StrictFloat | None = Field(None, gt=MIN_GUMBEL_TAU, le=MAX_GUMBEL_TAU,
+                                    description=f"(gumbel) temperature, default {DEFAULT_GUMBEL_TAU:g}")
+    alpha: StrictFloat | None = Field(None, gt=MIN_DIRICHLET_ALPHA, le=MAX_DIRICHLET_ALPHA,
+                                      description=f"(dirichlet) concentration scale: larger is less noise; "
+                                                  f"default {DEFAULT_DIRICHLET_ALPHA:g}")
+
+
+class MixtureOptions(BaseModel):
+    """Mixture of Inputs: each sampled answer token y is fed back as Hn * sum_i w_i E[i] +
+    (1 - Hn) * E[y] over the top_k tokens of its distribution (p renormalised over them),
+    w = (p + beta [i = y]) / (1 + beta), Hn = H(p) / log top_k (``engine.moi``)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    type: Literal["moi", "none"] = Field("moi", description="moi: Mixture of Inputs; none: plain token "
+                                                           "inputs, over a server default (--mixture)")
+    beta: StrictFloat | None = Field(None, ge=MIN_MOI_BETA, le=MAX_MOI_BETA,
+                                     description=f"(moi) the sampled token's extra weight, default {DEFAULT_MOI_BETA:g}")
+    top_k: StrictInt | None = Field(None, ge=MIN_MOI_TOP_K, le=MAX_MOI_TOP_K,
+                                    description=f"(moi) tokens of the distribution mixed, default {DEFAULT_MOI_TOP_K}")
 
 
 class FeedbackOptions(BaseModel):
@@ -49,6 +83,8 @@ class FeedbackOptions(BaseModel):
                                                             f"default {DEFAULT_SOFT_TOP_K}")
     top_p: StrictFloat | None = Field(None, gt=MIN_TOP_P, le=MAX_TOP_P,
                                       description=f"(soft_embedding) default {DEFAULT_SOFT_TOP_P:g}")
+    noise: NoiseOptions | None = Field(None, description="(soft_embedding) random weights: the answers of n > 1 "
+                                       "then fork at their first thought (answer i draws with seed + i)")
 
 
 class LatentOptions(BaseModel):
@@ -95,6 +131,8 @@ class SamplingFields(BaseModel):
     stop: StopString | StopList | None = Field(None, description="strings that end the answer")
     ignore_eos: StrictBool = Field(False, description="keep going past end-of-sequence")
     latent: LatentOptions | None = None
+    mixture: MixtureOptions | None = Field(None, description="feed each sampled answer token back as a Mixture "
+                                           "of Inputs; unset: the server's default (--mixture), if any")
     return_latent_trace: StrictBool = Field(False, description="return each thought's top tokens")
     latent_trace_top_k: StrictInt = Field(DEFAULT_TRACE_TOP_K, ge=MIN_TRACE_TOP_K, le=MAX_TRACE_TOP_K,
                                     description="tokens per thought in latent_trace")

@@ -91,7 +91,8 @@ class GenerationService:
                 temperature=temperature,
                 top_p=top_p,
                 top_k=fields.top_k if fields.top_k is not None else DEFAULT_TOP_K,
-                seed=fields.seed, stop=fields.stop or (), ignore_eos=fields.ignore_eos, n=fields.n)
+                seed=fields.seed, stop=fields.stop or (), ignore_eos=fields.ignore_eos, n=fields.n,
+                mixture=fields.mixture.model_dump(exclude_none=True) if fields.mixture is not None else None)
             latent = None
             options = fields.latent
             top_k = fields.latent_trace_top_k if fields.return_latent_trace else 0

@@ -79,6 +79,13 @@ class ServerSettings(BaseSettings):
     latent_mode: Literal["fixed", "entropy", "token", "none"] | None = Field(
         None, description="the latent mode of a request that names none (coconut.json's latent_mode; none: "
                           "answer without thoughts unless a request asks for them)")
+    feedback_noise: str | None = Field(None, description="the noise of soft thoughts whose request names none, "
+                                       "as a JSON object: '{\"type\": \"gumbel\", \"tau\": 0.5}' or "
+                                       "'{\"type\": \"dirichlet\", \"alpha\": 1.0}' (default: none, "
+                                       "deterministic thoughts)")
+    mixture: str | None = Field(None, description="the Mixture of Inputs of requests that name none, as a JSON "
+                                "object: '{\"type\": \"moi\", \"beta\": 1.0, \"top_k\": 20}' (default: none, "
+                                "plain token inputs)")
     coconut: str | None = Field(None, description="more coconut.json fields, as a JSON object (e.g. "
                                 "'{\"max_thoughts\": 32, \"entropy_threshold\": 0.05, \"answer_prefix\": \"\"}'), "
                                 "applied last")
@@ -122,6 +129,18 @@ class ServerSettings(BaseSettings):
         """Whether ``engine serve`` deploys on Ray Serve: replicas asked for (more than one,
         or one on a given cluster) or autoscaling. ``--replicas 1`` alone is the plain server."""
         return bool((self.replicas or 1) > 1 or self.autoscale or self.ray_address)
+
+    @field_validator("feedback_noise", "mixture")
+    @classmethod
+    def _request_default(cls, value: str | None, info) -> str | None:
+        if value is None:
+            return None
+        parsed = _default_object(info.field_name, value)   # ValueError saying what is expected
+        return None if parsed is None else value
+
+    def request_defaults(self) -> dict:
+        """``EngineConfig``'s ``feedback_noise`` and ``mixture`` (dicts) from the flags."""
+        return {name: _default_object(name, getattr(self, name)) for name in ("feedback_noise", "mixture")}
 
     @field_validator("kv_cache_memory")
     @classmethod
@@ -182,3 +201,28 @@ class ServerSettings(BaseSettings):
             return self.model
         from engine.models import default_model_dir
         return str(default_model_dir())
+
+
+def _default_object(name: str, value: str | None) -> dict | None:
+    """A request default's JSON object, checked as a request's would be (``ValueError``)."""
+    if value is None or not value.strip():
+        return None
+    from engine.config import json_object
+    from engine.params import FeedbackNoise, InputMixture
+
+    if name == "feedback_noise":
+        parsed = json_object(value, "feedback_noise", 'an object such as {"type": "gumbel", "tau": 0.5}')
+        FeedbackNoise(**_known(parsed, ("type", "tau", "alpha"), name))
+    else:
+        parsed = json_object(value, "mixture", 'an object such as {"type": "moi", "beta": 1.0, "top_k": 20}')
+        InputMixture(**_known(parsed, ("type", "beta", "top_k"), name))
+    return parsed
+
+
+def _known(parsed: dict, fields: tuple[str, ...], name: str) -> dict:
+    extra = sorted(set(parsed) - set(fields))
+    if extra:
+        raise ValueError(f"{name}: unknown fields {extra}; expected {', '.join(fields)}")
+    if name == "feedback_noise" and "type" not in parsed:
+        raise ValueError("feedback_noise needs a type: 'gumbel', 'dirichlet' or 'none'")
+    return parsed

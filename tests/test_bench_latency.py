@@ -37,9 +37,14 @@ def test_bench_latency_operators_reports_every_operator_against_hidden(tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout)
     assert set(report["operators"]) == {"hidden", "projection", "soft_embedding", "soft_embedding k=0",
-                                        "hidden + entropy", "soft_embedding + entropy"}
+                                        "hidden + entropy", "soft_embedding + entropy", "soft_embedding + gumbel",
+                                        "soft_embedding + gumbel seeded", "soft_embedding + dirichlet",
+                                        "language", "language + moi"}
     for row in report["operators"].values():
         for batch in ("1", "3"):
             assert row[batch]["step_ms"] > 0 and row[batch]["steps"] >= 1   # thought 2 of each request (its state feeds thought 3)
     assert report["operators"]["hidden"]["3"]["vs_hidden"] == 1.0
+    assert report["extends"]["language + moi"]["extends"] == "language"
+    for row in report["extends"].values():          # each extension against what it extends
+        assert row["1"]["best"] > 0 and row["3"]["median"] > 0
     assert plot.stat().st_size > 1000

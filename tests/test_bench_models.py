@@ -53,4 +53,5 @@ def test_bench_models_reports_loads_and_steps_side_by_side(tmp_path, tiny_checkp
         assert row["engine_step_ms"] > 0 and row["hf_step_ms"] > 0
         assert row["engine_over_hf_step"] == pytest.approx(row["engine_step_ms"] / row["hf_step_ms"])
         assert row["same_tokens"] == 1.0                    # greedy on the same weights
+        assert 0 <= row["rows_reaching_eos"] <= int(batch)
     assert out_json.with_suffix(".png").stat().st_size > 1000

@@ -39,13 +39,14 @@ SDK_TO_SERVER = {
     "Majority": "Majority",
 }
 #: Request models: the SDK's ``Latent`` is sent as the request's ``latent`` object.
-SDK_REQUEST_TO_SERVER = {"Latent": "LatentOptions"}
+SDK_REQUEST_TO_SERVER = {"Latent": "LatentOptions", "Mixture": "MixtureOptions"}
 
 #: A valid value for every request argument of the SDK's ``reason`` / ``stream``.
 REQUEST_VALUES = {
     "max_tokens": 8, "temperature": 0.5, "top_p": 0.9, "top_k": 3, "seed": 7, "stop": ["\n\n"],
     "ignore_eos": True, "latent": sdk.Latent(mode="auto", max_thoughts=4, threshold=0.6),
     "return_latent_trace": True, "latent_trace_top_k": 3, "model": "coconut", "n": 3,
+    "mixture": sdk.Mixture(beta=0.5, top_k=8),
 }
 #: Arguments of ``_reason_options`` that are not request fields.
 TRANSPORT_ARGS = {"self", "question", "stream", "extra_body", "extra_headers", "timeout", "max_retries"}
@@ -214,7 +215,7 @@ def test_request_argument_types_are_accepted_by_the_server(server_schemas):
     hints = inspect.signature(CoconutClient.reason).parameters
     request = server_schemas["ReasonRequest"]["properties"]
     for name in REQUEST_VALUES:
-        if name == "latent":           # a Latent or a dict: the Latent model is checked below
+        if name in ("latent", "mixture"):   # a model or a dict: the models are checked below
             continue
         annotation = hints[name].annotation
         schema = TypeAdapter(eval(annotation, vars(sdk) | {"Sequence": list}) if isinstance(annotation, str)
@@ -225,11 +226,12 @@ def test_request_argument_types_are_accepted_by_the_server(server_schemas):
         assert _compatible(request[name], nonnull, {}), f"{name}: {schema} vs the server's {request[name]}"
 
 
-def test_sdk_latent_fields_are_latent_options(sdk_schemas, server_schemas):
-    mine, theirs = sdk_schemas["Latent"]["properties"], server_schemas["LatentOptions"]["properties"]
+@pytest.mark.parametrize("model", sorted(SDK_REQUEST_TO_SERVER))
+def test_sdk_latent_fields_are_latent_options(sdk_schemas, server_schemas, model):
+    mine, theirs = sdk_schemas[model]["properties"], server_schemas[SDK_REQUEST_TO_SERVER[model]]["properties"]
     assert set(mine) <= set(theirs)
     for field, node in mine.items():
-        assert _compatible(theirs[field], node, {}), f"Latent.{field}: {node} vs the server's {theirs[field]}"
+        assert _compatible(theirs[field], node, {}), f"{model}.{field}: {node} vs the server's {theirs[field]}"
 
 
 # ---------------------------------------------------------------- one source for limits

@@ -15,9 +15,12 @@ side mean something):
 
    The time is that of the load call itself, measured inside the child after its imports
    (the child's whole life, imports included, is ``process_s``). Memory: the child's RSS
-   after the load (``/proc/self/status`` VmRSS), its peak RSS (``getrusage``), and for
-   the engine the KV cache it preallocates (``--load-batch-size`` slots x the engine's
-   sequence limit, part of its RSS) and its RSS before that allocation. With ``--gguf
+   after the load (``/proc/self/status`` VmRSS, and its anonymous and file-backed parts),
+   its peak RSS (``getrusage``), its RSS after one forward of one token (safetensors
+   weights are mapped from the file, so transformers' RSS after the load counts only the
+   pages read so far; the engine's start-up already ran a forward), and for the engine
+   the KV cache it preallocates (``--load-batch-size`` slots x the engine's sequence
+   limit, part of its RSS) and its RSS before that allocation. With ``--gguf
    none`` (or a ``--model`` that is not the GGUF's) there is no GGUF: ``converted`` and
    ``transformers`` load ``--model``'s directory.
 2. Decode step at each batch size of ``--batches``, on the same weights: the engine
@@ -30,7 +33,9 @@ side mean something):
    row and generate's own bookkeeping, the first token's prefill excluded). Engine and
    transformers rounds alternate (``--rounds``); per batch the median over rounds of each
    round's median step, and the ratio engine / transformers of those medians (below 1:
-   the engine's step is faster).
+   the engine's step is faster). ``same_tokens``: the share of rows whose greedy tokens
+   are the same on both sides up to the first end token (there the engine, ignoring it,
+   emits it and goes on, while ``min_new_tokens`` makes generate take the runner-up).
 
 Writes a table to stdout, the figures and the machine's facts as JSON (``--json``) and a
 plot beside it (the same name, ``.png``).
@@ -121,12 +126,19 @@ def resolve_files(args: argparse.Namespace) -> tuple[str, Path | None, Path]:
 
 # ------------------------------------------------------------------ loads, each in a fresh process
 
-def _vmrss_bytes() -> int:
+def _status_bytes(*fields: str) -> dict[str, int]:
+    """Fields of ``/proc/self/status`` (VmRSS, RssAnon, RssFile, ...) in bytes."""
+    found = {}
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+            key, _, value = line.partition(":")
+            if key in fields:
+                found[key] = int(value.split()[0]) * 1024
+    return found
+
+
+def _vmrss_bytes() -> int:
+    return _status_bytes("VmRSS").get("VmRSS", 0)
 
 
 def _peak_rss_bytes() -> int:
@@ -198,17 +210,26 @@ def child_main(spec: dict) -> dict:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    rss_after, ru_maxrss = _vmrss_bytes(), _peak_rss_bytes()
+    memory, ru_maxrss = _status_bytes("VmRSS", "RssAnon", "RssFile"), _peak_rss_bytes()
+    rss_after = memory.get("VmRSS", 0)
     # the kernel updates the high-water mark lazily: it may lag the RSS read just now by a few pages
     out = {"kind": kind, "seconds": seconds, "imports_s": imports_s, "rss_before_load_bytes": rss_before,
            "rss_after_load_bytes": rss_after, "peak_rss_bytes": max(ru_maxrss, rss_after),
-           "ru_maxrss_bytes": ru_maxrss, "threads": torch.get_num_threads(), **split}
+           "ru_maxrss_bytes": ru_maxrss, "rss_anon_after_load_bytes": memory.get("RssAnon"),
+           "rss_file_after_load_bytes": memory.get("RssFile"), "threads": torch.get_num_threads(), **split}
     if kind in ("gguf", "converted"):
         out["kv_cache_bytes"] = loaded.runner.cache.memory_bytes
         out["kv_cache_slots"], out["max_seq_len"] = loaded.config.max_batch_size, loaded.max_seq_len
         out["engine_init_s"] = seconds - split.get("checkpoint_s", float("nan"))
+        from engine import SamplingParams
+
+        loaded.generate("Hello", SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
     if kind == "transformers":
         out["parameter_bytes"] = sum(p.numel() * p.element_size() for p in loaded.parameters())
+        with torch.inference_mode():   # safetensors weights are mapped: a forward reads every page in
+            loaded(torch.zeros((1, 1), dtype=torch.long, device=loaded.device))
+    if kind != "convert":   # after one forward (one token): the weights' pages all resident
+        out["rss_after_forward_bytes"] = _vmrss_bytes()
     return out
 
 
@@ -251,9 +272,10 @@ def measure_loads(args, gguf: Path | None, directory: Path, tmp: str) -> dict:
     for kind, results in runs.items():
         row = {"label": LOAD_KINDS[kind], "path": paths[kind], "runs": results}
         for key in ("seconds", "process_s", "imports_s", "rss_before_load_bytes", "rss_after_load_bytes",
-                    "peak_rss_bytes", "checkpoint_s", "dequantize_s", "engine_init_s", "rss_before_kv_cache_bytes",
+                    "peak_rss_bytes", "rss_anon_after_load_bytes", "rss_file_after_load_bytes",
+                    "rss_after_forward_bytes", "checkpoint_s", "dequantize_s", "engine_init_s", "rss_before_kv_cache_bytes",
                     "kv_cache_bytes", "parameter_bytes"):
-            values = [r[key] for r in results if key in r]
+            values = [r[key] for r in results if r.get(key) is not None]
             if values:
                 row[key] = med(values)
         for key in ("kv_cache_slots", "max_seq_len", "threads"):
@@ -372,7 +394,14 @@ def measure_steps(args, directory: Path) -> dict:
             row[f"{side}_prefill_s"] = med(r["prefill_s"] for r in runs)
             row[f"{side}_steps_per_round"] = len(runs[0]["steps_s"])
         row["engine_over_hf_step"] = row["engine_step_ms"] / row["hf_step_ms"]
-        row["same_tokens"] = sum(e == h for e, h in zip(engine_runs[0]["tokens"], hf_runs[0]["tokens"])) / batch
+        # The engine (ignore_eos) emits an end token where greedy picks one and goes on;
+        # min_new_tokens forbids it to generate, which takes the runner-up there: the rows
+        # part by design at the first end token, so they compare up to it.
+        eos = set(engine.checkpoint.markers.eos)
+        cuts = [next((i for i, t in enumerate(e) if t in eos), len(e)) for e in engine_runs[0]["tokens"]]
+        row["same_tokens"] = sum(e[:k] == h[:k] for e, h, k in zip(engine_runs[0]["tokens"], hf_runs[0]["tokens"],
+                                                                    cuts)) / batch
+        row["rows_reaching_eos"] = sum(k < args.max_tokens for k in cuts)
         out[str(batch)] = row
         del engine, model
     return out
@@ -409,6 +438,31 @@ def machine_facts(device: str) -> dict:
     return facts
 
 
+class OtherLoad:
+    """CPU time the rest of the machine spent during a phase: every process's busy time
+    (``/proc/stat``: user, nice, system, irq, softirq, steal) less this process's and its
+    waited-for children's (``os.times``). Near 0: the figures ran on a quiet machine."""
+
+    def __init__(self):
+        self.busy, self.own, self.wall = self._busy(), self._own(), time.perf_counter()
+
+    @staticmethod
+    def _busy() -> float:
+        with open("/proc/stat") as f:
+            user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def report(self) -> dict:
+        wall = time.perf_counter() - self.wall
+        others = max(0.0, (self._busy() - self.busy) - (self._own() - self.own))
+        return {"wall_s": wall, "other_processes_cpu_s": others, "other_processes_cores": others / wall}
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     import transformers
@@ -423,11 +477,16 @@ def run(args: argparse.Namespace) -> int:
     results: dict = {"command": shlex.join(["engine", *sys.argv[1:]]), "machine": machine_facts(args.device),
                      "config": {k: v for k, v in vars(args).items() if k != "func"},
                      "model": {"name": name, "directory": str(directory), "gguf": str(gguf) if gguf else None}}
-    with tempfile.TemporaryDirectory() as tmp:
-        if not args.skip_load:
+    others = results["machine"]["other_load"] = {}
+    if not args.skip_load:
+        with tempfile.TemporaryDirectory() as tmp:
+            phase = OtherLoad()
             results["load"] = measure_loads(args, gguf, directory, tmp)
+            others["load"] = phase.report()
     if not args.skip_steps:
+        phase = OtherLoad()
         results["steps"] = measure_steps(args, directory)
+        others["steps"] = phase.report()
     results["machine"]["load_average_end"] = list(os.getloadavg())
     report(results)
     if args.json and args.json.lower() != "none":
@@ -439,8 +498,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mib(value) -> str:
-    return f"{value / 2**20:9.0f}" if value is not None else f"{'-':>9}"
+def _mib(value, width: int) -> str:
+    return f"{value / 2**20:{width}.0f}" if value is not None else f"{'-':>{width}}"
 
 
 def report(results: dict) -> None:
@@ -450,18 +509,22 @@ def report(results: dict) -> None:
     load = results.get("load")
     if load:
         n = results["config"]["repeats"]
-        print(f"\nload (median of {n} fresh processes)   load s  process s  RSS MiB  peak MiB  "
-              f"KV MiB  RSS-KV MiB")
+        print(f"\nload (median of {n} fresh processes)  {'load s':>7} {'process s':>9} {'RSS MiB':>8} "
+              f"{'peak MiB':>8} {'RSS 1 fwd':>9} {'KV MiB':>8} {'RSS pre-KV':>10}")
         for kind, row in load["kinds"].items():
-            kv = row.get("kv_cache_bytes")
-            print(f"{kind + ': ' + row['label']:36} {row['seconds']:7.2f} {row['process_s']:10.2f} "
-                  f"{_mib(row['rss_after_load_bytes'])}{_mib(row['peak_rss_bytes'])[1:]} {_mib(kv)[1:]} "
-                  f"{_mib(row.get('rss_before_kv_cache_bytes'))[1:]}")
+            print(f"{kind + ': ' + row['label']:36} {row['seconds']:7.2f} {row['process_s']:9.2f} "
+                  f"{_mib(row['rss_after_load_bytes'], 8)} {_mib(row['peak_rss_bytes'], 8)} "
+                  f"{_mib(row.get('rss_after_forward_bytes'), 9)} {_mib(row.get('kv_cache_bytes'), 8)} "
+                  f"{_mib(row.get('rss_before_kv_cache_bytes'), 10)}")
         if load["conversion"]:
             c = load["conversion"]
             print(f"conversion (engine convert gguf, once): {c['seconds']:.2f} s (process {c['process_s']:.2f} s, "
                   f"peak RSS {c['peak_rss_bytes'] / 2**20:.0f} MiB)")
         print("  " + ", ".join(f"{k} {v:.2f}x" for k, v in load["ratios"].items()))
+    for phase, other in m.get("other_load", {}).items():
+        print(f"  during the {phase} phase ({other['wall_s']:.0f} s) other processes used "
+              f"{other['other_processes_cpu_s']:.1f} CPU s ({other['other_processes_cores']:.2f} cores)"
+              + (": a busy machine, the timings are not to be trusted" if other["other_processes_cores"] > 0.2 else ""))
     steps = results.get("steps")
     if steps:
         print(f"\ndecode step (median ms)  {'engine':>8} {'HF gen':>8} {'eng/HF':>7} {'eng prefill s':>14} "
@@ -487,35 +550,36 @@ def plot(results: dict, path: Path) -> None:
         ax = axes.pop(0)
         load = results["load"]
         names, parts = [], {"dequantize": [], "weights (checkpoint)": [], "engine init (KV cache)": [],
-                            "total": []}
+                            "total": [], "convert": []}
         for kind, row in load["kinds"].items():
             names.append(row["label"].replace(" <- ", "\n<- "))
             deq = row.get("dequantize_s", 0.0)
             ckpt = row.get("checkpoint_s")
+            pieces = dict.fromkeys(parts, 0.0)
             if ckpt is None:   # transformers: one piece
-                parts["dequantize"].append(0.0)
-                parts["weights (checkpoint)"].append(0.0)
-                parts["engine init (KV cache)"].append(0.0)
-                parts["total"].append(row["seconds"])
+                pieces["total"] = row["seconds"]
             else:
-                parts["dequantize"].append(deq)
-                parts["weights (checkpoint)"].append(ckpt - deq)
-                parts["engine init (KV cache)"].append(row["seconds"] - ckpt)
-                parts["total"].append(0.0)
+                pieces.update({"dequantize": deq, "weights (checkpoint)": ckpt - deq,
+                               "engine init (KV cache)": row["seconds"] - ckpt})
+            for key, value in pieces.items():
+                parts[key].append(value)
         if load["conversion"]:
-            names.append("engine convert gguf\n(once)")
+            names.append("engine convert gguf\n(once, apart)")
             for key in parts:
-                parts[key].append(load["conversion"]["seconds"] if key == "dequantize" else 0.0)
+                parts[key].append(load["conversion"]["seconds"] if key == "convert" else 0.0)
         bottom = [0.0] * len(names)
-        colors = {"dequantize": "#c44e52", "weights (checkpoint)": "#4c72b0", "engine init (KV cache)": "#8172b2",
-                  "total": "#55a868"}
+        styles = {"dequantize": ("#c44e52", "dequantize (at load)"), "weights (checkpoint)": ("#4c72b0", "weights"),
+                  "engine init (KV cache)": ("#8172b2", "engine init (KV cache)"),
+                  "total": ("#55a868", "transformers from_pretrained"), "convert": ("#999999", "conversion")}
         for key, values in parts.items():
             if any(values):
-                ax.bar(names, values, bottom=bottom, color=colors[key],
-                       label=key if key != "total" else "transformers load")
+                color, label = styles[key]
+                ax.bar(names, values, bottom=bottom, color=color, label=label,
+                       hatch="//" if key == "convert" else None)
                 bottom = [b + v for b, v in zip(bottom, values)]
         for i, total in enumerate(bottom):
             ax.text(i, total, f"{total:.2f} s", ha="center", va="bottom", fontsize=8)
+        ax.margins(y=0.12)
         ax.set_ylabel(f"seconds (median of {results['config']['repeats']} fresh processes)")
         ax.set_title("load time by kind")
         ax.legend(fontsize=7)
@@ -533,6 +597,7 @@ def plot(results: dict, path: Path) -> None:
         for x, b in zip(xs, batches):
             top = max(steps[b]["engine_step_ms"], steps[b]["hf_step_ms"])
             ax.text(x, top, f"{steps[b]['engine_over_hf_step']:.2f}x", ha="center", va="bottom", fontsize=9)
+        ax.margins(y=0.12)
         ax.set_xticks(list(xs), [f"batch {b}" for b in batches])
         ax.set_ylabel("decode step ms (median)")
         ax.set_title(f"decode step, {results['config']['dtype']}: engine / HF")

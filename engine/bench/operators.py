@@ -14,7 +14,14 @@ estimate of what the operator itself costs). Operators:
 - ``soft_embedding k=0``: the mixture over the whole vocabulary (a second V x d product);
 - ``hidden + entropy`` and ``soft_embedding + entropy``: with the entropy stop (its
   threshold never reached), which reads W h anyway: the soft embedding then shares that
-  product and should cost nothing more (the ratio of these two rows).
+  product and should cost nothing more (the ratio of these two rows);
+- ``soft_embedding + gumbel`` / ``+ dirichlet`` (``engine.noise``, unseeded: one batched
+  draw from the engine's generator) and ``soft_embedding + gumbel seeded`` (each row draws
+  from its own generator): the noise on the mixture's k weights, against ``soft_embedding``;
+- ``language`` and ``language + moi``: a step of answer decoding (no thoughts; every row
+  samples a token; the first and the last excluded), plain and with a Mixture of Inputs
+  (``engine.moi``: top-20 of the logits the sampling already has, 20 embedding rows),
+  against each other (``extends``: each extension over what it extends, fastest steps).
 """
 
 from __future__ import annotations
@@ -32,7 +39,15 @@ OPERATORS = [
     ("soft_embedding k=0", {"type": "soft_embedding", "top_k": 0}, "fixed"),
     ("hidden + entropy", {"type": "hidden"}, "entropy"),
     ("soft_embedding + entropy", {"type": "soft_embedding"}, "entropy"),
+    ("soft_embedding + gumbel", {"type": "soft_embedding", "noise": {"type": "gumbel", "tau": 0.5}}, "fixed"),
+    ("soft_embedding + gumbel seeded", {"type": "soft_embedding", "noise": {"type": "gumbel", "tau": 0.5}}, "seeded"),
+    ("soft_embedding + dirichlet", {"type": "soft_embedding", "noise": {"type": "dirichlet", "alpha": 1.0}}, "fixed"),
+    ("language", None, "language"),
+    ("language + moi", {"type": "moi", "beta": 1.0, "top_k": 20}, "language"),
 ]
+#: each extension and the operator it extends (its cost is reported as the ratio of the two)
+EXTENDS = {"soft_embedding + gumbel": "soft_embedding", "soft_embedding + gumbel seeded": "soft_embedding",
+           "soft_embedding + dirichlet": "soft_embedding", "language + moi": "language"}
 
 
 def projection_checkpoint(args, tmp: str) -> Path:
@@ -50,7 +65,8 @@ def _latent_steps(engine, questions, policy, sampling) -> list[float]:
     next thought (so the operator runs on every row; the last thought's state is not fed)."""
     from engine.request import RequestStatus
 
-    requests = [engine.make_request(q, sampling, policy) for q in questions]
+    samplings = sampling if isinstance(sampling, list) else [sampling] * len(questions)
+    requests = [engine.make_request(q, s, policy) for q, s in zip(questions, samplings)]
     for request in requests:
         engine.add_request(request)
     times = []
@@ -64,12 +80,48 @@ def _latent_steps(engine, questions, policy, sampling) -> list[float]:
     return times
 
 
+def _language_steps(engine, questions, sampling) -> list[float]:
+    """Seconds of each step in which every request feeds a sampled token and samples the next
+    (no thoughts: latent mode none; the first token, drawn at the prefill, excluded)."""
+    from engine import LatentPolicy
+    from engine.request import RequestStatus
+
+    requests = [engine.make_request(q, sampling, LatentPolicy(mode="none")) for q in questions]
+    for request in requests:
+        engine.add_request(request)
+    times = []
+    while engine.has_unfinished():
+        all_decoding = all(r.status == RequestStatus.DECODING and 1 <= len(r.output_token_ids)
+                           and len(r.output_token_ids) + 1 < sampling.max_tokens for r in requests)
+        t0 = time.perf_counter()
+        engine.step()
+        if all_decoding:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _steps(engine, questions, args, feedback, mode, sampling) -> list[float]:
+    from engine import LatentPolicy, SamplingParams
+
+    if mode == "language":   # feedback: the mixture (None: plain tokens)
+        return _language_steps(engine, questions, SamplingParams(max_tokens=args.thoughts + 2, ignore_eos=True,
+                                                                 mixture=feedback))
+    if mode == "entropy":   # a threshold never reached: all thoughts run, W h read each
+        policy = LatentPolicy(mode="entropy", entropy_threshold=0.0, max_thoughts=args.thoughts, feedback=feedback)
+    else:
+        policy = LatentPolicy(mode="fixed", thoughts=args.thoughts, feedback=feedback)
+    if mode == "seeded":    # one request at a time draws from its own generator; seeds differ per row
+        return _latent_steps(engine, questions, policy, [SamplingParams(max_tokens=1, ignore_eos=True, seed=args.seed + i)
+                                                          for i in range(len(questions))])
+    return _latent_steps(engine, questions, policy, sampling)
+
+
 def measure_operators(args, make_questions) -> dict:
     import tempfile
 
     import torch
 
-    from engine import Engine, LatentPolicy, SamplingParams
+    from engine import Engine, SamplingParams
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,12 +135,7 @@ def measure_operators(args, make_questions) -> dict:
         for round_ in range(args.rounds):
             for batch in (1, args.batch):
                 for name, feedback, mode in OPERATORS:
-                    if mode == "entropy":   # a threshold never reached: all thoughts run, W h read each
-                        policy = LatentPolicy(mode="entropy", entropy_threshold=0.0, max_thoughts=args.thoughts,
-                                              feedback=feedback)
-                    else:
-                        policy = LatentPolicy(mode="fixed", thoughts=args.thoughts, feedback=feedback)
-                    steps[name][batch] += _latent_steps(engine, questions[:batch], policy, sampling)
+                    steps[name][batch] += _steps(engine, questions[:batch], args, feedback, mode, sampling)
             log(f"round {round_ + 1}/{args.rounds}: " + ", ".join(
                 f"{name} {1e3 * statistics.median(steps[name][args.batch]):.2f} ms" for name, _, _ in OPERATORS))
     rows = {}
@@ -103,10 +150,16 @@ def measure_operators(args, make_questions) -> dict:
                                       "steps": len(steps[name][batch])}
     shared = {str(b): round(min(steps["soft_embedding + entropy"][b]) / min(steps["hidden + entropy"][b]), 3)
               for b in (1, args.batch)}
+    extends = {name: {"extends": base, **{str(b): {"best": round(min(steps[name][b]) / min(steps[base][b]), 3),
+                                                   "median": round(statistics.median(steps[name][b])
+                                                                   / statistics.median(steps[base][b]), 3)}
+                                          for b in (1, args.batch)}}
+               for name, base in EXTENDS.items()}
     return {"model": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab, "dtype": args.dtype,
                       "device": args.device},
             "thoughts": args.thoughts, "prompt_tokens": args.prompt_tokens, "rounds": args.rounds,
-            "batches": [1, args.batch], "operators": rows, "soft_over_hidden_with_entropy_stop": shared}
+            "batches": [1, args.batch], "operators": rows, "soft_over_hidden_with_entropy_stop": shared,
+            "extends": extends}
 
 
 def report_operators(results: dict, args) -> None:
@@ -128,6 +181,9 @@ def report_operators(results: dict, args) -> None:
                                       for b in batches))
     print("soft_embedding / hidden with the entropy stop (the LM head product shared), fastest steps: " + ", ".join(
         f"b={b}: {v:.2f}x" for b, v in results["soft_over_hidden_with_entropy_stop"].items()))
+    for name, row in results["extends"].items():
+        print(f"{name} / {row['extends']}: " + ", ".join(
+            f"b={b}: {row[str(b)]['best']:.2f}x fastest, {row[str(b)]['median']:.2f}x median" for b in batches))
 
 
 def plot_operators(results: dict, path: str) -> None:
@@ -141,7 +197,8 @@ def plot_operators(results: dict, path: str) -> None:
     fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4))
     for ax, b in zip(axes, batches):
         values = [results["operators"][n][str(b)]["best_step_ms"] for n in names]
-        bars = ax.barh(names, values, color=["#4c72b0" if "soft" not in n else "#dd8452" for n in names])
+        bars = ax.barh(names, values, color=["#55a868" if "language" in n else "#4c72b0" if "soft" not in n
+                                             else "#dd8452" for n in names])
         for bar, n in zip(bars, names):
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
                     f" {results['operators'][n][str(b)]['best_vs_hidden']:.2f}x", va="center")

@@ -27,8 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="nats, for --latent entropy (default: the checkpoint's)")
     p.add_argument("--patience", type=int, default=None, help="thoughts in a row below it (default: 1)")
     p.add_argument("--feedback", default=None, metavar="JSON",
-                   help='what a thought feeds back, e.g. \'{"type": "soft_embedding", "top_k": 5}\' '
+                   help='what a thought feeds back, e.g. \'{"type": "soft_embedding", "top_k": 5}\', with '
+                        'noise \'{"type": "soft_embedding", "noise": {"type": "gumbel", "tau": 0.5}}\' '
                         "(default: the checkpoint's)")
+    p.add_argument("--mixture", default=None, metavar="JSON",
+                   help='feed each answer token back as a Mixture of Inputs, e.g. \'{"type": "moi", "beta": 1.0, '
+                        '"top_k": 20}\' (default: none, plain token inputs)')
     p.add_argument("--max-tokens", type=int, default=64, help="most answer tokens (default: 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0 = greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1 = off)")
@@ -45,13 +49,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from engine import Engine, LatentPolicy, SamplingParams
 
+    from engine.config import json_object
+
+    mixture = None
+    if args.mixture is not None:
+        mixture = json_object(args.mixture, "--mixture", 'an object such as {"type": "moi", "beta": 1.0, "top_k": 20}')
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, seed=args.seed)
+                              top_k=args.top_k, seed=args.seed, mixture=mixture)
     latent = None
     feedback = None
     if args.feedback is not None:
-        from engine.config import json_object
-
         feedback = json_object(args.feedback, "--feedback", 'an object such as {"type": "soft_embedding", "top_k": 5}')
     if args.thoughts is not None:
         latent = LatentPolicy(mode="fixed", thoughts=args.thoughts, trace_top_k=args.trace, feedback=feedback)

@@ -27,9 +27,13 @@ one LM head product and one sampling call): a sampled token,
 the stop classifier's probability, the entropy and argmax of ``softmax(W h)``, the
 thought's trace, as the plan asks. A row whose state becomes the next thought through a
 feedback operator (``engine.feedback``: CODI's projection, Soft Thinking's embedding
-mixture, which reuses the same ``W h``) writes that thought into its slot's buffer. The runner owns
+mixture, which reuses the same ``W h``, with its noise when asked: ``engine.noise``) writes
+that thought into its slot's buffer; a language row with a Mixture of Inputs
+(``engine.moi``, from the logits it sampled from) writes there the input that its sampled
+token's next position reads (``DecodeRow.feed_mixture``). The runner owns
 the slot table (each slot's length and last hidden state) and the per-request random
-generators of seeded requests; it knows nothing of requests' states, text or latent
+generators of seeded requests (which draw a request's noise and its tokens, in that
+order); it knows nothing of requests' states, text or latent
 policies: the scheduler decides what each row feeds, the core what happens next.
 
 Tensor shapes: n decode rows, b prefill rows of T tokens, d hidden size, V vocabulary.
@@ -42,6 +46,8 @@ import time
 import torch
 
 from engine.feedback import entropy_and_argmax, mix_embeddings, soft_mixture
+from engine.moi import moi_inputs
+from engine.noise import NoiseDraws, NoiseRow, add_noise
 from engine.runner.adapter import DecoderAdapter
 from engine.runner.plan import DecodeRow, ForkCopy, PrefillChunk, RowOutput, RowWork, StepPlan, TraceEntry
 from engine.runner.sampler import sample
@@ -85,6 +91,7 @@ class ModelRunner:
             self.generator.manual_seed(seed)
         else:
             self.generator.seed()
+        self.noise = NoiseDraws(self.generator)   # the noise of soft thoughts (tests inject theirs)
 
     # ---------------------------------------------------------------- public
 
@@ -165,13 +172,13 @@ class ModelRunner:
         positions = [scratch] * n            # where each slot's new key goes
         query_positions = [0] * n
         valid = [False] * n
-        latent = [False] * n
+        latent = [False] * n                 # fed from the slot's buffer: a thought, or a mixture of inputs
         for r in rows:
             if self.lengths[r.slot] >= self.max_seq_len:
                 raise RuntimeError(f"slot {r.slot} ({r.request_id}) is full ({self.max_seq_len} positions)")
             positions[r.slot] = query_positions[r.slot] = self.lengths[r.slot]
             valid[r.slot] = True
-            if r.feed_token is None:
+            if r.feed_token is None or r.feed_mixture:
                 latent[r.slot] = True
             else:
                 tokens[r.slot] = r.feed_token
@@ -271,6 +278,7 @@ class ModelRunner:
                 out[rows[i].request_id].token_id = picked.token_ids[j]
                 out[rows[i].request_id].logprob = picked.logprobs[j]
                 out[rows[i].request_id].top_logprobs = picked.top_logprobs[j]
+            self._mix_inputs(rows, language, chosen, picked.token_ids)
         if entropic:
             entropies, argmaxes = entropy_and_argmax(logits_of(entropic))
             for j, i in enumerate(entropic):
@@ -320,6 +328,12 @@ class ModelRunner:
             feedbacks = [rows[i].feedback for i in soft]
             mixture = soft_mixture(soft_logits, [f.temperature for f in feedbacks], [f.top_k for f in feedbacks],
                                    [f.top_p for f in feedbacks])
+            if any(f.random for f in feedbacks):
+                vocab = soft_logits.shape[1]
+                noisy = [NoiseRow(rows[i].request_id, self._generator_for(rows[i]),
+                                  vocab if f.top_k <= 0 else min(f.top_k, vocab))
+                         for i, f in zip(soft, feedbacks) if f.random]
+                mixture = add_noise(mixture, [f.noise for f in feedbacks], noisy, self.noise)
             slots = torch.tensor([rows[i].slot for i in soft], device=dev)
             self.thoughts[slots] = mix_embeddings(self.adapter.embedding.weight, mixture).to(self.thoughts.dtype)
             if any(rows[i].trace_top_k for i in soft):
@@ -328,6 +342,24 @@ class ModelRunner:
                     kept = [(t, w) for t, w in zip(ids[j], weights[j]) if t >= 0]
                     mixtures[i] = ([t for t, _ in kept], [w for _, w in kept])
         return mixtures
+
+
+    def _mix_inputs(self, rows: list[RowWork], language: list[int], logits: torch.Tensor,
+                    token_ids: list[int]) -> None:
+        """Into the slot buffer of each language row with a Mixture of Inputs: the input that
+        replaces its sampled token's embedding at its next position (``engine.moi``).
+        ``logits``: the language rows', as sampled from (suppressed tokens at -inf)."""
+        mixing = [j for j, i in enumerate(language)
+                  if rows[language[j]].sampling.mixture is not None and rows[language[j]].sampling.mixture.active]
+        if not mixing:
+            return
+        dev = self.device
+        mixtures = [rows[language[j]].sampling.mixture for j in mixing]
+        sub = logits if len(mixing) == len(language) else logits.index_select(0, torch.tensor(mixing, device=dev))
+        sampled = torch.tensor([token_ids[j] for j in mixing], device=dev)
+        inputs = moi_inputs(self.adapter.embed, sub, sampled, [m.top_k for m in mixtures], [m.beta for m in mixtures])
+        slots = torch.tensor([rows[language[j]].slot for j in mixing], device=dev)
+        self.thoughts[slots] = inputs.to(self.thoughts.dtype)
 
 
 def length_buckets(max_seq_len: int, smallest: int = 16) -> list[int]:

@@ -21,7 +21,10 @@ its log-probability, and its ``top_logprobs`` most likely alternatives', when as
 ``trace_top_k`` > 0 -> the thought's top tokens and the probabilities of
 ``watch_token_ids``; ``ask_stop`` -> the stop classifier's probability;
 ``ask_entropy`` -> the entropy and argmax of ``softmax(W h)``; ``feedback`` -> the slot's
-next thought is made with that operator (and a traced row reports what it mixed).
+next thought is made with that operator (and a traced row reports what it mixed), its noise
+drawn from the generator of ``latent_seed`` when set; ``sampling.mixture`` -> the sampled
+token's Mixture of Inputs is kept in the slot, which the next row fed with
+``feed_mixture`` reads instead of the token's embedding.
 """
 
 from __future__ import annotations
@@ -43,15 +46,20 @@ class RowWork:
     # operator (None: as it is, or not at all)
     feedback: LatentFeedback | None = None
     ask_entropy: bool = False                # report softmax(W h)'s entropy and argmax
+    # latent mode, a noisy feedback: the request's seed (its generator draws the noise)
+    latent_seed: int | None = None
 
     @property
     def seed(self) -> int | None:
-        return self.sampling.seed if self.sampling is not None else None
+        return self.sampling.seed if self.sampling is not None else self.latent_seed
 
 
 @dataclass(frozen=True, kw_only=True)
 class DecodeRow(RowWork):
     feed_token: int | None                   # None: feed the slot's last hidden state
+    # feed_token was sampled by a row with a Mixture of Inputs: feed the mixed input the
+    # runner made for the slot instead of the token's embedding
+    feed_mixture: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

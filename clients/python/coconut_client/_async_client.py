@@ -21,7 +21,7 @@ from ._base import (DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, NOT_GIVEN, BaseClient,
 from ._errors import OverloadedError, status_error
 from ._retry import RetryPolicy
 from ._streaming import AsyncStream
-from ._types import Health, LatentParam, Model, ReasonResult, StreamEvent
+from ._types import Health, LatentParam, MixtureParam, Model, ReasonResult, StreamEvent
 
 
 class AsyncCoconutClient(BaseClient):
@@ -85,7 +85,7 @@ class AsyncCoconutClient(BaseClient):
                stop: Union[str, Sequence[str], None] = None, ignore_eos: Optional[bool] = None,
                latent: Optional[LatentParam] = None, return_latent_trace: Optional[bool] = None,
                latent_trace_top_k: Optional[int] = None, model: Optional[str] = None,
-               n: Optional[int] = None,
+               n: Optional[int] = None, mixture: Optional[MixtureParam] = None,
                extra_body: Optional[Mapping[str, Any]] = None,
                extra_headers: Optional[Mapping[str, str]] = None,
                timeout: Any = NOT_GIVEN, max_retries: Optional[int] = None) -> ReasonResult:
@@ -94,7 +94,7 @@ class AsyncCoconutClient(BaseClient):
             question, stream=False, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos, latent=latent,
             return_latent_trace=return_latent_trace, latent_trace_top_k=latent_trace_top_k,
-            model=model, n=n, extra_body=extra_body,
+            model=model, n=n, mixture=mixture, extra_body=extra_body,
             extra_headers=extra_headers, timeout=timeout, max_retries=max_retries)
         return self._parse(await self._send(opts), ReasonResult)
 
@@ -104,7 +104,7 @@ class AsyncCoconutClient(BaseClient):
                stop: Union[str, Sequence[str], None] = None, ignore_eos: Optional[bool] = None,
                latent: Optional[LatentParam] = None, return_latent_trace: Optional[bool] = None,
                latent_trace_top_k: Optional[int] = None, model: Optional[str] = None,
-               n: Optional[int] = None,
+               n: Optional[int] = None, mixture: Optional[MixtureParam] = None,
                extra_body: Optional[Mapping[str, Any]] = None,
                extra_headers: Optional[Mapping[str, str]] = None,
                timeout: Any = NOT_GIVEN, max_retries: Optional[int] = None) -> AsyncStream[StreamEvent]:
@@ -113,7 +113,7 @@ class AsyncCoconutClient(BaseClient):
             question, stream=True, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos, latent=latent,
             return_latent_trace=return_latent_trace, latent_trace_top_k=latent_trace_top_k,
-            model=model, n=n, extra_body=extra_body,
+            model=model, n=n, mixture=mixture, extra_body=extra_body,
             extra_headers=extra_headers, timeout=timeout, max_retries=max_retries)
         return AsyncStream(lambda: self._send(opts), StreamEvent)
 

@@ -31,7 +31,7 @@ import pydantic
 from ._errors import (APIConnectionError, APIResponseValidationError, APITimeoutError,
                       REQUEST_ID_HEADER, decode_body)
 from ._retry import RetryPolicy
-from ._types import Latent, LatentParam
+from ._types import Latent, LatentParam, Mixture, MixtureParam
 from ._version import __version__
 
 log = logging.getLogger("coconut_client")
@@ -182,7 +182,8 @@ class BaseClient:
                         return_latent_trace: Optional[bool], latent_trace_top_k: Optional[int],
                         model: Optional[str], extra_body: Optional[Mapping[str, Any]],
                         extra_headers: Optional[Mapping[str, str]], timeout: Any,
-                        max_retries: Optional[int], n: Optional[int] = None) -> RequestOptions:
+                        max_retries: Optional[int], n: Optional[int] = None,
+                        mixture: Optional[MixtureParam] = None) -> RequestOptions:
         body: Dict[str, Any] = {"question": question}
         optional = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
                     "top_k": top_k, "seed": seed, "ignore_eos": ignore_eos,
@@ -193,6 +194,8 @@ class BaseClient:
             body["stop"] = stop if isinstance(stop, str) else list(stop)
         if latent is not None:
             body["latent"] = _latent_body(latent)
+        if mixture is not None:
+            body["mixture"] = mixture.model_dump(exclude_none=True) if isinstance(mixture, Mixture) else dict(mixture)
         if stream:
             body["stream"] = True
         if extra_body:

@@ -20,7 +20,7 @@ from ._base import (DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, NOT_GIVEN, BaseClient,
 from ._errors import OverloadedError, status_error
 from ._retry import RetryPolicy
 from ._streaming import Stream
-from ._types import Health, LatentParam, Model, ReasonResult, StreamEvent
+from ._types import Health, LatentParam, MixtureParam, Model, ReasonResult, StreamEvent
 
 
 class CoconutClient(BaseClient):
@@ -83,7 +83,7 @@ class CoconutClient(BaseClient):
                stop: Union[str, Sequence[str], None] = None, ignore_eos: Optional[bool] = None,
                latent: Optional[LatentParam] = None, return_latent_trace: Optional[bool] = None,
                latent_trace_top_k: Optional[int] = None, model: Optional[str] = None,
-               n: Optional[int] = None,
+               n: Optional[int] = None, mixture: Optional[MixtureParam] = None,
                extra_body: Optional[Mapping[str, Any]] = None,
                extra_headers: Optional[Mapping[str, str]] = None,
                timeout: Any = NOT_GIVEN, max_retries: Optional[int] = None) -> ReasonResult:
@@ -92,7 +92,7 @@ class CoconutClient(BaseClient):
             question, stream=False, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos, latent=latent,
             return_latent_trace=return_latent_trace, latent_trace_top_k=latent_trace_top_k,
-            model=model, n=n, extra_body=extra_body,
+            model=model, n=n, mixture=mixture, extra_body=extra_body,
             extra_headers=extra_headers, timeout=timeout, max_retries=max_retries)
         return self._parse(self._send(opts), ReasonResult)
 
@@ -102,7 +102,7 @@ class CoconutClient(BaseClient):
                stop: Union[str, Sequence[str], None] = None, ignore_eos: Optional[bool] = None,
                latent: Optional[LatentParam] = None, return_latent_trace: Optional[bool] = None,
                latent_trace_top_k: Optional[int] = None, model: Optional[str] = None,
-               n: Optional[int] = None,
+               n: Optional[int] = None, mixture: Optional[MixtureParam] = None,
                extra_body: Optional[Mapping[str, Any]] = None,
                extra_headers: Optional[Mapping[str, str]] = None,
                timeout: Any = NOT_GIVEN, max_retries: Optional[int] = None) -> Stream[StreamEvent]:
@@ -111,7 +111,7 @@ class CoconutClient(BaseClient):
             question, stream=True, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos, latent=latent,
             return_latent_trace=return_latent_trace, latent_trace_top_k=latent_trace_top_k,
-            model=model, n=n, extra_body=extra_body,
+            model=model, n=n, mixture=mixture, extra_body=extra_body,
             extra_headers=extra_headers, timeout=timeout, max_retries=max_retries)
         return Stream(lambda: self._send(opts), StreamEvent)
 

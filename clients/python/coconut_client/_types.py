@@ -10,6 +10,7 @@ Contract:
   body is reported as ``APIResponseValidationError`` rather than surfacing later.
 - ``Latent`` is the typed form of the request's ``latent`` object; a plain dict is
   accepted wherever a ``Latent`` is, and is sent unchanged (the server validates it).
+  The same holds for ``Mixture`` (the request's ``mixture``, Mixture of Inputs).
 
 Annotations use ``Optional``/``List`` rather than ``X | None`` so that pydantic can
 evaluate them on every Python version the package supports.
@@ -49,6 +50,22 @@ class Latent(BaseModel):
 
 
 LatentParam = Union[Latent, Dict[str, Any]]
+
+
+class Mixture(BaseModel):
+    """Mixture of Inputs (the request's ``mixture``): each sampled answer token ``y`` is fed
+    back as ``Hn * sum_i w_i E[i] + (1 - Hn) * E[y]`` over the ``top_k`` most likely tokens,
+    ``w = (p + beta [i = y]) / (1 + beta)``, ``Hn`` the normalised entropy. ``type="none"``
+    turns a server's default mixture off. ``None`` fields are not sent (server defaults)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["moi", "none"] = "moi"
+    beta: Optional[float] = None
+    top_k: Optional[int] = None
+
+
+MixtureParam = Union[Mixture, Dict[str, Any]]
 
 
 class Usage(_Response):
