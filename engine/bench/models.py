@@ -14,7 +14,8 @@ side mean something):
    - ``transformers``: ``AutoModelForCausalLM.from_pretrained(DIR)`` alone, the peer.
 
    The time is that of the load call itself, measured inside the child after its imports
-   (the child's whole life, imports included, is ``process_s``). Memory: the child's RSS
+   (the child's whole life, imports and the one-token forward below included, is
+   ``process_s``). Memory: the child's RSS
    after the load (``/proc/self/status`` VmRSS, and its anonymous and file-backed parts),
    its peak RSS (``getrusage``), its RSS after one forward of one token (safetensors
    weights are mapped from the file, so transformers' RSS after the load counts only the
