@@ -356,13 +356,10 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str | torch.dt
     from engine.sources import resolve_model
     from engine.stop_classifier import StopClassifier
 
-    source = resolve_model(path, revision)
-    if source.is_gguf:
-        from engine.gguf import materialize
+    from engine.gguf import local_directory
 
-        directory = materialize(source.directory / source.gguf_file, _dtype_name(dtype))
-    else:
-        directory = source.directory
+    source = resolve_model(path, revision)
+    directory = local_directory(source, _dtype_name(dtype))
     plain = not (directory / COCONUT_JSON).is_file()
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory}: missing config.json (the Hugging Face model config)")

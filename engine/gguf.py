@@ -92,6 +92,15 @@ def _tied(model, key: str) -> bool:
     return bool(getattr(model.config, "tie_word_embeddings", False)) and key.endswith("lm_head.weight")
 
 
+def local_directory(source, dtype: str = "float32") -> Path:
+    """The checkpoint directory of an ``engine.sources.ModelSource``: its own, or for a GGUF
+    file a temporary one it is dequantized into (``materialize``)."""
+    if not source.is_gguf:
+        return source.directory
+    log.info("dequantizing %s to %s ...", source.gguf_file, dtype)
+    return materialize(source.directory / source.gguf_file, dtype)
+
+
 def materialize(file: str | Path, dtype: str = "float32") -> Path:
     """``convert_gguf`` into a fresh temporary directory that is removed when this process
     exits (normally). Returns the directory."""

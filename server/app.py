@@ -47,15 +47,11 @@ def resolve_served_model(settings: ServerSettings) -> ServerSettings:
     process (so an engine process, and each one that replaces it, loads a plain directory).
     ``served_model_name`` defaults to what the user named (the Hub id, the GGUF file's stem).
     Raises ``CheckpointError`` naming the model and the reason."""
+    from engine.gguf import local_directory
     from engine.sources import resolve_model
 
     source = resolve_model(settings.model_spec(), settings.revision)
-    directory = source.directory
-    if source.is_gguf:
-        from engine.gguf import materialize
-
-        log.info("dequantizing %s to %s ...", source.gguf_file, settings.resolved_dtype())
-        directory = materialize(source.directory / source.gguf_file, settings.resolved_dtype())
+    directory = local_directory(source, settings.resolved_dtype())
     return settings.model_copy(update={"model": str(directory), "revision": None,
                                        "served_model_name": settings.served_model_name or source.name})
 

@@ -44,10 +44,9 @@ def local_model(spec: str, revision: str | None = None, dtype: str = "float32") 
     ``.gguf`` file dequantized to ``dtype`` into a temporary directory (``engine.sources``)."""
     from engine.sources import resolve_model
 
-    source = resolve_model(spec, revision)
-    if not source.is_gguf:
-        return source.directory
-    from engine.gguf import materialize
+    from engine.gguf import local_directory
 
-    log(f"dequantizing {source.gguf_file} to {dtype}")
-    return materialize(source.directory / source.gguf_file, dtype)
+    source = resolve_model(spec, revision)
+    if source.is_gguf:
+        log(f"dequantizing {source.gguf_file} to {dtype}")
+    return local_directory(source, dtype)
