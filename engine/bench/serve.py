@@ -262,7 +262,7 @@ class RawPool:
             try:
                 conn = await self._connection()
                 reader, writer = conn
-                data = json.dumps({**body, "question": question}).encode()
+                data = json.dumps(self.payload(body, question)).encode()
                 writer.write(f"{self.head}{len(data)}\r\n\r\n".encode() + data)
                 status_line = await reader.readline()
                 if not status_line:
@@ -293,7 +293,8 @@ class RawPool:
                     else:
                         trace.error = "a stream without chunked encoding"
                 else:
-                    await self._events(reader, trace, status)
+                    await self._events(reader, trace, status, body)
+                self.finish(trace)
                 if keep and trace.error is None:
                     self.idle.append(conn)
                 else:
@@ -306,8 +307,22 @@ class RawPool:
                     conn[1].close()
             return trace
 
-    @staticmethod
-    async def _events(reader, trace: Trace, status: int) -> None:
+    def payload(self, body: dict, question) -> dict:
+        """The JSON body sent for one request (subclasses for other routes)."""
+        return {**body, "question": question}
+
+    def on_event(self, trace: Trace, payload: dict, now: float, body: dict) -> None:
+        """One ``/v1/reason`` stream event arrived at ``now``."""
+        if payload.get("delta"):
+            trace.chunk(now)
+        if payload.get("finish_reason"):
+            trace.tokens = payload["usage"]["completion_tokens"]
+            trace.latent = payload["timings"]["latent"]
+
+    def finish(self, trace: Trace) -> None:
+        """After a request's reply was read whole (subclasses fill in what it lacked)."""
+
+    async def _events(self, reader, trace: Trace, status: int, body: dict) -> None:
         """Read a chunked body to its end, handling each complete ``data:`` event on arrival."""
         pending = b""
         body = []
@@ -332,13 +347,10 @@ class RawPool:
                     continue
                 payload = json.loads(data)
                 if "error" in payload:
-                    trace.error = payload["error"]["message"]
+                    error = payload["error"]
+                    trace.error = error.get("message", str(error)) if isinstance(error, dict) else str(error)
                     continue
-                if payload.get("delta"):
-                    trace.chunk(now)
-                if payload.get("finish_reason"):
-                    trace.tokens = payload["usage"]["completion_tokens"]
-                    trace.latent = payload["timings"]["latent"]
+                self.on_event(trace, payload, now, body)
         if status != 200:
             trace.error = f"HTTP {status}: {b''.join(body)[:200]!r}"
         elif trace.error is None and trace.end is None:

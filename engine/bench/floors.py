@@ -1,0 +1,140 @@
+"""The machine's floor for one decode step of a model, and the engine's step beside it.
+
+A decode step cannot be faster than the larger of two bounds:
+
+- the **memory floor**: every weight is read once per step, so ``weight bytes / read
+  bandwidth``. The bandwidth is measured here, on this process's threads, as the faster of
+  reading a buffer larger than any cache (``sum``) and a matrix-vector product over it
+  (what batch 1 does);
+- the **matrix floor**: the model's own matrix products, in the order a step runs them
+  (every ``nn.Linear`` of the decoder, then the LM head), at batch B, with nothing else:
+  no attention, norms, activations, masks or Python. Its FLOPs over its time is the rate
+  this CPU multiplies the model's shapes at (``2 x B x weights`` FLOPs per step).
+
+``measure(model, batches)`` returns both floors per batch and the rates; ``engine_steps``
+times the engine's own decode step at the same batches (every row decoding, prompts of
+``prompt_tokens``) so that ``step / floor`` is printed from one run. Nothing here knows
+about servers; ``engine bench peers`` calls it after the servers have stopped, and the
+thread count it runs with is the caller's (``torch.set_num_threads``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def _best_of(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> dict:
+    """Bytes per second this process reads from memory (float32 buffer of ``megabytes``)."""
+    n = megabytes * (1 << 20) // 4
+    rows = 4096
+    buffer = torch.rand(rows, n // rows)
+    vector = torch.rand(n // rows)
+    nbytes = buffer.numel() * 4
+    with torch.inference_mode():
+        by_sum = nbytes / _best_of(lambda: buffer.sum(), repeats)
+        by_mv = nbytes / _best_of(lambda: torch.mv(buffer, vector), repeats)
+    return {"sum_bytes_per_s": by_sum, "mv_bytes_per_s": by_mv, "bytes_per_s": max(by_sum, by_mv)}
+
+
+def _step_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The weights a decode step multiplies by, in order: the decoder's linears, the head."""
+    decoder = model.get_decoder()
+    weights = [m.weight for m in decoder.modules() if isinstance(m, torch.nn.Linear)]
+    # fused or non-Linear projections (GPT-2's Conv1D) hold [in, out] weights
+    weights += [m.weight.t() for m in decoder.modules() if type(m).__name__ == "Conv1D"]
+    head = model.get_output_embeddings()
+    return weights + [head.weight]
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters one step reads (tied tensors once; the embedding table, which
+    a step only indexes, is counted when it is the tied head)."""
+    seen, total = set(), 0
+    for w in _step_matrices(model):
+        key = w.data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += w.numel() * w.element_size()
+    # norms and biases: small, read too
+    for name, p in model.named_parameters():
+        if p.ndim == 1 and p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def matrix_floor(model: torch.nn.Module, batch: int, repeats: int = 5) -> dict:
+    """Seconds of the model's matrix products alone at ``batch`` rows, and their FLOP rate."""
+    weights = _step_matrices(model)
+    dtype = weights[0].dtype
+    inputs = {w.shape[1]: torch.rand(batch, w.shape[1], dtype=dtype) for w in weights}
+    flops = sum(2 * batch * w.shape[0] * w.shape[1] for w in weights)
+
+    def products():
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+
+    with torch.inference_mode():
+        seconds = _best_of(products, repeats)
+    return {"seconds": seconds, "flops": flops, "flops_per_s": flops / seconds}
+
+
+def measure(model: torch.nn.Module, batches: list[int]) -> dict:
+    """Both floors at each batch, for ``model`` as loaded (its dtype, this process's threads)."""
+    bandwidth = read_bandwidth()
+    nbytes = weight_bytes(model)
+    memory_floor = nbytes / bandwidth["bytes_per_s"]
+    out = {"threads": torch.get_num_threads(), "weight_bytes": nbytes, "read_bandwidth": bandwidth,
+           "memory_floor_ms": 1000 * memory_floor, "batches": {}}
+    for batch in batches:
+        m = matrix_floor(model, batch)
+        out["batches"][str(batch)] = {"matrix_floor_ms": 1000 * m["seconds"], "flops": m["flops"],
+                                      "matrix_flops_per_s": m["flops_per_s"],
+                                      "floor_ms": 1000 * max(memory_floor, m["seconds"])}
+    return out
+
+
+def engine_steps(directory, batches: list[int], *, dtype: str, prompt_tokens: int, new_tokens: int,
+                 rounds: int, **engine_options) -> dict:
+    """The engine's decode step (median over the steps where every row decodes) at each batch."""
+    from engine import Engine, LatentPolicy, SamplingParams
+    from engine.bench.models import engine_round, make_prompts
+
+    sampling = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    latent = LatentPolicy(mode="none")
+    out = {}
+    engine = Engine.from_pretrained(directory, dtype=dtype, max_batch_size=max(batches), **engine_options)
+    for batch in batches:
+        questions = make_prompts(engine, batch, prompt_tokens, 0, sampling, latent)
+        engine_round(engine, questions, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), latent)
+        steps = [statistics.median(engine_round(engine, questions, sampling, latent)["steps_s"])
+                 for _ in range(rounds)]
+        out[str(batch)] = {"step_ms": 1000 * statistics.median(steps), "step_ms_rounds": [1000 * s for s in steps]}
+    return out, engine.checkpoint.model
+
+
+def with_ratios(floors: dict, steps: dict) -> dict:
+    """``floors`` with each batch's engine step and its ratio to the floor of its kind:
+    batch 1 against the memory floor, larger batches against the matrix floor (and both)."""
+    for batch, row in floors["batches"].items():
+        step = steps.get(batch, {}).get("step_ms")
+        if step is None:
+            continue
+        row["engine_step_ms"] = step
+        row["step_over_memory_floor"] = step / floors["memory_floor_ms"]
+        row["step_over_matrix_floor"] = step / row["matrix_floor_ms"]
+        row["step_over_floor"] = step / row["floor_ms"]
+    return floors
