@@ -206,7 +206,7 @@ class CoconutConfig(BaseModel):
         path = Path(directory) / COCONUT_JSON
         if not path.is_file() and overrides is None:
             raise CheckpointError(f"{directory}: missing {COCONUT_JSON} (not a COCONUT "
-                                  f"checkpoint; see README 'Checkpoint format'; a plain Hugging Face "
+                                  f"checkpoint; see docs/checkpoints.md; a plain Hugging Face "
                                   f"model is served with --latent-feedback and the marker flags)")
         raw: Any = {}
         if path.is_file():

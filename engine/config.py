@@ -25,6 +25,11 @@ class EngineConfig:
     ``max_prefill_tokens``: prompt tokens prefilled in one step; a longer prompt is
     prefilled in chunks over several steps, interleaved with decoding, so this bounds the
     latency a burst of arrivals adds to the running requests' next token.
+    ``prefill_delay_factor``: while requests decode, a step prefills only as many prompt
+    tokens as take about this many decode steps' time (``engine.prefill_pacer``), so a
+    burst of arrivals stretches a running stream's gap between tokens to at most about
+    ``1 + prefill_delay_factor`` decode steps; 0 (the default here; ``engine serve`` sets
+    1) prefills ``max_prefill_tokens`` per step whatever decodes.
     ``compile``: run the decode step through ``torch.compile`` (rows padded to batch
     buckets, every bucket compiled when the engine is built; needs a C++ compiler on CPU).
     ``feedback_noise`` (``engine.params.FeedbackNoise``, or its dict): the noise of a soft
@@ -38,6 +43,7 @@ class EngineConfig:
     max_batch_size: int = 32
     max_seq_len: int | None = None
     max_prefill_tokens: int = 8192
+    prefill_delay_factor: float = 0.0
     seed: int | None = None
     compile: bool = False
     kv_cache_memory: str | float | None = None
@@ -57,6 +63,9 @@ class EngineConfig:
             raise ValueError(f"max_seq_len={self.max_seq_len} is invalid: expected >= 2")
         if self.max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens={self.max_prefill_tokens} is invalid: expected >= 1")
+        if not self.prefill_delay_factor >= 0:
+            raise ValueError(f"prefill_delay_factor={self.prefill_delay_factor} is invalid: expected >= 0 "
+                             f"(0: no pacing)")
         if self.kv_cache_memory is not None:
             from engine.kv_cache_sizing import parse_kv_cache_memory
             parse_kv_cache_memory(self.kv_cache_memory)

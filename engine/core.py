@@ -33,6 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
+from engine.prefill_pacer import PrefillPacer
 from engine.request import Request, RequestStatus, TraceEntry
 from engine.runner.model_runner import ModelRunner
 from engine.runner.plan import RowOutput, StepPlan
@@ -78,6 +79,7 @@ class EngineCore:
         self.max_seq_len = max_seq_len   # resolved by the caller: the model's, the config's and the cache's limit
         self.eos_token_ids = frozenset(eos_token_ids)
         self.scheduler = Scheduler(config.max_batch_size, config.max_prefill_tokens)
+        self.pacer = PrefillPacer(config.max_prefill_tokens, config.prefill_delay_factor)
         self._aborts: deque[tuple[str, RequestStatus]] = deque()
         self._lock = threading.Lock()
         self.last_stats = StepStats()
@@ -118,7 +120,7 @@ class EngineCore:
 
     def step(self) -> list[CoreOutput]:
         outputs = self._drain_aborts()
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule(self.pacer.budget(self.scheduler.will_decode))
         if plan.is_empty:
             self._record_stats(plan)
             return outputs
@@ -137,6 +139,9 @@ class EngineCore:
                 self.scheduler.remove(request)
             self._record_stats(plan)
             return outputs
+        timing = getattr(self.runner, "last_timing", None)    # test doubles of the runner have none
+        if timing is not None:
+            self.pacer.observe(*timing)
         early = 0
         prefilled = {chunk.request_id for chunk in plan.prefill if chunk.last}
         for row in plan.rows_with_output:

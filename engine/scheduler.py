@@ -6,7 +6,9 @@ slots) and keeps it until it ends. Each step has a prefill budget of
 ``max_prefill_tokens`` prompt tokens: prompts already being prefilled continue first, then
 waiting requests are admitted in arrival order while a slot is free and budget is left; a
 prompt longer than what is left is prefilled in chunks over several steps, so a running
-request never waits more than one budget's worth of prefill for its next token.
+request never waits more than one budget's worth of prefill for its next token. The core
+may lower a step's budget (``schedule(prefill_budget)``: ``engine.prefill_pacer`` bounds
+the prefill's time while requests decode).
 
 ``schedule()`` returns a ``StepPlan`` (``engine.runner.plan``, plain data): one decode row
 per running request whose prompt is in the cache (what it feeds and what its output must
@@ -57,10 +59,17 @@ class Scheduler:
         for fork in request.forks:
             self._unforked[fork.request_id] = fork
 
-    def schedule(self) -> StepPlan:
+    @property
+    def will_decode(self) -> bool:
+        """Whether the next plan has a decode row (a running request with its prompt cached)."""
+        return any(r.prefilled_tokens == r.num_prompt_tokens for r in self.running.values())
+
+    def schedule(self, prefill_budget: int | None = None) -> StepPlan:
+        """The next step; ``prefill_budget`` lowers this step's prompt tokens below
+        ``max_prefill_tokens`` (the prefill pacer's figure)."""
         plan = StepPlan(released=self._released, forks=self._forks)
         self._released, self._forks = [], []
-        budget = self.max_prefill_tokens
+        budget = self.max_prefill_tokens if prefill_budget is None else min(prefill_budget, self.max_prefill_tokens)
         for request in self.running.values():
             if request.prefilled_tokens == request.num_prompt_tokens:
                 plan.decode.append(self._decode_row(request))

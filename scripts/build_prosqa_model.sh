@@ -3,8 +3,9 @@
 # train COCONUT at 128 wide, then widened to 256 (superposition_wide, from the first run's
 # best), and the CoT and no-CoT baselines at both widths (scripts/train_prosqa.sh superposition
 # superposition_wide superposition_cot superposition_no_cot superposition_wide_cot
-# superposition_wide_no_cot: each continues from its
-# committed checkpoint or the 10-node model, each resumes exactly when interrupted), copy the
+# superposition_wide_no_cot: the 10-node model they start from is trained first
+# when runs/prosqa holds none; each resumes exactly from its run directory when interrupted;
+# nothing is resumed from the repository), copy the
 # 256-wide run's best checkpoint (model selection on the official validation split when
 # ../shared/data has it), write the held-out test split, and measure every run on it and on
 # the official split: docs/recipe/prosqa/ (a run without a best checkpoint is skipped).

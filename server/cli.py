@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 _INT_FIELDS = {"port", "max_batch_size", "max_queue", "max_seq_len", "max_prefill_tokens", "seed",
                "max_body_bytes", "retry_after_s", "torch_threads", "replicas",
                "autoscale_target_ongoing_requests", "max_engine_restarts"}
-_FLOAT_FIELDS = {"drain_timeout_s", "num_gpus_per_replica", "engine_restart_window_s", "engine_restart_backoff_s"}
+_FLOAT_FIELDS = {"prefill_delay_factor", "drain_timeout_s", "num_gpus_per_replica", "engine_restart_window_s", "engine_restart_backoff_s"}
 _DEST = "serve_"
 ENGINE_FAILED = 4   # the exit status when the engine process kept dying  # the global `engine --log-level` already owns dest "log_level"
 

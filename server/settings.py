@@ -42,6 +42,11 @@ class ServerSettings(BaseSettings):
                                         "max_batch_size slots, else to what fits (no 4096 cap), and a given max_seq_len "
                                         "that does not fit is refused at start-up (default: sized by max_seq_len alone)")
     max_prefill_tokens: int = Field(512, ge=1, description="prompt tokens prefilled per step (longer prompts are prefilled in chunks, interleaved with decoding): lower for steadier gaps between tokens under arrivals, higher for sooner first tokens")
+    prefill_delay_factor: float = Field(1.0, ge=0, description="while requests decode, a step prefills only the "
+                                        "prompt tokens that take about this many decode steps' time (measured as it "
+                                        "runs), so a burst of arrivals stretches a running stream's gap between tokens "
+                                        "to at most about 1 + this many decode steps (0: prefill --max-prefill-tokens "
+                                        "per step whatever decodes)")
     seed: int | None = Field(None, description="seed of the engine's shared generator (unseeded requests)")
     compile: bool = Field(False, description="compile the decode step with torch.compile (rows padded to "
                           "batch buckets, all compiled at start-up; on CPU it needs a C++ compiler)")

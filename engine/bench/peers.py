@@ -221,6 +221,7 @@ def drive(name: str, directory: Path, args: argparse.Namespace, workdir: Path) -
         if name == "transformers":
             model = str(directory)
         from engine.bench.peers_client import ChatPool, chat_body, closed_loop
+        from engine.bench.serve import process_cpu
 
         async def warm():
             pool = ChatPool(url)
@@ -241,7 +242,8 @@ def drive(name: str, directory: Path, args: argparse.Namespace, workdir: Path) -
                 f"ITL median/p99 {_ms(row['itl_ms']['median'])}/{_ms(row['itl_ms']['p99'])}, "
                 f"{row['failed']} failed")
             rows.append(row)
-        return {"command": server.command, "startup_s": startup, "levels": rows}
+        return {"command": server.command, "startup_s": startup, "levels": rows,
+                "cpu_s": list(process_cpu(server.process.pid) or (0.0, 0.0))}
     finally:
         server.stop()
 
@@ -283,7 +285,13 @@ def run(args: argparse.Namespace) -> int:
     report["same_answers"] = same_answers(report["servers"])
     if args.floors:
         report["floors"] = floors_report(directory, args)
-    report["other_load"] = load.report()
+    # the rest of the machine: OtherLoad counts the servers' own processes as this one's
+    # children, not their children (the engine process): those are taken off here
+    other = load.report()
+    grandchildren = sum(s["cpu_s"][1] for s in report["servers"].values())
+    other["other_processes_cpu_s"] = max(0.0, other["other_processes_cpu_s"] - grandchildren)
+    other["other_processes_cores"] = other["other_processes_cpu_s"] / other["wall_s"]
+    report["other_load"] = other
     print(table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

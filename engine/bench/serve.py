@@ -260,11 +260,21 @@ class RawPool:
             trace = Trace(start=time.perf_counter(), streamed=bool(body.get("stream")))
             conn = None
             try:
-                conn = await self._connection()
-                reader, writer = conn
                 data = json.dumps(self.payload(body, question)).encode()
-                writer.write(f"{self.head}{len(data)}\r\n\r\n".encode() + data)
-                status_line = await reader.readline()
+                for attempt in range(2):
+                    # an idle keep-alive connection the server has closed (its keep-alive
+                    # timeout) answers nothing: the request is sent again on a new one
+                    reused = bool(self.idle)
+                    conn = await self._connection()
+                    reader, writer = conn
+                    try:
+                        writer.write(f"{self.head}{len(data)}\r\n\r\n".encode() + data)
+                        status_line = await reader.readline()
+                    except ConnectionError:
+                        status_line = b""
+                    if status_line or not reused:
+                        break
+                    writer.close()
                 if not status_line:
                     raise ConnectionError("the server closed the connection")
                 status = int(status_line.split()[1])

@@ -42,6 +42,7 @@ Tensor shapes: n decode rows, b prefill rows of T tokens, d hidden size, V vocab
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -52,6 +53,14 @@ from engine.runner.adapter import DecoderAdapter
 from engine.runner.plan import DecodeRow, ForkCopy, PrefillChunk, RowOutput, RowWork, StepPlan, TraceEntry
 from engine.runner.sampler import sample
 from engine.runner.slot_cache import SlotCache, slot_attention_masks
+
+
+class ForwardTiming(NamedTuple):
+    """One step's forwards, in seconds (None: that forward did not run this step)."""
+
+    decode_s: float | None = None
+    prefill_s: float | None = None
+    prefill_tokens: int = 0
 
 
 class ModelRunner:
@@ -92,6 +101,7 @@ class ModelRunner:
         else:
             self.generator.seed()
         self.noise = NoiseDraws(self.generator)   # the noise of soft thoughts (tests inject theirs)
+        self.last_timing = ForwardTiming()        # the last step's forwards (the prefill pacer reads it)
 
     # ---------------------------------------------------------------- public
 
@@ -107,11 +117,17 @@ class ModelRunner:
         self._fork(plan.forks)
         rows: list[RowWork] = []
         states: list[torch.Tensor] = []
-        for forward, work in ((self._decode, plan.decode), (self._prefill, plan.prefill)):
+        seconds: list[float | None] = [None, None]
+        for k, (forward, work) in enumerate(((self._decode, plan.decode), (self._prefill, plan.prefill))):
             if work:
+                t0 = time.perf_counter()
                 done, hidden = forward(work)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                seconds[k] = time.perf_counter() - t0
                 rows += done
                 states.append(hidden)
+        self.last_timing = ForwardTiming(seconds[0], seconds[1], sum(len(c.token_ids) for c in plan.prefill))
         if not rows:
             return {}
         # one LM head product and one sampling call for the decode rows and the finished prompts

@@ -1,0 +1,95 @@
+"""The prefill pacer's budget, and the scheduler and core obeying it.
+
+Oracles: the budget's arithmetic is checked against figures computed by hand from the
+timings fed in; the scheduler's plans are checked by counting the tokens they carry; the
+core test runs a real tiny model and compares every answer with the engine's unpaced run
+(pacing changes which step prefills what, never what is computed)."""
+
+import pytest
+
+from engine.prefill_pacer import PrefillPacer
+
+
+def test_budget_is_the_cap_until_measured_and_when_nothing_decodes():
+    pacer = PrefillPacer(512, delay_factor=1.0)
+    assert pacer.budget(decoding=True) == 512
+    pacer.observe(decode_s=0.150, prefill_s=2.0, prefill_tokens=500)   # 4 ms per prompt token
+    assert pacer.budget(decoding=False) == 512
+
+
+def test_budget_bounds_the_prefill_to_the_decode_steps_time():
+    pacer = PrefillPacer(512, delay_factor=1.0)
+    pacer.observe(decode_s=0.150, prefill_s=2.0, prefill_tokens=500)
+    assert pacer.budget(decoding=True) == 37          # 0.150 s / 0.004 s per token
+    pacer2 = PrefillPacer(512, delay_factor=2.0)
+    pacer2.observe(decode_s=0.150, prefill_s=2.0, prefill_tokens=500)
+    assert pacer2.budget(decoding=True) == 75
+
+
+def test_budget_has_a_floor_a_cap_and_an_off_switch():
+    slow = PrefillPacer(512, delay_factor=1.0, min_tokens=16)
+    slow.observe(decode_s=0.010, prefill_s=1.0, prefill_tokens=10)     # 0.1 s per token: 0.1 token
+    assert slow.budget(decoding=True) == 16
+    fast = PrefillPacer(64, delay_factor=1.0)
+    fast.observe(decode_s=1.0, prefill_s=0.001, prefill_tokens=100)
+    assert fast.budget(decoding=True) == 64
+    off = PrefillPacer(512, delay_factor=0.0)
+    off.observe(decode_s=0.150, prefill_s=2.0, prefill_tokens=500)
+    assert off.budget(decoding=True) == 512
+    with pytest.raises(ValueError, match="expected >= 0"):
+        PrefillPacer(512, delay_factor=-1)
+
+
+def test_moving_averages_follow_new_timings():
+    pacer = PrefillPacer(4096, delay_factor=1.0, smoothing=0.5)
+    pacer.observe(decode_s=0.1, prefill_s=None, prefill_tokens=0)
+    pacer.observe(decode_s=0.3, prefill_s=0.4, prefill_tokens=100)     # decode avg 0.2, 4 ms per token
+    assert pacer.decode_s == pytest.approx(0.2)
+    assert pacer.prefill_s_per_token == pytest.approx(0.004)
+    assert pacer.budget(decoding=True) == 50
+
+
+def _engine(checkpoint, **options):
+    from engine import Engine
+    return Engine.from_pretrained(checkpoint, max_batch_size=8, seed=0, **options)
+
+
+def test_scheduler_takes_the_lower_budget(gpt2_checkpoint):
+    from engine.params import LatentPolicy, SamplingParams
+    from engine.scheduler import Scheduler
+
+    engine = _engine(gpt2_checkpoint)
+    requests = [engine.make_request("a question of several words, long enough " * 3,
+                                    SamplingParams(max_tokens=2), LatentPolicy(mode="none")) for _ in range(3)]
+    each = requests[0].num_prompt_tokens
+    assert each > 40
+    scheduler = Scheduler(max_batch_size=8, max_prefill_tokens=each - 10)
+    for r in requests:
+        scheduler.add(r)
+    plan = scheduler.schedule(prefill_budget=30)
+    assert sum(len(c.token_ids) for c in plan.prefill) == 30
+    assert not scheduler.will_decode                                # no prompt is whole yet
+    plan = scheduler.schedule(prefill_budget=10 ** 6)               # the cap still holds
+    assert sum(len(c.token_ids) for c in plan.prefill) == each - 10
+    assert scheduler.will_decode                                    # the first prompt is in
+
+
+def test_paced_engine_answers_as_the_unpaced_one(gpt2_checkpoint):
+    from engine.params import LatentPolicy, SamplingParams
+
+    questions = [f"question number {i} about something that takes a few tokens" for i in range(6)]
+    sampling = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    latent = LatentPolicy(mode="none")
+    answers = []
+    for factor in (0.0, 0.05):
+        engine = _engine(gpt2_checkpoint, max_prefill_tokens=64, prefill_delay_factor=factor)
+        ids = [engine.add_request(questions[0], sampling, latent)]
+        budgets, out = [], {}
+        while engine.has_unfinished():
+            if len(ids) < len(questions):             # arrivals while the first decodes
+                ids.append(engine.add_request(questions[len(ids)], sampling, latent))
+            budgets.append(engine.core.pacer.budget(engine.core.scheduler.will_decode))
+            out.update({o.request_id: list(o.token_ids) for o in engine.step() if o.finished})
+        answers.append([out[i] for i in ids])
+        assert (min(budgets) < 64) == bool(factor)    # the pacer lowered some step's budget
+    assert answers[0] == answers[1]
