@@ -42,7 +42,7 @@ class ServerSettings(BaseSettings):
                                         "max_batch_size slots, else to what fits (no 4096 cap), and a given max_seq_len "
                                         "that does not fit is refused at start-up (default: sized by max_seq_len alone)")
     max_prefill_tokens: int = Field(512, ge=1, description="prompt tokens prefilled per step (longer prompts are prefilled in chunks, interleaved with decoding): lower for steadier gaps between tokens under arrivals, higher for sooner first tokens")
-    prefill_delay_factor: float = Field(1.0, ge=0, description="while requests decode, a step prefills only the "
+    prefill_delay_factor: float = Field(3.0, ge=0, description="while requests decode, a step prefills only the "
                                         "prompt tokens that take about this many decode steps' time (measured as it "
                                         "runs), so a burst of arrivals stretches a running stream's gap between tokens "
                                         "to at most about 1 + this many decode steps (0: prefill --max-prefill-tokens "

@@ -335,7 +335,7 @@ class RawPool:
     async def _events(self, reader, trace: Trace, status: int, body: dict) -> None:
         """Read a chunked body to its end, handling each complete ``data:`` event on arrival."""
         pending = b""
-        body = []
+        error_body = []
         while True:
             size = int((await reader.readline()).split(b";")[0], 16)
             if size == 0:
@@ -343,7 +343,7 @@ class RawPool:
                 break
             chunk = await reader.readexactly(size + 2)
             if status != 200:
-                body.append(chunk[:-2])
+                error_body.append(chunk[:-2])
                 continue
             pending += chunk[:-2]
             *events, pending = pending.split(b"\n\n")
@@ -362,7 +362,7 @@ class RawPool:
                     continue
                 self.on_event(trace, payload, now, body)
         if status != 200:
-            trace.error = f"HTTP {status}: {b''.join(body)[:200]!r}"
+            trace.error = f"HTTP {status}: {b''.join(error_body)[:200]!r}"
         elif trace.error is None and trace.end is None:
             trace.end = time.perf_counter()   # no [DONE]: the stream failed  # noqa
             trace.error = "the stream ended without [DONE]"

@@ -1,0 +1,136 @@
+"""``engine bench peers``: its client against a scripted server, its metrics against hand
+counts, the floors' arithmetic against the model's own parameter counts, and one short
+end-to-end run of this server (the transformers peer is left to the benchmark itself: it
+needs a chat-templated model and about 20 s to start)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import pytest
+
+from engine.bench.peers import goodput, same_answers, table
+from engine.bench.peers_client import ChatPool, chat_body, closed_loop
+from engine.bench.serve import Trace
+
+
+async def _scripted_server(chunks_per_request: list[list[str]], with_done: bool, with_usage: bool):
+    """An HTTP/1.1 server streaming OpenAI chat chunks: request k gets chunks_per_request[k]."""
+    served = []
+
+    async def handle(reader, writer):
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            body = json.loads(await reader.readexactly(length))
+            served.append(body)
+            pieces = chunks_per_request[len(served) - 1]
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+            events = [{"choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]} for p in pieces]
+            events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
+            if with_usage:
+                events.append({"choices": [], "usage": {"completion_tokens": len(pieces) + 100}})
+            datas = [f"data: {json.dumps(e)}\n\n".encode() for e in events]
+            if with_done:
+                datas.append(b"data: [DONE]\n\n")
+            for data in datas:
+                writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.01)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], served
+
+
+@pytest.mark.parametrize("with_done,with_usage", [(True, True), (False, False)])
+def test_chat_client_reads_openai_streams_with_and_without_done(with_done, with_usage):
+    chunks = [["Hel", "lo", " there"], ["a", "b"]]
+
+    async def go():
+        server, port, served = await _scripted_server(chunks, with_done, with_usage)
+        async with server:
+            pool = ChatPool(f"http://127.0.0.1:{port}")
+            bodies = [chat_body("m", "p1", 3), chat_body("m", "p2", 2)]
+            result = await closed_loop(pool, bodies, 1)
+            await pool.close()
+        return result, served
+
+    result, served = asyncio.run(go())
+    assert [b["messages"][0]["content"] for b in served] == ["p1", "p2"]
+    assert served[0]["stream"] is True and served[0]["temperature"] == 0.0 and served[0]["max_tokens"] == 3
+    assert result.texts == ["Hello there", "ab"]
+    assert [t.error for t in result.traces] == [None, None]
+    # the usage chunk's count when there is one (the script inflates it by 100), else the chunks
+    assert [t.tokens for t in result.traces] == ([103, 102] if with_usage else [3, 2])
+    assert [len(t.itl) for t in result.traces] == [2, 1]
+    assert all(t.end >= t.last >= t.first >= t.start for t in result.traces)
+
+
+def test_goodput_counts_requests_within_both_slos():
+    def trace(ttft, tpot, tokens=11, error=None):
+        t = Trace(start=0.0, first=ttft, last=ttft + tpot * (tokens - 1), end=ttft + tpot * (tokens - 1), tokens=tokens)
+        t.error = error
+        return t
+
+    traces = [trace(0.5, 0.1), trace(0.5, 0.3), trace(4.0, 0.1), trace(0.5, 0.1, error="x"), trace(1.0, 0.2)]
+    # within TTFT 3 s and TPOT 250 ms: the first and the last
+    assert goodput(traces, duration=2.0, ttft_ms=3000, tpot_ms=250) == pytest.approx(1.0)
+
+
+def test_same_answers_and_table_from_a_report():
+    def level(texts, **kind):
+        stats = {"mean": 10.0, "median": 10.0, "p99": 20.0}
+        return {**kind, "texts": texts, "output_throughput": 10.0, "request_throughput": 1.0, "goodput": 1.0,
+                "ttft_ms": stats, "tpot_ms": stats, "itl_ms": stats, "e2e_ms": stats, "failed": 0}
+
+    servers = {"coconut": {"levels": [level(["a", "b"], concurrency=1), level(["c"], rate=2.0)]},
+               "transformers": {"levels": [level(["a", "x"], concurrency=1), level(["c"], rate=2.0)]}}
+    shares = same_answers(servers)
+    assert shares == {"transformers": pytest.approx(2 / 3)}
+    text = table({"model": "m", "dtype": "float32", "max_tokens": 8, "servers": servers, "same_answers": shares})
+    assert "1.00x output tok/s" in text and "c=1" in text and "2/s" in text and "67%" in text
+
+
+def test_floors_count_the_models_own_weights(tiny_checkpoint):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine.bench import floors
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama"), dtype=torch.float32)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]   # the decoder's and the head
+    macs = sum(m.in_features * m.out_features for m in linears)
+    assert floors.matrix_floor(model, 4, repeats=1)["flops"] == 2 * 4 * macs
+    # the bytes one step reads: every parameter but the embedding table, unless it is the tied head
+    embedding = model.get_input_embeddings().weight
+    tied = embedding.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    expected = sum(p.numel() * 4 for p in model.parameters()) - (0 if tied else embedding.numel() * 4)
+    assert floors.weight_bytes(model) == expected
+    measured = floors.measure(model, [1, 2])
+    assert measured["memory_floor_ms"] > 0 and set(measured["batches"]) == {"1", "2"}
+    ratios = floors.with_ratios(measured, {"2": {"step_ms": 2 * measured["batches"]["2"]["matrix_floor_ms"]}})
+    assert ratios["batches"]["2"]["step_over_matrix_floor"] == pytest.approx(2.0)
+
+
+def test_peers_end_to_end_on_this_server(tmp_path, gpt2_checkpoint):
+    out = tmp_path / "peers.json"
+    cmd = [sys.executable, "-c", "from engine.cli import main; main()", "bench", "peers", "--model",
+           str(gpt2_checkpoint), "--servers", "coconut", "--concurrency", "2", "--rates", "20", "--requests", "3",
+           "--max-tokens", "5", "--no-floors", "--port", "8793", "--args-coconut", "--max-batch-size 4",
+           "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    levels = report["servers"]["coconut"]["levels"]
+    assert [lv.get("concurrency", lv.get("rate")) for lv in levels] == [2.0, 20.0]
+    for lv in levels:
+        assert lv["completed"] == 3 and lv["failed"] == 0
+        assert 3 <= lv["total_output_tokens"] <= 15     # 3 requests, at most max_tokens each
+        assert lv["server_cpu_s_per_output_token"] > 0
+    assert "c=2" in done.stdout and "20/s" in done.stdout
