@@ -41,6 +41,7 @@ import importlib.util
 import json
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -127,6 +128,10 @@ def _context(model_type: str | None = None):
     0.1 s. The fork server starts no threads and never touches CUDA before forking (it is
     started with the first child, so the preload list applies to this process's first
     checkpoint). Where there is no fork server (Windows): spawn."""
+    # the engine's OpenMP threads sleep between steps instead of spinning against the API
+    # process on the same cores (read when the child's OpenMP runtime loads: set before the
+    # fork server or a spawned child starts; a value the user set is kept)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")

@@ -66,18 +66,40 @@ def engine_options(settings: ServerSettings) -> dict:
                 **settings.request_defaults())
 
 
+#: Weights at least this large (bytes of safetensors) get every CPU in the engine process;
+#: smaller ones leave one CPU to the API process. Measured on 2 cores: SmolLM2-135M (538 MB)
+#: streams 91.8 / 119.8 output tok/s at 16 / 32 streams with 2 passive threads against
+#: 78.5 / 101.5 with one (``engine bench peers``); the bundled 11 MB model serves 8-10% fewer
+#: requests/s with two (81.4 against 88.2 at 32 clients, ``engine bench serve``): its
+#: products are too small to split, and the API process wants the second core. Between the
+#: two sizes nothing was measured; the bound sits near the larger.
+PARALLEL_WEIGHTS_BYTES = 100 * 2 ** 20
+
+
 def engine_process_threads(settings: ServerSettings) -> int:
-    """The engine process's torch threads: ``--torch-threads``, else every usable CPU but
-    one, which is left to the API process (its event loop, JSON and SSE). Without it torch
-    takes every core and its worker threads spin against the API process: on 2 cores that
-    halved HTTP throughput (243 against 419 req/s, ``engine bench serve`` at 64 clients)."""
+    """The engine process's torch threads: ``--torch-threads``, else every usable CPU for
+    weights of ``PARALLEL_WEIGHTS_BYTES`` or more and every CPU but one for smaller ones.
+    Its OpenMP threads sleep when idle rather than spin (``OMP_WAIT_POLICY=PASSIVE``, set by
+    ``engine.process_engine`` unless the environment sets it), so they give the API process
+    its CPU back between steps: two spinning threads served SmolLM2 at 59.0 / 79.5 tok/s
+    (16 / 32 streams), fighting the API process for the cores."""
     if settings.torch_threads is not None:
         return settings.torch_threads
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    return max(1, cpus - 1)
+    return cpus if weights_bytes(settings.model_spec()) >= PARALLEL_WEIGHTS_BYTES else max(1, cpus - 1)
+
+
+def weights_bytes(model: str) -> int:
+    """Bytes of the safetensors files of a model directory (0 when it is not a directory)."""
+    from pathlib import Path
+
+    directory = Path(model)
+    if not directory.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
 
 
 def load_engine(settings: ServerSettings) -> Engine:

@@ -32,7 +32,8 @@ class ServerSettings(BaseSettings):
 
     device: str = Field("auto", description="torch device: cpu, cuda, cuda:1, ... (auto: cuda if available)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="weights dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+        "auto", description="weights dtype (auto: bfloat16 on CUDA and on CPUs that multiply it natively, "
+        "AVX-512 BF16 or AMX; float32 on other CPUs)")
     max_batch_size: int = Field(32, ge=1, description="requests decoded together in one forward pass")
     max_queue: int = Field(256, ge=1, description="requests waiting for a batch slot before 503")
     max_seq_len: int | None = Field(None, ge=2, description="positions per request (default: the model's, at most 4096, or with --kv-cache-memory at most what fits); the KV cache holds max_batch_size x max_seq_len")
@@ -64,8 +65,9 @@ class ServerSettings(BaseSettings):
     engine_restart_backoff_s: float = Field(1.0, ge=0, description="the wait before the first restart within the "
                                             "window, doubled for each further one (at most 60 s)")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch ops (default: "
-                                      "torch's choice, or with the engine process every usable CPU but one, left to the API "
-                                      "process; 1 is fastest for small models on busy CPUs)")
+                                      "torch's choice; with the engine process every usable CPU for weights of 100 MiB or "
+                                      "more, every CPU but one (left to the API process) for smaller ones, its OpenMP "
+                                      "threads sleeping between steps: OMP_WAIT_POLICY=PASSIVE unless set)")
 
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request body (413 above)")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 503")
@@ -179,7 +181,10 @@ class ServerSettings(BaseSettings):
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":
             return self.dtype
-        return "float32" if self.resolved_device() == "cpu" else "bfloat16"
+        if self.resolved_device() == "cpu":
+            from engine.cpu_features import default_cpu_dtype
+            return default_cpu_dtype()
+        return "bfloat16"
 
     def coconut_overrides(self) -> dict | None:
         """``coconut.json`` fields from the flags (None: none given)."""

@@ -17,7 +17,8 @@ from engine.bench.peers_client import ChatPool, chat_body, closed_loop
 from engine.bench.serve import Trace
 
 
-async def _scripted_server(chunks_per_request: list[list[str]], with_done: bool, with_usage: bool):
+async def _scripted_server(chunks_per_request: list[list[str]], with_done: bool, with_usage: bool,
+                           close_after_reply: bool = False):
     """An HTTP/1.1 server streaming OpenAI chat chunks: request k gets chunks_per_request[k]."""
     served = []
 
@@ -43,6 +44,9 @@ async def _scripted_server(chunks_per_request: list[list[str]], with_done: bool,
                 await asyncio.sleep(0.01)
             writer.write(b"0\r\n\r\n")
             await writer.drain()
+            if close_after_reply:        # a keep-alive timeout: the idle connection is closed
+                writer.close()
+                return
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1], served
@@ -70,6 +74,20 @@ def test_chat_client_reads_openai_streams_with_and_without_done(with_done, with_
     assert [t.tokens for t in result.traces] == ([103, 102] if with_usage else [3, 2])
     assert [len(t.itl) for t in result.traces] == [2, 1]
     assert all(t.end >= t.last >= t.first >= t.start for t in result.traces)
+
+
+def test_chat_client_resends_on_a_keep_alive_connection_the_server_closed():
+    async def go():
+        server, port, served = await _scripted_server([["x"], ["y"], ["z"]], True, False, close_after_reply=True)
+        async with server:
+            pool = ChatPool(f"http://127.0.0.1:{port}")
+            result = await closed_loop(pool, [chat_body("m", f"p{i}", 1) for i in range(3)], 1)
+            await pool.close()
+        return result, served
+
+    result, served = asyncio.run(go())
+    assert [t.error for t in result.traces] == [None, None, None]
+    assert result.texts == ["x", "y", "z"] and len(served) == 3
 
 
 def test_goodput_counts_requests_within_both_slos():

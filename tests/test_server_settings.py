@@ -85,17 +85,32 @@ def test_auto_device_and_dtype():
     assert ServerSettings(device="cpu", dtype="bfloat16").resolved_dtype() == "bfloat16"
 
 
-def test_the_engine_process_leaves_one_cpu_to_the_api_process(monkeypatch):
-    """Without --torch-threads the engine process takes every usable CPU but one (at least
-    one); --torch-threads wins."""
+def test_the_engine_process_threads_follow_the_weights_with_passive_openmp(monkeypatch, tmp_path):
+    """Without --torch-threads the engine process takes every usable CPU for large weights
+    and leaves one to the API process for small ones; --torch-threads wins. Its OpenMP threads are made to sleep when idle (OMP_WAIT_POLICY=PASSIVE, set in
+    the environment its fork server or spawned child inherits) unless the user set it."""
     import os
 
+    from engine import process_engine
     from server.app import engine_process_threads
 
-    for cpus, want in ((1, 1), (2, 1), (16, 15)):
+    from server.app import PARALLEL_WEIGHTS_BYTES
+
+    big = tmp_path / "big"
+    big.mkdir()
+    with open(big / "model.safetensors", "wb") as f:      # sparse: its size is what counts
+        f.truncate(PARALLEL_WEIGHTS_BYTES)
+    for cpus, small in ((1, 1), (2, 1), (16, 15)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
-        assert engine_process_threads(ServerSettings()) == want
+        assert engine_process_threads(ServerSettings()) == small            # the bundled 11 MB model
+        assert engine_process_threads(ServerSettings(model=str(big))) == cpus
         assert engine_process_threads(ServerSettings(torch_threads=3)) == 3
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    process_engine._context()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    process_engine._context()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 def test_bench_serve_matches_the_servers_prefill_budget_by_default():

@@ -253,6 +253,11 @@ class RawPool:
 
         if self.idle:
             return self.idle.pop()
+        return await self._connect()
+
+    async def _connect(self):
+        import asyncio
+
         return await asyncio.open_connection(self.host, self.port, limit=1 << 20)
 
     async def one(self, body: dict, question: str, gate) -> Trace:
@@ -264,8 +269,8 @@ class RawPool:
                 for attempt in range(2):
                     # an idle keep-alive connection the server has closed (its keep-alive
                     # timeout) answers nothing: the request is sent again on a new one
-                    reused = bool(self.idle)
-                    conn = await self._connection()
+                    reused = bool(self.idle) and attempt == 0
+                    conn = await self._connection() if reused or attempt == 0 else await self._connect()
                     reader, writer = conn
                     try:
                         writer.write(f"{self.head}{len(data)}\r\n\r\n".encode() + data)
