@@ -6,15 +6,18 @@ both are done. A fixed token budget (``max_prefill_tokens``) therefore adds a bu
 prefill to the running streams' gap: on a 2-core CPU, 512 prompt tokens of a 135M-parameter
 model take about 2 s, against a 150 ms decode step.
 
-The pacer bounds that added delay in time rather than tokens. It keeps moving averages of
-the decode forward's seconds and of the prefill forward's seconds per token, as the runner
-measures them, and while requests decode it allows
+The pacer bounds that added delay in time rather than tokens. It keeps a moving average of
+the decode forward's seconds and fits the prefill forward's seconds as ``fixed + per_token x
+tokens`` (least squares over the recent forwards, older ones weighing less), as the runner
+measures them; while requests decode it allows the most tokens whose prefill fits in
+``delay_factor`` decode steps,
 
-    budget = max(min_tokens, delay_factor x decode seconds / prefill seconds per token)
+    budget = max(min_tokens, (delay_factor x decode seconds - fixed) / per_token)
 
-tokens (never more than ``max_prefill_tokens``), so a step's prefill takes about
-``delay_factor`` decode steps and every running stream's gap between tokens stays within
-about ``(1 + delay_factor)`` decode steps, whatever arrives. With nothing decoding (no one
+(never more than ``max_prefill_tokens``), so every running stream's gap between tokens
+stays within about ``(1 + delay_factor)`` decode steps, whatever arrives. The fixed part
+matters on small models, where a forward's overhead outweighs its tokens: an average per
+token taken from small chunks would shrink the budget chunk after chunk. With nothing decoding (no one
 to stall) the whole ``max_prefill_tokens`` is allowed. Before it has measured anything it
 allows ``max_prefill_tokens``. ``delay_factor`` 0 turns pacing off.
 
@@ -26,30 +29,51 @@ from __future__ import annotations
 
 
 class PrefillPacer:
-    def __init__(self, max_prefill_tokens: int, delay_factor: float, min_tokens: int = 16, smoothing: float = 0.3):
+    def __init__(self, max_prefill_tokens: int, delay_factor: float, min_tokens: int = 16, smoothing: float = 0.3,
+                 memory: float = 0.9):
         if delay_factor < 0:
             raise ValueError(f"prefill delay factor {delay_factor} is invalid: expected >= 0 (0: no pacing)")
         self.max_prefill_tokens = max_prefill_tokens
         self.delay_factor = delay_factor
         self.min_tokens = min(min_tokens, max_prefill_tokens)
         self.smoothing = smoothing
+        self.memory = memory                        # weight of the older prefill forwards in the fit
         self.decode_s: float | None = None          # moving average of the decode forward's seconds
-        self.prefill_s_per_token: float | None = None
+        self._sums = [0.0, 0.0, 0.0, 0.0, 0.0]      # weighted n, sum x, sum y, sum xx, sum xy
 
     def observe(self, decode_s: float | None, prefill_s: float | None, prefill_tokens: int) -> None:
         """One step's timings: the decode forward's seconds (None: no decode rows), the
         prefill forward's seconds over its ``prefill_tokens`` tokens (None: no prefill)."""
         if decode_s is not None:
-            self.decode_s = self._average(self.decode_s, decode_s)
+            self.decode_s = decode_s if self.decode_s is None else (
+                (1 - self.smoothing) * self.decode_s + self.smoothing * decode_s)
         if prefill_s is not None and prefill_tokens > 0:
-            self.prefill_s_per_token = self._average(self.prefill_s_per_token, prefill_s / prefill_tokens)
+            x, y = float(prefill_tokens), prefill_s
+            self._sums = [self.memory * old + new for old, new in zip(self._sums, (1.0, x, y, x * x, x * y))]
+
+    def prefill_cost(self) -> tuple[float, float] | None:
+        """(fixed seconds, seconds per token) of a prefill forward, or None before any."""
+        n, sx, sy, sxx, sxy = self._sums
+        if n == 0:
+            return None
+        variance = n * sxx - sx * sx
+        if variance > 1e-9 * max(1.0, sx * sx):
+            per_token = (n * sxy - sx * sy) / variance
+            fixed = (sy - per_token * sx) / n
+            if per_token > 0 and fixed >= 0:
+                return fixed, per_token
+        return 0.0, sy / sx          # one chunk size so far (or a fit that makes no sense): the mean
+
+    @property
+    def prefill_s_per_token(self) -> float | None:
+        cost = self.prefill_cost()
+        return None if cost is None else cost[1]
 
     def budget(self, decoding: bool) -> int:
         """Prompt tokens the next step may prefill (``decoding``: some request will decode in it)."""
-        if not decoding or self.delay_factor == 0 or self.decode_s is None or not self.prefill_s_per_token:
+        cost = self.prefill_cost()
+        if not decoding or self.delay_factor == 0 or self.decode_s is None or cost is None:
             return self.max_prefill_tokens
-        paced = int(self.delay_factor * self.decode_s / self.prefill_s_per_token)
+        fixed, per_token = cost
+        paced = int((self.delay_factor * self.decode_s - fixed) / per_token + 1e-6)
         return max(self.min_tokens, min(self.max_prefill_tokens, paced))
-
-    def _average(self, old: float | None, new: float) -> float:
-        return new if old is None else (1 - self.smoothing) * old + self.smoothing * new

@@ -60,7 +60,7 @@ def engine_options(settings: ServerSettings) -> dict:
     """``Engine.from_pretrained`` keyword arguments from the settings."""
     return dict(device=settings.resolved_device(), dtype=settings.resolved_dtype(), revision=settings.revision,
                 max_batch_size=settings.max_batch_size, max_seq_len=settings.max_seq_len,
-                max_prefill_tokens=settings.max_prefill_tokens, prefill_delay_factor=settings.prefill_delay_factor,
+                max_prefill_tokens=settings.max_prefill_tokens, prefill_delay_factor=settings.resolved_prefill_delay_factor(),
                 seed=settings.seed, compile=settings.compile,
                 kv_cache_memory=settings.kv_cache_memory, coconut=settings.coconut_overrides(),
                 **settings.request_defaults())

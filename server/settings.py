@@ -43,11 +43,11 @@ class ServerSettings(BaseSettings):
                                         "max_batch_size slots, else to what fits (no 4096 cap), and a given max_seq_len "
                                         "that does not fit is refused at start-up (default: sized by max_seq_len alone)")
     max_prefill_tokens: int = Field(512, ge=1, description="prompt tokens prefilled per step (longer prompts are prefilled in chunks, interleaved with decoding): lower for steadier gaps between tokens under arrivals, higher for sooner first tokens")
-    prefill_delay_factor: float = Field(3.0, ge=0, description="while requests decode, a step prefills only the "
-                                        "prompt tokens that take about this many decode steps' time (measured as it "
-                                        "runs), so a burst of arrivals stretches a running stream's gap between tokens "
-                                        "to at most about 1 + this many decode steps (0: prefill --max-prefill-tokens "
-                                        "per step whatever decodes)")
+    prefill_delay_factor: float | None = Field(None, ge=0, description="while requests decode, a step prefills only "
+                                               "the prompt tokens that take about this many decode steps' time (measured "
+                                               "as it runs), so a burst of arrivals stretches a running stream's gap "
+                                               "between tokens to at most about 1 + this many decode steps (0: prefill "
+                                               "--max-prefill-tokens per step whatever decodes)")
     seed: int | None = Field(None, description="seed of the engine's shared generator (unseeded requests)")
     compile: bool = Field(False, description="compile the decode step with torch.compile (rows padded to "
                           "batch buckets, all compiled at start-up; on CPU it needs a C++ compiler)")
@@ -185,6 +185,16 @@ class ServerSettings(BaseSettings):
             from engine.cpu_features import default_cpu_dtype
             return default_cpu_dtype()
         return "bfloat16"
+
+    def resolved_prefill_delay_factor(self) -> float:
+        """``--prefill-delay-factor``, else 3 for weights of 100 MiB or more and 0 (no pacing)
+        for smaller ones, whose forwards cost mostly their fixed overhead: there, splitting
+        prompts adds steps without shortening them (the bundled model served 0.93x the
+        requests/s at 32 clients, its ITL p99 145 against 134 ms)."""
+        if self.prefill_delay_factor is not None:
+            return self.prefill_delay_factor
+        from server.app import PARALLEL_WEIGHTS_BYTES, weights_bytes
+        return 3.0 if weights_bytes(self.model_spec()) >= PARALLEL_WEIGHTS_BYTES else 0.0
 
     def coconut_overrides(self) -> dict | None:
         """``coconut.json`` fields from the flags (None: none given)."""

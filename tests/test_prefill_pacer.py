@@ -40,13 +40,27 @@ def test_budget_has_a_floor_a_cap_and_an_off_switch():
         PrefillPacer(512, delay_factor=-1)
 
 
-def test_moving_averages_follow_new_timings():
+def test_moving_average_of_the_decode_step():
     pacer = PrefillPacer(4096, delay_factor=1.0, smoothing=0.5)
     pacer.observe(decode_s=0.1, prefill_s=None, prefill_tokens=0)
     pacer.observe(decode_s=0.3, prefill_s=0.4, prefill_tokens=100)     # decode avg 0.2, 4 ms per token
     assert pacer.decode_s == pytest.approx(0.2)
     assert pacer.prefill_s_per_token == pytest.approx(0.004)
     assert pacer.budget(decoding=True) == 50
+
+
+def test_the_prefill_cost_is_fitted_as_fixed_plus_per_token():
+    """Forwards of 10 and 100 tokens at 20 ms + 1 ms per token: the fit finds both parts
+    (least squares, checked against the line through the points), and the budget leaves
+    room for the fixed part: (3 x 50 ms - 20 ms) / 1 ms = 130 tokens. An average per token
+    taken from 10-token chunks (3 ms) would allow only 50."""
+    pacer = PrefillPacer(4096, delay_factor=3.0)
+    pacer.observe(decode_s=0.050, prefill_s=0.020 + 0.001 * 10, prefill_tokens=10)
+    pacer.observe(decode_s=0.050, prefill_s=0.020 + 0.001 * 100, prefill_tokens=100)
+    pacer.observe(decode_s=0.050, prefill_s=0.020 + 0.001 * 10, prefill_tokens=10)
+    fixed, per_token = pacer.prefill_cost()
+    assert fixed == pytest.approx(0.020) and per_token == pytest.approx(0.001)
+    assert pacer.budget(decoding=True) == 130
 
 
 def _engine(checkpoint, **options):

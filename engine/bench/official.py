@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     if engine.checkpoint.markers.latent is None:
         raise ValueError(f"{args.model} has no <|latent|> token: the official code needs one")
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
-    latent = LatentPolicy(mode="fixed", thoughts=engine.checkpoint.coconut.num_thoughts)
+    latent = LatentPolicy(mode="fixed", thoughts=engine.checkpoint.config.num_thoughts)
     log(f"official Coconut.generate: {len(questions)} questions, one at a time")
     official = run_official(engine, questions, sampling, latent, coconut_class, args.max_tokens)
     ends = set(engine.checkpoint.markers.eos)

@@ -68,7 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__.split("\n\n")[0])
     add_model_arguments(p, "the model every server loads (a directory, a .gguf file or a Hub id)")
     p.add_argument("--servers", default="coconut,transformers",
-                   help=f"comma-separated, run in this order, from {', '.join(SERVERS)} (default coconut,transformers)")
+                   help=f"comma-separated, run in this order, from {', '.join(SERVERS)} (default coconut,transformers; "
+                        f"'' for the floors alone)")
     p.add_argument("--dtype", default="float32", help="weights dtype given to every server (default float32)")
     p.add_argument("--gguf", default=None, help="the model's GGUF file, for llamacpp")
     p.add_argument("--concurrency", default="1,4,16,32,64", help="closed-loop levels (default 1,4,16,32,64)")
@@ -86,7 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="measure the decode step's floors and the engine's step after the servers (default on)")
     p.add_argument("--floor-batches", default="1,16,32", help="batches of the floors (default 1,16,32)")
     p.add_argument("--floor-threads", type=int, default=None,
-                   help="threads of the floors (default: what engine serve gives its engine process)")
+                   help="threads of the floors (default: what engine serve gives its engine process for the model)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Poisson gaps")
     p.add_argument("--json", default=None, metavar="FILE", help="write the report as JSON")
     p.add_argument("--plot", default=None, metavar="PNG", help="save a chart of the levels")
@@ -321,7 +322,13 @@ def floors_report(directory: Path, args: argparse.Namespace) -> dict:
 
     from engine.bench import floors
 
-    threads = args.floor_threads or max(1, len(os.sched_getaffinity(0)) - 1)
+    if args.floor_threads:
+        threads = args.floor_threads
+    else:   # what engine serve gives its engine process for this model
+        from server.app import engine_process_threads
+        from server.settings import ServerSettings
+
+        threads = engine_process_threads(ServerSettings(model=str(directory)))
     torch.set_num_threads(threads)
     batches = [int(b) for b in _numbers(args.floor_batches)]
     log(f"floors: the engine's decode step at batches {batches} on {threads} thread(s)")
@@ -338,9 +345,7 @@ def table(report: dict) -> str:
     head = f"{'level':>10} {'server':>13} {'tok/s':>7} {'req/s':>6} {'good/s':>6} {'TTFT med':>9} {'TPOT med':>9} " \
            f"{'ITL med':>8} {'ITL p99':>8} {'E2E med':>8} {'CPU s/tok':>9} {'fail':>4}"
     lines.append(head)
-    if not names:
-        return "\n".join(lines)
-    for i, first in enumerate(servers[names[0]]["levels"]):
+    for i, first in enumerate(servers[names[0]]["levels"] if names else []):
         kind = "concurrency" if "concurrency" in first else "rate"
         label = f"c={first[kind]:g}" if kind == "concurrency" else f"{first[kind]:g}/s"
         for name in names:

@@ -38,8 +38,12 @@ from transformers import DynamicCache
 #: row), from 4 rows the [V, d] weight in blocks of 512 rows (BLAS packs each block in
 #: cache instead of the whole head per call: 22.4 against 36.0 ms for [d, V] and 30.3 for
 #: the whole [V, d] at 16 rows).
+#: A head smaller than ``HEAD_BLOCKS_MIN_BYTES`` (it stays in cache) keeps the [d, V] copy
+#: at every row count: the blocks' extra calls cost the bundled 1,024 x 256 head more than
+#: they save.
 HEAD_COLUMNS_MAX_ROWS = 3
 HEAD_BLOCK_ROWS = 512
+HEAD_BLOCKS_MIN_BYTES = 16 * 2 ** 20
 
 
 class DecoderAdapter:
@@ -79,7 +83,8 @@ class DecoderAdapter:
         if inference and self.device.type == "cpu" and type(self.lm_head) is torch.nn.Linear:
             self.head_columns = self.lm_head.weight.detach().t().contiguous()
             weight = self.lm_head.weight.detach()
-            self.head_blocks = [weight[i:i + HEAD_BLOCK_ROWS] for i in range(0, weight.shape[0], HEAD_BLOCK_ROWS)]
+            if weight.numel() * weight.element_size() >= HEAD_BLOCKS_MIN_BYTES:
+                self.head_blocks = [weight[i:i + HEAD_BLOCK_ROWS] for i in range(0, weight.shape[0], HEAD_BLOCK_ROWS)]
 
     def new_cache(self) -> DynamicCache:
         # For the trainer's batched passes (the engine uses the slot cache): no config, so
