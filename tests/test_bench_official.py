@@ -58,7 +58,7 @@ def test_engine_answers_as_the_official_generate(tmp_path, gpt2_checkpoint):
     official = tmp_path / "coconut.py"
     official.write_text(STAND_IN)
     out = tmp_path / "official.json"
-    done = subprocess.run([sys.executable, "-c", "from engine.cli import main; main()", "bench", "official",
+    done = subprocess.run([sys.executable, "-c", "import sys; from engine.cli import main; sys.exit(main())", "bench", "official",
                            "--official", str(official), "--model", str(model), "--questions", "5",
                            "--concurrency", "1,3", "--max-tokens", "6", "--threads", "1", "--json", str(out)],
                           capture_output=True, text=True, timeout=300)
@@ -73,7 +73,7 @@ def test_engine_answers_as_the_official_generate(tmp_path, gpt2_checkpoint):
 
 
 def test_a_missing_official_file_says_where_to_get_it(tmp_path):
-    done = subprocess.run([sys.executable, "-c", "from engine.cli import main; main()", "bench", "official",
+    done = subprocess.run([sys.executable, "-c", "import sys; from engine.cli import main; sys.exit(main())", "bench", "official",
                            "--official", str(tmp_path / "nope.py")], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "facebookresearch/coconut" in done.stderr

@@ -138,7 +138,7 @@ def test_floors_count_the_models_own_weights(tiny_checkpoint):
 
 def test_peers_end_to_end_on_this_server(tmp_path, gpt2_checkpoint):
     out = tmp_path / "peers.json"
-    cmd = [sys.executable, "-c", "from engine.cli import main; main()", "bench", "peers", "--model",
+    cmd = [sys.executable, "-c", "import sys; from engine.cli import main; sys.exit(main())", "bench", "peers", "--model",
            str(gpt2_checkpoint), "--servers", "coconut", "--concurrency", "2", "--rates", "20", "--requests", "3",
            "--max-tokens", "5", "--no-floors", "--port", "8793", "--args-coconut", "--max-batch-size 4",
            "--json", str(out)]
