@@ -51,3 +51,20 @@ def reference(engine, question: str, thoughts: int, max_tokens: int, feedback: d
                               latent_token_id=ck.markers.latent, feedback=reference_feedback(engine, feedback),
                               prefix_ids=ck.markers.prefix, suffix_ids=ck.markers.suffix,
                               suppress_ids=tuple(ck.config.suppress_token_ids), **kw)
+
+
+def run_staggered(engine, count: int, add) -> list:
+    """Requests 0..count-1 join a running engine one or two per step (``add(k)`` submits
+    request k and returns its id); returns each request's final output, in order."""
+    ids, done, step, next_up = {}, {}, 0, 0
+    while len(done) < count:
+        for _ in range(1 + step % 2):           # one or two join at every step
+            if next_up < count:
+                ids[add(next_up)] = next_up
+                next_up += 1
+        for out in engine.step():
+            if out.finished:
+                done[ids[out.request_id]] = out
+        step += 1
+        assert step < 1000
+    return [done[k] for k in range(count)]

@@ -24,7 +24,7 @@ from engine.params import LatentFeedback, ResolvedLatent
 from engine.request import Request
 from engine.runner.plan import RowOutput
 from engine.stop_classifier import StopClassifier
-from tests.engine_helpers import QUESTIONS, reference
+from tests.engine_helpers import QUESTIONS, reference, run_staggered
 
 ARCHS = ["gpt2", "llama", "qwen2", "bloom", "gpt_neox", "gemma2"]
 
@@ -72,20 +72,12 @@ def test_operators_and_stop_modes_in_one_batch_match_reference(engine):
         for j, (policy, ref) in enumerate(_policies(threshold)):
             n = len(plan)
             plan.append((QUESTIONS[n % len(QUESTIONS)], feedback, policy, ref, 3 + (i + 2 * j) % 6))
-    ids, done, step, next_up = {}, {}, 0, 0
-    while len(done) < len(plan):
-        for _ in range(1 + step % 2):           # one or two join at every step
-            if next_up < len(plan):
-                question, feedback, policy, _, max_tokens = plan[next_up]
-                rid = engine.add_request(question, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-                                         LatentPolicy(feedback=feedback, **policy))
-                ids[rid] = next_up
-                next_up += 1
-        for out in engine.step():
-            if out.finished:
-                done[ids[out.request_id]] = out
-        step += 1
-        assert step < 1000
+    def add(k):
+        question, feedback, policy, _, max_tokens = plan[k]
+        return engine.add_request(question, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                                  LatentPolicy(feedback=feedback, **policy))
+
+    done = run_staggered(engine, len(plan), add)
     stops = {"entropy": set(), "token": set()}
     for k, (question, feedback, policy, ref, max_tokens) in enumerate(plan):
         expected = reference(engine, question, max_tokens=max_tokens, feedback=feedback,

@@ -35,7 +35,7 @@ from engine.feedback import soft_mixture
 from engine.noise import NoiseDraws, NoiseRow, add_noise, log_standard_gamma
 from engine.params import FeedbackNoise, InputMixture
 from engine.reference import moi_input, soft_embedding_feedback
-from tests.engine_helpers import QUESTIONS, reference
+from tests.engine_helpers import QUESTIONS, reference, run_staggered
 
 ARCHS = ["gpt2", "llama", "qwen2", "bloom", "gpt_neox", "gemma2"]
 #: chi-square critical values at p = 0.001 (tables), by degrees of freedom
@@ -151,24 +151,17 @@ def test_noise_and_moi_match_the_reference_under_churn(engine):
     plan = _plan(statistics.median(values))
     draws = engine.runner.noise = InjectedDraws()
     try:
-        ids, done, step, next_up = {}, {}, 0, 0
-        while len(done) < len(plan):
-            for _ in range(1 + step % 2):                            # one or two join at every step
-                if next_up < len(plan):
-                    case = plan[next_up]
-                    trace = 1 if case["policy"]["mode"] != "none" else 0
-                    rid = engine.add_request(
-                        QUESTIONS[next_up % len(QUESTIONS)],
-                        SamplingParams(max_tokens=3 + next_up % 3, ignore_eos=True, mixture=case["mixture"]),
-                        LatentPolicy(feedback=case["feedback"], trace_top_k=trace, **case["policy"]))
-                    draws.streams[rid] = torch.Generator().manual_seed(1000 + next_up)
-                    ids[rid] = next_up
-                    next_up += 1
-            for out in engine.step():
-                if out.finished:
-                    done[ids[out.request_id]] = out
-            step += 1
-            assert step < 1000
+        def add(k):
+            case = plan[k]
+            trace = 1 if case["policy"]["mode"] != "none" else 0
+            rid = engine.add_request(
+                QUESTIONS[k % len(QUESTIONS)],
+                SamplingParams(max_tokens=3 + k % 3, ignore_eos=True, mixture=case["mixture"]),
+                LatentPolicy(feedback=case["feedback"], trace_top_k=trace, **case["policy"]))
+            draws.streams[rid] = torch.Generator().manual_seed(1000 + k)
+            return rid
+
+        done = run_staggered(engine, len(plan), add)
     finally:
         engine.runner.noise = NoiseDraws(engine.runner.generator)
     for k, case in enumerate(plan):

@@ -114,17 +114,14 @@ class DecoderAdapter:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., d] -> [..., V] float32 logits, as the model's own head computes them."""
-        rows = hidden.reshape(-1, hidden.shape[-1]).shape[0]
-        if self.head_columns is not None and rows <= HEAD_COLUMNS_MAX_ROWS:
-            logits = hidden @ self.head_columns
-            if self.lm_head.bias is not None:
-                logits = logits + self.lm_head.bias
-        elif self.head_blocks:
-            logits = torch.cat([torch.nn.functional.linear(hidden, block) for block in self.head_blocks], dim=-1)
-            if self.lm_head.bias is not None:
-                logits = logits + self.lm_head.bias
-        else:
+        columns = self.head_columns is not None and hidden.numel() // hidden.shape[-1] <= HEAD_COLUMNS_MAX_ROWS
+        if not columns and not self.head_blocks:
             logits = self.lm_head(hidden)
+        else:
+            logits = (hidden @ self.head_columns if columns else
+                      torch.cat([torch.nn.functional.linear(hidden, block) for block in self.head_blocks], dim=-1))
+            if self.lm_head.bias is not None:
+                logits = logits + self.lm_head.bias
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
         if self.softcap:
