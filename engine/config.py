@@ -32,6 +32,11 @@ class EngineConfig:
     3) prefills ``max_prefill_tokens`` per step whatever decodes.
     ``compile``: run the decode step through ``torch.compile`` (rows padded to batch
     buckets, every bucket compiled when the engine is built; needs a C++ compiler on CPU).
+    ``pack_weights``: ``"auto"`` (the default), ``"on"`` or ``"off"``: multiply by weights
+    that oneDNN packed once at load (``engine.runner.packed_linear``) rather than by MKL,
+    which packs them on every call; "auto" packs float32 models on CPU whose linear weights
+    take 64 MiB or more and never a compiled one. Results equal the unpacked ones up to
+    float rounding.
     ``feedback_noise`` (``engine.params.FeedbackNoise``, or its dict): the noise of a soft
     thought whose request names none; ``mixture`` (``engine.params.InputMixture``, or its
     dict): the Mixture of Inputs of a request that names none. A request's ``{"type":
@@ -46,6 +51,7 @@ class EngineConfig:
     prefill_delay_factor: float = 0.0
     seed: int | None = None
     compile: bool = False
+    pack_weights: str = "auto"
     kv_cache_memory: str | float | None = None
     feedback_noise: "FeedbackNoise | dict | None" = None
     mixture: "InputMixture | dict | None" = None
@@ -66,6 +72,8 @@ class EngineConfig:
         if not self.prefill_delay_factor >= 0:
             raise ValueError(f"prefill_delay_factor={self.prefill_delay_factor} is invalid: expected >= 0 "
                              f"(0: no pacing)")
+        if self.pack_weights not in ("auto", "on", "off"):
+            raise ValueError(f"pack_weights={self.pack_weights!r} is invalid: expected one of auto, on, off")
         if self.kv_cache_memory is not None:
             from engine.kv_cache_sizing import parse_kv_cache_memory
             parse_kv_cache_memory(self.kv_cache_memory)

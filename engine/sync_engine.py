@@ -42,7 +42,10 @@ class Engine:
                                   seed=self.config.seed, num_slots=self.config.max_batch_size,
                                   max_seq_len=max_seq_len, compile=self.config.compile,
                                   projection=checkpoint.projection,
-                                  suppress_token_ids=checkpoint.config.suppress_token_ids)
+                                  suppress_token_ids=checkpoint.config.suppress_token_ids,
+                                  pack_weights=self.config.pack_weights)
+        if self.runner.adapter.packed_linears:
+            log.info("weights packed by oneDNN: %d linear layers and the LM head", self.runner.adapter.packed_linears)
         cache_bytes = self.runner.allocate()
         log.info("KV cache: %d slots x %d positions, %.1f MiB (%s)", self.config.max_batch_size, max_seq_len,
                  cache_bytes / 2**20, kv_plan.source)

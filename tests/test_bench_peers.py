@@ -134,6 +134,14 @@ def test_floors_count_the_models_own_weights(tiny_checkpoint):
     assert measured["memory_floor_ms"] > 0 and set(measured["batches"]) == {"1", "2"}
     ratios = floors.with_ratios(measured, {"2": {"step_ms": 2 * measured["batches"]["2"]["matrix_floor_ms"]}})
     assert ratios["batches"]["2"]["step_over_matrix_floor"] == pytest.approx(2.0)
+    kernels = measured["batches"]["2"]["matrix_kernel_ms"]
+    assert measured["batches"]["2"]["matrix_floor_ms"] == pytest.approx(min(kernels.values()))
+    # a model the engine packed (engine.runner.packed_linear) counts the same weights
+    from engine.runner.packed_linear import pack_linears
+
+    before = (floors.weight_bytes(model), floors.matrix_floor(model, 4, repeats=1)["flops"])
+    assert pack_linears(model.get_decoder()) > 0
+    assert (floors.weight_bytes(model), floors.matrix_floor(model, 4, repeats=1)["flops"]) == before
 
 
 def test_peers_end_to_end_on_this_server(tmp_path, gpt2_checkpoint):

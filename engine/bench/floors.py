@@ -8,8 +8,10 @@ A decode step cannot be faster than the larger of two bounds:
   (what batch 1 does);
 - the **matrix floor**: the model's own matrix products, in the order a step runs them
   (every ``nn.Linear`` of the decoder, then the LM head), at batch B, with nothing else:
-  no attention, norms, activations, masks or Python. Its FLOPs over its time is the rate
-  this CPU multiplies the model's shapes at (``2 x B x weights`` FLOPs per step).
+  no attention, norms, activations, masks or Python; the faster of two kernels, MKL's
+  (``F.linear``) and oneDNN's on weights it packed ahead (what the engine uses on CPU,
+  ``engine.runner.packed_linear``). Its FLOPs over its time is the rate this CPU
+  multiplies the model's shapes at (``2 x B x weights`` FLOPs per step).
 
 ``measure(model, batches)`` returns both floors per batch and the rates; ``engine_steps``
 times the engine's own decode step at the same batches (every row decoding, prompts of
@@ -51,8 +53,11 @@ def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> dict:
 
 def _step_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
     """The weights a decode step multiplies by, in order: the decoder's linears, the head."""
+    from engine.runner.packed_linear import PackedLinear
+
     decoder = model.get_decoder()
-    weights = [m.weight for m in decoder.modules() if isinstance(m, torch.nn.Linear)]
+    weights = [m.dense_weight() if isinstance(m, PackedLinear) else m.weight for m in decoder.modules()
+               if isinstance(m, (torch.nn.Linear, PackedLinear))]
     # fused or non-Linear projections (GPT-2's Conv1D) hold [in, out] weights
     weights += [m.weight.t() for m in decoder.modules() if type(m).__name__ == "Conv1D"]
     head = model.get_output_embeddings()
@@ -77,7 +82,10 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def matrix_floor(model: torch.nn.Module, batch: int, repeats: int = 5) -> dict:
-    """Seconds of the model's matrix products alone at ``batch`` rows, and their FLOP rate."""
+    """Seconds of the model's matrix products alone at ``batch`` rows (the faster kernel),
+    their FLOP rate, and each kernel's seconds (``kernels``)."""
+    from engine.runner.packed_linear import can_pack, pack_weight, packed_product
+
     weights = _step_matrices(model)
     dtype = weights[0].dtype
     inputs = {w.shape[1]: torch.rand(batch, w.shape[1], dtype=dtype) for w in weights}
@@ -87,9 +95,15 @@ def matrix_floor(model: torch.nn.Module, batch: int, repeats: int = 5) -> dict:
         for w in weights:
             torch.nn.functional.linear(inputs[w.shape[1]], w)
 
+    kernels = {}
     with torch.inference_mode():
-        seconds = _best_of(products, repeats)
-    return {"seconds": seconds, "flops": flops, "flops_per_s": flops / seconds}
+        kernels["mkl"] = _best_of(products, repeats)
+        if can_pack(dtype, weights[0].device):
+            packed = [(inputs[w.shape[1]], pack_weight(w)) for w in weights]
+            kernels["onednn_packed"] = _best_of(lambda: [packed_product(x, p) for x, p in packed], repeats)
+            del packed
+    seconds = min(kernels.values())
+    return {"seconds": seconds, "flops": flops, "flops_per_s": flops / seconds, "kernels": kernels}
 
 
 def measure(model: torch.nn.Module, batches: list[int]) -> dict:
@@ -103,6 +117,7 @@ def measure(model: torch.nn.Module, batches: list[int]) -> dict:
         m = matrix_floor(model, batch)
         out["batches"][str(batch)] = {"matrix_floor_ms": 1000 * m["seconds"], "flops": m["flops"],
                                       "matrix_flops_per_s": m["flops_per_s"],
+                                      "matrix_kernel_ms": {k: 1000 * v for k, v in m["kernels"].items()},
                                       "floor_ms": 1000 * max(memory_floor, m["seconds"])}
     return out
 

@@ -23,6 +23,11 @@ layout at batch 1: 5.8 against 9.7 ms for GPT-2's 50,257 x 768 head on one threa
 the cost of V x d more memory, used up to ``HEAD_COLUMNS_MAX_ROWS`` rows; more rows
 multiply the [V, d] weight in row blocks (``HEAD_BLOCK_ROWS``). The copy does not follow
 later changes to the weight, so the trainer (which updates it) uses the default.
+
+With ``pack=True`` (inference on CPU, ``engine.runner.packed_linear``) every ``nn.Linear``
+of the decoder is replaced by a ``PackedLinear`` and the head is multiplied by a oneDNN
+packed copy of its weight at every row count, instead of the two layouts above; the model
+is then for inference only.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import inspect
 
 import torch
 from transformers import DynamicCache
+
+from engine.runner.packed_linear import pack_linears, pack_weight, packed_product
 
 #: On CPU the LM head's product takes one of two layouts by the number of rows (measured
 #: on SmolLM2's 49,152 x 576 head, one thread, this project's 2-core AMD EPYC): up to 3
@@ -47,7 +54,7 @@ HEAD_BLOCKS_MIN_BYTES = 16 * 2 ** 20
 
 
 class DecoderAdapter:
-    def __init__(self, model: torch.nn.Module, *, inference: bool = False):
+    def __init__(self, model: torch.nn.Module, *, inference: bool = False, pack: bool = False):
         self.model = model
         self.decoder = model.get_decoder()
         self.embedding = model.get_input_embeddings()
@@ -80,7 +87,15 @@ class DecoderAdapter:
         self.dtype = self.embedding.weight.dtype
         self.head_columns = None         # [d, V]: the head's weight, column-major, for inference on CPU
         self.head_blocks: list[torch.Tensor] = []    # row blocks (views) of the [V, d] weight
-        if inference and self.device.type == "cpu" and type(self.lm_head) is torch.nn.Linear:
+        self.head_packed = None          # oneDNN's packed copy of the head's weight (pack=True)
+        self.packed_linears = 0          # decoder linears replaced by PackedLinear
+        if pack:
+            if not inference:
+                raise ValueError("packed weights are for inference only")
+            self.packed_linears = pack_linears(self.decoder)
+            if type(self.lm_head) is torch.nn.Linear:
+                self.head_packed = pack_weight(self.lm_head.weight)
+        elif inference and self.device.type == "cpu" and type(self.lm_head) is torch.nn.Linear:
             self.head_columns = self.lm_head.weight.detach().t().contiguous()
             weight = self.lm_head.weight.detach()
             if weight.numel() * weight.element_size() >= HEAD_BLOCKS_MIN_BYTES:
@@ -115,7 +130,9 @@ class DecoderAdapter:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., d] -> [..., V] float32 logits, as the model's own head computes them."""
         columns = self.head_columns is not None and hidden.numel() // hidden.shape[-1] <= HEAD_COLUMNS_MAX_ROWS
-        if not columns and not self.head_blocks:
+        if self.head_packed is not None:
+            logits = packed_product(hidden, self.head_packed, self.lm_head.bias)
+        elif not columns and not self.head_blocks:
             logits = self.lm_head(hidden)
         else:
             logits = (hidden @ self.head_columns if columns else

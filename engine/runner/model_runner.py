@@ -50,6 +50,7 @@ from engine.feedback import entropy_and_argmax, mix_embeddings, soft_mixture
 from engine.moi import moi_inputs
 from engine.noise import NoiseDraws, NoiseRow, add_noise
 from engine.runner.adapter import DecoderAdapter
+from engine.runner.packed_linear import should_pack
 from engine.runner.plan import DecodeRow, ForkCopy, PrefillChunk, RowOutput, RowWork, StepPlan, TraceEntry
 from engine.runner.sampler import sample
 from engine.runner.slot_cache import SlotCache, slot_attention_masks
@@ -67,8 +68,12 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, pad_token_id: int, stop_classifier: torch.nn.Module | None = None,
                  seed: int | None = None, *, num_slots: int = 32, max_seq_len: int = 2048,
                  compile: bool = False, projection: torch.nn.Module | None = None,
-                 suppress_token_ids: list[int] | tuple[int, ...] = ()):
-        self.adapter = DecoderAdapter(model, inference=True)
+                 suppress_token_ids: list[int] | tuple[int, ...] = (), pack_weights: str = "auto"):
+        if compile and pack_weights == "on":
+            raise ValueError("pack_weights='on' and compile do not go together: torch.compile packs the "
+                             "weights it freezes itself; use pack_weights='auto' or 'off' with compile")
+        pack = not compile and should_pack(model, pack_weights)
+        self.adapter = DecoderAdapter(model, inference=True, pack=pack)
         self.pad_token_id = pad_token_id
         self.stop_classifier = stop_classifier
         self.projection = projection            # the checkpoint's latent projection (CODI's prj)

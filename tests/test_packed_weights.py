@@ -1,0 +1,111 @@
+"""Weights packed by oneDNN (``engine.runner.packed_linear``): the products equal
+``F.linear``'s on the dense weight up to rounding, and an engine that packs its model
+decodes token for token as the naive full-recompute reference does on an unpacked copy of
+the same checkpoint (language and latent mode, chunked prefill, staggered arrivals)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import Engine, EngineConfig, LatentPolicy, SamplingParams
+from engine.runner import packed_linear
+from engine.runner.model_runner import ModelRunner
+from engine.runner.packed_linear import PackedLinear, pack_linears, should_pack
+from tests.engine_helpers import QUESTIONS, reference, run_staggered
+
+pytestmark = pytest.mark.skipif(not packed_linear.can_pack(torch.float32, torch.device("cpu")),
+                                reason="this torch build cannot pack float32 weights with oneDNN")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 40), (5, 40), (2, 3, 40), (33, 40)])
+def test_packed_linear_equals_dense_product(bias, shape):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(40, 24, bias=bias)
+    x = torch.randn(*shape)
+    expected = torch.nn.functional.linear(x, linear.weight, linear.bias)
+    packed = PackedLinear(linear)
+    with torch.inference_mode():
+        got = packed(x)
+        transposed = packed(x.transpose(-1, -2).contiguous().transpose(-1, -2))   # a strided input
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(transposed, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed.dense_weight(), linear.weight.detach())
+
+
+def test_pack_linears_replaces_exactly_linear_modules():
+    class Marked(torch.nn.Linear):
+        pass
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(),
+                                torch.nn.Sequential(torch.nn.Linear(8, 4), Marked(4, 4)))
+    assert pack_linears(model) == 2
+    assert isinstance(model[0], PackedLinear) and isinstance(model[2][0], PackedLinear)
+    assert type(model[2][1]) is Marked                  # a subclass may change forward: left alone
+    assert not any(name.endswith("packed_weight") for name, _ in model.named_parameters())
+
+
+def test_should_pack_choices(monkeypatch):
+    small = torch.nn.Linear(16, 16)
+    assert should_pack(small, "off") is False
+    assert should_pack(small, "on") is True
+    assert should_pack(small, "auto") is False          # below PACK_MIN_BYTES
+    monkeypatch.setattr(packed_linear, "PACK_MIN_BYTES", 16 * 16 * 4)
+    assert should_pack(small, "auto") is True
+    with pytest.raises(ValueError, match="expected one of auto, on, off"):
+        should_pack(small, "yes")
+    with pytest.raises(ValueError, match="needs float32"):
+        should_pack(torch.nn.Linear(16, 16).half(), "on")
+    assert should_pack(torch.nn.Linear(16, 16).half(), "auto") is False
+
+
+def test_config_and_compile_refuse_bad_combinations(tiny_checkpoint):
+    with pytest.raises(ValueError, match="pack_weights='sometimes' is invalid"):
+        EngineConfig(pack_weights="sometimes")
+    engine = Engine.from_pretrained(tiny_checkpoint("llama"), max_batch_size=2, pack_weights="off")
+    with pytest.raises(ValueError, match="do not go together"):
+        ModelRunner(engine.checkpoint.model, 0, compile=True, pack_weights="on")
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2", "gemma2"])
+def engines(request, tiny_checkpoint):
+    """(packed engine, an unpacked engine of the same checkpoint for the oracle)."""
+    path = tiny_checkpoint(request.param)
+    packed = Engine.from_pretrained(path, max_batch_size=4, max_prefill_tokens=7, pack_weights="on")
+    plain = Engine.from_pretrained(path, max_batch_size=1, pack_weights="off")
+    return packed, plain
+
+
+def test_packed_engine_packs(engines):
+    packed, plain = engines
+    adapter = packed.runner.adapter
+    assert adapter.head_packed is not None
+    linears = [m for m in adapter.decoder.modules() if type(m) is torch.nn.Linear]
+    assert not linears and adapter.packed_linears == sum(
+        1 for m in plain.runner.adapter.decoder.modules() if type(m) is torch.nn.Linear)
+    assert plain.runner.adapter.packed_linears == 0 and plain.runner.adapter.head_packed is None
+
+
+@pytest.mark.parametrize("thoughts", [0, 3])
+def test_packed_greedy_matches_reference(engines, thoughts):
+    packed, plain = engines
+    questions = QUESTIONS[:6]
+    results = packed.generate(questions, SamplingParams(max_tokens=10), LatentPolicy(mode="fixed", thoughts=thoughts))
+    for question, result in zip(questions, results):
+        assert result.token_ids == reference(plain, question, thoughts, max_tokens=10).token_ids, question
+
+
+def test_packed_staggered_arrivals_match_reference(engines):
+    packed, plain = engines
+    plan = [(QUESTIONS[k], k % 4, 3 + k % 5) for k in range(8)]
+
+    def add(k):
+        question, thoughts, max_tokens = plan[k]
+        return packed.add_request(question, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                                  LatentPolicy(mode="fixed", thoughts=thoughts))
+
+    for k, out in enumerate(run_staggered(packed, len(plan), add)):
+        question, thoughts, max_tokens = plan[k]
+        assert out.token_ids == reference(plain, question, thoughts, max_tokens, ignore_eos=True).token_ids, k
