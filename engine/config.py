@@ -37,6 +37,10 @@ class EngineConfig:
     which packs them on every call; "auto" packs float32 models on CPU whose linear weights
     take 64 MiB or more and never a compiled one. Results equal the unpacked ones up to
     float rounding.
+    ``lean_decode``: decode steps of Llama and Qwen2 models run as plain tensor code
+    (``engine.runner.lean_decoder``) instead of through the model's modules: the same
+    function with a third of the operator calls; other models, and compiled steps, always
+    go through the modules.
     ``feedback_noise`` (``engine.params.FeedbackNoise``, or its dict): the noise of a soft
     thought whose request names none; ``mixture`` (``engine.params.InputMixture``, or its
     dict): the Mixture of Inputs of a request that names none. A request's ``{"type":
@@ -52,6 +56,7 @@ class EngineConfig:
     seed: int | None = None
     compile: bool = False
     pack_weights: str = "auto"
+    lean_decode: bool = True
     kv_cache_memory: str | float | None = None
     feedback_noise: "FeedbackNoise | dict | None" = None
     mixture: "InputMixture | dict | None" = None

@@ -43,7 +43,7 @@ class Engine:
                                   max_seq_len=max_seq_len, compile=self.config.compile,
                                   projection=checkpoint.projection,
                                   suppress_token_ids=checkpoint.config.suppress_token_ids,
-                                  pack_weights=self.config.pack_weights)
+                                  pack_weights=self.config.pack_weights, lean_decode=self.config.lean_decode)
         if self.runner.adapter.packed_linears:
             log.info("weights packed by oneDNN: %d linear layers and the LM head", self.runner.adapter.packed_linears)
         cache_bytes = self.runner.allocate()

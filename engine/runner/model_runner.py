@@ -50,6 +50,7 @@ from engine.feedback import entropy_and_argmax, mix_embeddings, soft_mixture
 from engine.moi import moi_inputs
 from engine.noise import NoiseDraws, NoiseRow, add_noise
 from engine.runner.adapter import DecoderAdapter
+from engine.runner.lean_decoder import LeanDecoder
 from engine.runner.packed_linear import should_pack
 from engine.runner.plan import DecodeRow, ForkCopy, PrefillChunk, RowOutput, RowWork, StepPlan, TraceEntry
 from engine.runner.sampler import sample
@@ -68,7 +69,8 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, pad_token_id: int, stop_classifier: torch.nn.Module | None = None,
                  seed: int | None = None, *, num_slots: int = 32, max_seq_len: int = 2048,
                  compile: bool = False, projection: torch.nn.Module | None = None,
-                 suppress_token_ids: list[int] | tuple[int, ...] = (), pack_weights: str = "auto"):
+                 suppress_token_ids: list[int] | tuple[int, ...] = (), pack_weights: str = "auto",
+                 lean_decode: bool = True):
         if compile and pack_weights == "on":
             raise ValueError("pack_weights='on' and compile do not go together: torch.compile packs the "
                              "weights it freezes itself; use pack_weights='auto' or 'off' with compile")
@@ -94,6 +96,10 @@ class ModelRunner:
         self.cuda_graphs = compile and self.device.type == "cuda"
         self.key_buckets = length_buckets(max_seq_len) if self.cuda_graphs else None   # None: exact
         self._decode_forward = self.adapter.forward
+        # decode steps of Llama-family models skip the modules' dispatch (engine.runner.lean_decoder)
+        self.lean_decode = lean_decode and not compile and LeanDecoder.reason_unsupported(model) is None
+        if self.lean_decode:
+            self._decode_forward = LeanDecoder(model).forward
         if compile:
             # dynamic: one compiled graph serves every key length and bucket (sizes 1 get their
             # own); on CUDA, "reduce-overhead" records a CUDA graph per shape it meets
