@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 #: What an unset setting means, for the settings whose description does not say it.
 _UNSET = {"api_key": "no key, the API is open", "seed": "a random seed",
-          "prefill_delay_factor": "3 for weights of 100 MiB or more, else 0"}
+          "prefill_delay_factor": "2 for weights of 100 MiB or more, else 0"}
 
 
 def flag_help(name: str, field) -> str:

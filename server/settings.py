@@ -195,14 +195,17 @@ class ServerSettings(BaseSettings):
         return "bfloat16"
 
     def resolved_prefill_delay_factor(self) -> float:
-        """``--prefill-delay-factor``, else 3 for weights of 100 MiB or more and 0 (no pacing)
+        """``--prefill-delay-factor``, else 2 for weights of 100 MiB or more and 0 (no pacing)
         for smaller ones, whose forwards cost mostly their fixed overhead: there, splitting
         prompts adds steps without shortening them (the bundled model served 0.93x the
-        requests/s at 32 clients, its ITL p99 145 against 134 ms)."""
+        requests/s at 32 clients, its ITL p99 145 against 134 ms). Factor 2 against 3 and 1.5
+        on SmolLM2-135M (``engine bench peers``, coconut alone, one run each): output tok/s at
+        16 / 32 streams 115.3 / 149.7 against 115.7 / 151.9 and 103.2 / 127.4; ITL p99 at 4 /
+        16 streams and 1 req/s 157 / 235 / 176 ms against 190 / 295 / 243 and 143 / 227 / 177."""
         if self.prefill_delay_factor is not None:
             return self.prefill_delay_factor
         from server.app import PARALLEL_WEIGHTS_BYTES, weights_bytes
-        return 3.0 if weights_bytes(self.model_spec()) >= PARALLEL_WEIGHTS_BYTES else 0.0
+        return 2.0 if weights_bytes(self.model_spec()) >= PARALLEL_WEIGHTS_BYTES else 0.0
 
     def coconut_overrides(self) -> dict | None:
         """``coconut.json`` fields from the flags (None: none given)."""

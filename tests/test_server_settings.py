@@ -106,7 +106,7 @@ def test_the_engine_process_threads_follow_the_weights_with_passive_openmp(monke
         assert engine_process_threads(ServerSettings(model=str(big))) == cpus
         assert engine_process_threads(ServerSettings(torch_threads=3)) == 3
     # prefill pacing follows the same bound: on for large weights, off for small ones
-    assert ServerSettings(model=str(big)).resolved_prefill_delay_factor() == 3.0
+    assert ServerSettings(model=str(big)).resolved_prefill_delay_factor() == 2.0
     assert ServerSettings().resolved_prefill_delay_factor() == 0.0
     assert ServerSettings(prefill_delay_factor=1.5).resolved_prefill_delay_factor() == 1.5
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
