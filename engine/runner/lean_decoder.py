@@ -62,6 +62,10 @@ class LeanDecoder:
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
             return f"attention implementation {config._attn_implementation!r} (expected sdpa or eager)"
+        inv_freq = getattr(decoder.rotary_emb, "inv_freq", None)
+        head_dim = getattr(layers[0].self_attn, "head_dim", None)
+        if inv_freq is None or head_dim is None or 2 * inv_freq.numel() != head_dim:
+            return "rotary embeddings that do not span the whole head (or no inv_freq)"
         for layer in layers:
             name = type(layer).__name__
             if name not in SUPPORTED_LAYERS:
