@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine import Engine, LatentPolicy, SamplingParams
+from engine.runner import lean_decoder
 from engine.runner.lean_decoder import LeanDecoder
 from engine.runner.model_runner import ModelRunner
 from engine.runner.plan import DecodeRow, PrefillChunk
@@ -34,11 +35,13 @@ def test_off_switch_and_compile_use_the_modules(tiny_checkpoint):
     assert ModelRunner(model, 0, num_slots=2, max_seq_len=64, compile=True).lean_decode is False
 
 
+@pytest.mark.parametrize("matmul_rows", [1, 10 ** 9], ids=["matmul-attention", "sdpa"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_one_decode_step_equals_the_modules(tiny_checkpoint, arch):
+def test_one_decode_step_equals_the_modules(tiny_checkpoint, arch, matmul_rows, monkeypatch):
     """Two runners on one checkpoint prefill the same three prompts of different lengths
     into slots 0, 1 and 3, then decode one position of slots 0, 1 and 3 (slot 2 free): the
-    lean forward's hidden states and cache equal the modules'."""
+    lean forward's hidden states and cache equal the modules', with either attention."""
+    monkeypatch.setattr(lean_decoder, "MATMUL_ATTENTION_MIN_ROWS", matmul_rows)
     path = tiny_checkpoint(arch)
     runners = []
     for lean in (True, False):
