@@ -132,13 +132,13 @@ class DecoderAdapter:
         columns = self.head_columns is not None and hidden.numel() // hidden.shape[-1] <= HEAD_COLUMNS_MAX_ROWS
         if self.head_packed is not None:
             logits = packed_product(hidden, self.head_packed, self.lm_head.bias)
-        elif not columns and not self.head_blocks:
-            logits = self.lm_head(hidden)
-        else:
+        elif columns or self.head_blocks:
             logits = (hidden @ self.head_columns if columns else
                       torch.cat([torch.nn.functional.linear(hidden, block) for block in self.head_blocks], dim=-1))
             if self.lm_head.bias is not None:
                 logits = logits + self.lm_head.bias
+        else:
+            logits = self.lm_head(hidden)
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
         if self.softcap:
