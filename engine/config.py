@@ -41,6 +41,10 @@ class EngineConfig:
     (``engine.runner.lean_decoder``) instead of through the model's modules: the same
     function with a third of the operator calls; other models, and compiled steps, always
     go through the modules.
+    ``prefix_caching``: a new prompt that begins with tokens some KV-cache slot still holds
+    (a running request's prompt, or an ended one's not yet overwritten: a shared system
+    prompt, a chat's earlier turns) copies those positions instead of prefilling them
+    (``engine.prefix_cache``); results equal a full prefill's up to float rounding.
     ``feedback_noise`` (``engine.params.FeedbackNoise``, or its dict): the noise of a soft
     thought whose request names none; ``mixture`` (``engine.params.InputMixture``, or its
     dict): the Mixture of Inputs of a request that names none. A request's ``{"type":
@@ -57,6 +61,7 @@ class EngineConfig:
     compile: bool = False
     pack_weights: str = "auto"
     lean_decode: bool = True
+    prefix_caching: bool = True
     kv_cache_memory: str | float | None = None
     feedback_noise: "FeedbackNoise | dict | None" = None
     mixture: "InputMixture | dict | None" = None

@@ -69,6 +69,7 @@ class StepStats:
     num_running: int = 0
     num_waiting: int = 0
     early_stops: int = 0       # adaptive-policy requests (auto, entropy, token) ended before the cap
+    cached_prompt_tokens: int = 0    # prompt tokens that admitted requests took from the prefix cache
 
 
 class EngineCore:
@@ -78,7 +79,9 @@ class EngineCore:
         self.config = config
         self.max_seq_len = max_seq_len   # resolved by the caller: the model's, the config's and the cache's limit
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.scheduler = Scheduler(config.max_batch_size, config.max_prefill_tokens)
+        # a slot's last column is the decode forward's scratch: never part of a reused prefix
+        self.scheduler = Scheduler(config.max_batch_size, config.max_prefill_tokens,
+                                   prefix_positions=max_seq_len - 1 if config.prefix_caching else None)
         self.pacer = PrefillPacer(config.max_prefill_tokens, config.prefill_delay_factor)
         self._aborts: deque[tuple[str, RequestStatus]] = deque()
         self._lock = threading.Lock()
@@ -130,6 +133,7 @@ class EngineCore:
             running = list(self.scheduler.running.values())
             log.exception("engine step failed; failing %d requests", len(running))
             self.runner.reset()
+            self.scheduler.forget_prefixes()
             message = f"{type(e).__name__}: {e}"
             for request in running:   # the cache's state is unknown: every running request ends
                 for ended in [request, *self.scheduler.unforked(request)]:
@@ -249,4 +253,5 @@ class EngineCore:
         self.last_stats = StepStats(batch_size=len(plan.decode),
                                     num_prefilled=sum(1 for chunk in plan.prefill if chunk.last),
                                     num_running=self.scheduler.num_running,
-                                    num_waiting=self.scheduler.num_waiting, early_stops=early)
+                                    num_waiting=self.scheduler.num_waiting, early_stops=early,
+                                    cached_prompt_tokens=self.scheduler.cached_tokens)

@@ -109,6 +109,7 @@ class Request:
         self.pending_is_sampled = False           # pending_token was sampled (not forced)
         self.slot: int | None = None          # KV-cache slot, given by the scheduler at admission
         self.prefilled_tokens = 0                # prompt tokens written into the slot so far
+        self.cached_prompt_tokens = 0            # of those, taken from the prefix cache (not computed)
         self.times = RequestTimes()
         self.error: str | None = None
         self.index = 0                            # which answer of the prompt's n this is

@@ -20,6 +20,12 @@ A request with ``forks`` (the other answers of ``SamplingParams.n`` > 1) is admi
 when a slot is free for each of its answers, and takes them all at once (so a fork never
 waits for a slot); the forks join the running requests when the core calls ``fork``, which
 puts the copy of the leader's cached positions into the next plan (``ForkCopy``).
+
+With ``prefix_positions`` set (prefix caching on), a request admitted into the batch first
+takes the longest prefix of its prompt that some slot holds (``engine.prefix_cache``: a
+running request's, or an ended one's whose columns no forward has overwritten yet) as a
+copy in the plan (``prefix_copies``), and its prefill starts after it. A slot whose
+content this plan changes (one admitted into now) is never a source in the same plan.
 """
 
 from __future__ import annotations
@@ -27,12 +33,15 @@ from __future__ import annotations
 import heapq
 from collections import deque
 
+from engine.prefix_cache import SlotPrefixes
 from engine.request import Request, RequestStatus
 from engine.runner.plan import DecodeRow, ForkCopy, PrefillChunk, ReleasedSlot, StepPlan
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int, max_prefill_tokens: int):
+    def __init__(self, max_batch_size: int, max_prefill_tokens: int, prefix_positions: int | None = None):
+        """``prefix_positions``: reuse cached prompt prefixes, of at most this many
+        positions (None: prefix caching off)."""
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Request] = deque()
@@ -42,6 +51,9 @@ class Scheduler:
         self._reserved: dict[str, list[Request]] = {}    # admitted leader id -> forks holding a slot
         self._unforked: dict[str, Request] = {}          # fork id -> fork, until it forks or ends
         self._forks: list[ForkCopy] = []
+        self.prefixes = SlotPrefixes(max_batch_size, prefix_positions) if prefix_positions else None
+        self._held: dict[int, Request] = {}          # slot -> request whose chunk this plan writes
+        self.cached_tokens = 0                        # prompt tokens reused by the last plan's admissions
 
     @property
     def num_waiting(self) -> int:
@@ -70,6 +82,8 @@ class Scheduler:
         plan = StepPlan(released=self._released, forks=self._forks)
         self._released, self._forks = [], []
         budget = self.max_prefill_tokens if prefill_budget is None else min(prefill_budget, self.max_prefill_tokens)
+        self.cached_tokens = 0
+        admitted: set[int] = set()           # slots whose content this plan changes: never a source
         for request in self.running.values():
             if request.prefilled_tokens == request.num_prompt_tokens:
                 plan.decode.append(self._decode_row(request))
@@ -84,8 +98,34 @@ class Scheduler:
                 self._reserved[request.request_id] = list(request.forks)
             request.start()
             self.running[request.request_id] = request
+            if self.prefixes is not None:
+                self._reuse_prefix(plan, request, admitted)
+                admitted.add(request.slot)
             budget -= self._add_chunk(plan, request, budget)
+        if self.prefixes is not None:        # what the slots hold once this plan has run
+            for slot, request in self._held.items():
+                self.prefixes.assign(slot, request.prompt_token_ids[:request.prefilled_tokens])
+            self._held.clear()
         return plan
+
+    def _reuse_prefix(self, plan: StepPlan, request: Request, admitted: set[int]) -> None:
+        prompt = request.prompt_token_ids
+        own = self.prefixes.held_length(request.slot, prompt)
+        source, length = self.prefixes.match(prompt, exclude=admitted)
+        if length > own:
+            plan.prefix_copies.append(ForkCopy(source, request.slot, length))
+        elif own > 0:
+            length = own
+            plan.prefix_copies.append(ForkCopy(request.slot, request.slot, own))
+        else:
+            return
+        request.prefilled_tokens = request.cached_prompt_tokens = length
+        self.cached_tokens += length
+
+    def forget_prefixes(self) -> None:
+        """The cache's content is unknown (a step failed): reuse nothing that is held now."""
+        if self.prefixes is not None:
+            self.prefixes.clear()
 
     def fork(self, leader: Request, length: int, refeed_token: int | None = None) -> None:
         """The leader's answers fork now (``Request.fork_from``): each fork that has not
@@ -100,6 +140,8 @@ class Scheduler:
             fork.fork_from(leader, refeed_token)
             self.running[fork.request_id] = fork
             self._forks.append(ForkCopy(leader.slot, fork.slot, length))
+            if self.prefixes is not None:
+                self.prefixes.copy(leader.slot, fork.slot, length)
 
     def unforked(self, leader: Request) -> list[Request]:
         """The leader's forks that have not forked (nor ended) yet."""
@@ -169,4 +211,6 @@ class Scheduler:
                                          token_ids=tuple(request.prompt_token_ids[start:end]), start=start,
                                          last=last, **fields))
         request.prefilled_tokens = end
+        if self.prefixes is not None:
+            self._held[request.slot] = request
         return end - start

@@ -62,7 +62,7 @@ def engine_options(settings: ServerSettings) -> dict:
                 max_batch_size=settings.max_batch_size, max_seq_len=settings.max_seq_len,
                 max_prefill_tokens=settings.max_prefill_tokens, prefill_delay_factor=settings.resolved_prefill_delay_factor(),
                 seed=settings.seed, compile=settings.compile, pack_weights=settings.pack_weights,
-                lean_decode=settings.lean_decode,
+                lean_decode=settings.lean_decode, prefix_caching=settings.prefix_caching,
                 kv_cache_memory=settings.kv_cache_memory, coconut=settings.coconut_overrides(),
                 **settings.request_defaults())
 

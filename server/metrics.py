@@ -57,6 +57,8 @@ class ServerMetrics:
         self.queue_time = Histogram(f"{p}_request_queue_time_seconds", "arrival to admission into the batch",
                                     buckets=_LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter(f"{p}_prompt_tokens", "prompt tokens prefilled", registry=r)
+        self.prefix_cache_hits = Counter(f"{p}_prefix_cache_hits", "prompt tokens taken from the prefix cache "
+                                         "(copied from a slot that held them) instead of computed", registry=r)
         self.latent_tokens = Counter(f"{p}_latent_thoughts", "continuous thoughts fed (latent positions)",
                                      registry=r)
         self.generated_tokens = Counter(f"{p}_generation_tokens", "answer tokens generated", registry=r)
@@ -73,6 +75,8 @@ class ServerMetrics:
 
     def on_step(self, stats: StepStats) -> None:
         """Engine-thread callback, once per step."""
+        if stats.cached_prompt_tokens:
+            self.prefix_cache_hits.inc(stats.cached_prompt_tokens)
         if stats.batch_size == 0 and stats.num_prefilled == 0:
             return
         self.steps.inc()

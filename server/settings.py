@@ -59,6 +59,9 @@ class ServerSettings(BaseSettings):
                               "code instead of through the model's modules (the same function, a third of the "
                               "operator calls; SmolLM2-135M: 42.8 against 53.0 ms a step at batch 1); other "
                               "models and --compile always use the modules")
+    prefix_caching: bool = Field(True, description="a prompt that begins with tokens a KV-cache slot still holds "
+                                 "(a running or recently ended request's: a shared system prompt, a chat's "
+                                 "earlier turns) copies them instead of prefilling them; per token, not per block")
     engine_process: bool = Field(True, description="run the engine loop in its own process (the HTTP "
                                  "work and the model then never wait for each other's interpreter lock; the "
                                  "server's process only tokenizes); --no-engine-process runs it in a thread of "

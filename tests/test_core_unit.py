@@ -73,6 +73,7 @@ def make(request_id, thoughts=2, mode="fixed", max_tokens=3, prompt_len=5, thres
 
 
 def core_with(runner, **config):
+    config.setdefault("prefix_caching", False)     # every prompt here is range(prompt_len): test_prefix_cache covers it
     return EngineCore(runner, EngineConfig(**config), max_seq_len=64, eos_token_ids=(EOS,))
 
 

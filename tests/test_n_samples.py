@@ -29,10 +29,10 @@ def engine(tiny_checkpoint):
 
 class PlanCounter:
     """Counts what the runner is asked to compute: latent positions (decode rows that feed a
-    thought) and prompt tokens prefilled."""
+    thought), prompt tokens prefilled and prompt tokens taken from the prefix cache."""
 
     def __init__(self, engine):
-        self.latent_rows = self.prefill_tokens = self.forks = 0
+        self.latent_rows = self.prefill_tokens = self.forks = self.reused_tokens = 0
         runner = engine.runner
         self._execute = runner.execute
 
@@ -40,6 +40,7 @@ class PlanCounter:
             self.latent_rows += sum(1 for row in plan.decode if row.feed_token is None)
             self.prefill_tokens += sum(len(chunk.token_ids) for chunk in plan.prefill)
             self.forks += len(plan.forks)
+            self.reused_tokens += sum(copy.length for copy in plan.prefix_copies)
             return self._execute(plan)
 
         runner.execute = counting
@@ -101,7 +102,8 @@ def test_one_prefill_and_one_latent_pass_per_group(engine):
     question, thoughts, n = QUESTIONS[7], 4, 5
     prompt = engine.make_request(question, latent=LatentPolicy(mode="fixed", thoughts=thoughts)).num_prompt_tokens
     counter = PlanCounter(engine)
-    try:
+    prefixes, engine.core.scheduler.prefixes = engine.core.scheduler.prefixes, None   # count every prompt's
+    try:                                                                              # prefill (no reuse)
         engine.generate([question], SamplingParams(max_tokens=3, n=n, ignore_eos=True),
                         LatentPolicy(mode="fixed", thoughts=thoughts))
         grouped = (counter.latent_rows, counter.prefill_tokens, counter.forks)
@@ -111,6 +113,7 @@ def test_one_prefill_and_one_latent_pass_per_group(engine):
         independent = (counter.latent_rows, counter.prefill_tokens, counter.forks)
     finally:
         counter.close()
+        engine.core.scheduler.prefixes = prefixes
     assert grouped == (thoughts, prompt, n - 1)
     assert independent == (n * thoughts, n * prompt, 0)
 

@@ -206,7 +206,8 @@ def test_health_ready_metrics_and_request_ids(http):
                  "coconut_inter_token_latency_seconds_bucket", "coconut_e2e_request_latency_seconds_bucket",
                  "coconut_request_queue_time_seconds_bucket", "coconut_prompt_tokens_total",
                  "coconut_latent_thoughts_total", "coconut_generation_tokens_total",
-                 "coconut_thoughts_per_request_bucket", "coconut_stop_classifier_early_exits_total"):
+                 "coconut_thoughts_per_request_bucket", "coconut_stop_classifier_early_exits_total",
+                 "coconut_prefix_cache_hits_total"):
         assert name in r.text, name
     assert 'route="/v1/reason"' in r.text and 'status="200"' in r.text
     assert http.get("/health", headers={"x-request-id": "trace-42.a"}).headers["x-request-id"] == "trace-42.a"
@@ -215,6 +216,16 @@ def test_health_ready_metrics_and_request_ids(http):
     err = http.post("/v1/reason", json={}, headers={"x-request-id": "err-1"})
     assert err.status_code == 422 and err.headers["x-request-id"] == "err-1"
     assert err.json()["error"]["request_id"] == "err-1"
+
+
+def test_a_repeated_question_takes_its_prompt_from_the_prefix_cache(server, http):
+    body = {"question": QUESTION, "max_tokens": 2, "latent": {"thoughts": 2}}
+    first = reason(http, **body)
+    before = read_metrics(server.url)
+    again = reason(http, **body)
+    hits = read_metrics(server.url)["coconut_prefix_cache_hits_total"] - before["coconut_prefix_cache_hits_total"]
+    assert again["text"] == first["text"]
+    assert hits == again["usage"]["prompt_tokens"] - 1      # all but the last prompt token were held
 
 
 def test_one_structured_log_line_per_request(server, http):

@@ -11,6 +11,10 @@ one run mean something):
 - ``independent``: n requests per question, each with its own seed s + i, prefill and
   thoughts.
 
+The engine runs without prefix caching (``EngineConfig.prefix_caching``), which would
+otherwise let the independent requests copy each other's prompts: the arms measure what
+forking saves, prompts and thoughts alike.
+
 Reported per arm: wall seconds for the whole set (median over ``--rounds``), the prompt
 tokens prefilled and the latent positions fed (counted on the runner's step plans), and
 whether the two arms' answers are identical (they must be: same seeds, same thoughts).
@@ -114,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     model = local_model(args.model, args.revision) if args.model else default_model_dir()
     data = args.data or f"{model}/test.json"
     records = load_records(data)[:args.questions]
-    engine = Engine.from_pretrained(model, max_batch_size=args.max_batch_size)
+    engine = Engine.from_pretrained(model, max_batch_size=args.max_batch_size, prefix_caching=False)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=0, seed=args.seed,
                             n=args.n)
     questions = [r.question for r in records]

@@ -3,7 +3,8 @@
 ``execute(plan)`` (a ``StepPlan`` of plain data, ``engine.runner.plan``) does, in order:
 
 1. forget the slots of requests that ended (``released``): nothing is copied; copy the
-   cached positions of slots that answers fork from into their own slots (``forks``);
+   cached positions of slots that answers fork from into their own slots (``forks``),
+   then the prompt prefixes that new requests reuse (``prefix_copies``);
 2. one decode forward over the leading slots 0..n-1 (n = the highest slot with a decode
    row, + 1), one new position each: a row in latent mode feeds its slot's last hidden
    state (a continuous thought), a row in language mode the embedding of its token. Slots
@@ -126,6 +127,7 @@ class ModelRunner:
             self.lengths[released.slot] = 0
             self.generators.pop(released.request_id, None)
         self._fork(plan.forks)
+        self._copy_prefixes(plan.prefix_copies)
         rows: list[RowWork] = []
         states: list[torch.Tensor] = []
         seconds: list[float | None] = [None, None]
@@ -187,6 +189,14 @@ class ModelRunner:
             self.thoughts[fork.slot] = self.thoughts[fork.source_slot]
         for (source, length), targets in by_source.items():
             self.cache.copy_positions(source, targets, length)
+
+    def _copy_prefixes(self, copies: list[ForkCopy]) -> None:
+        """Each new request's slot takes the prompt prefix another slot holds (one copy at a
+        time, in plan order; a copy from the slot itself only sets its length)."""
+        for copy in copies:
+            if copy.source_slot != copy.slot:
+                self.cache.copy_positions(copy.source_slot, [copy.slot], copy.length)
+            self.lengths[copy.slot] = copy.length
 
     # ---------------------------------------------------------------- forwards
 

@@ -15,6 +15,10 @@ table (each slot's length and last hidden state) and the slot cache itself.
 - ``forks``: slots that take a copy of another slot's first ``length`` positions (the
   answers of one prompt forking from the request that prefilled it and thought), before
   this step's forwards.
+- ``prefix_copies``: the same kind of copy for a prompt whose first ``length`` tokens some
+  slot already holds (``engine.prefix_cache``), after the fork copies; a copy whose source
+  is its own slot only marks those positions as held. The request's first prefill chunk
+  then starts at ``length``.
 
 What a row's output holds is fixed by the plan: ``sampling`` set -> a sampled token (and
 its log-probability, and its ``top_logprobs`` most likely alternatives', when asked);
@@ -88,10 +92,11 @@ class StepPlan:
     prefill: list[PrefillChunk] = field(default_factory=list)
     released: list[ReleasedSlot] = field(default_factory=list)
     forks: list[ForkCopy] = field(default_factory=list)
+    prefix_copies: list[ForkCopy] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        return not (self.decode or self.prefill or self.released or self.forks)
+        return not (self.decode or self.prefill or self.released or self.forks or self.prefix_copies)
 
     @property
     def rows_with_output(self) -> list[RowWork]:
