@@ -24,8 +24,10 @@ puts the copy of the leader's cached positions into the next plan (``ForkCopy``)
 With ``prefix_positions`` set (prefix caching on), a request admitted into the batch first
 takes the longest prefix of its prompt that some slot holds (``engine.prefix_cache``: a
 running request's, or an ended one's whose columns no forward has overwritten yet) as a
-copy in the plan (``prefix_copies``), and its prefill starts after it. A slot whose
-content this plan changes (one admitted into now) is never a source in the same plan.
+copy in the plan (``prefix_copies``), and its prefill starts after it. Copies run in plan
+order before the forwards, so a slot that takes a copy from another slot in this plan is
+never a source later in it; a slot admitted into without one still holds its old
+columns until the forward, and may be.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ class Scheduler:
         self._released, self._forks = [], []
         budget = self.max_prefill_tokens if prefill_budget is None else min(prefill_budget, self.max_prefill_tokens)
         self.cached_tokens = 0
-        admitted: set[int] = set()           # slots whose content this plan changes: never a source
+        copied_into: set[int] = set()        # slots that take another's columns in this plan: no source
         for request in self.running.values():
             if request.prefilled_tokens == request.num_prompt_tokens:
                 plan.decode.append(self._decode_row(request))
@@ -99,8 +101,7 @@ class Scheduler:
             request.start()
             self.running[request.request_id] = request
             if self.prefixes is not None:
-                self._reuse_prefix(plan, request, admitted)
-                admitted.add(request.slot)
+                self._reuse_prefix(plan, request, copied_into)
             budget -= self._add_chunk(plan, request, budget)
         if self.prefixes is not None:        # what the slots hold once this plan has run
             for slot, request in self._held.items():
@@ -108,12 +109,13 @@ class Scheduler:
             self._held.clear()
         return plan
 
-    def _reuse_prefix(self, plan: StepPlan, request: Request, admitted: set[int]) -> None:
+    def _reuse_prefix(self, plan: StepPlan, request: Request, copied_into: set[int]) -> None:
         prompt = request.prompt_token_ids
         own = self.prefixes.held_length(request.slot, prompt)
-        source, length = self.prefixes.match(prompt, exclude=admitted)
+        source, length = self.prefixes.match(prompt, exclude=copied_into)
         if length > own:
             plan.prefix_copies.append(ForkCopy(source, request.slot, length))
+            copied_into.add(request.slot)
         elif own > 0:
             length = own
             plan.prefix_copies.append(ForkCopy(request.slot, request.slot, own))

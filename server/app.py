@@ -80,10 +80,12 @@ PARALLEL_WEIGHTS_BYTES = 100 * 2 ** 20
 def engine_process_threads(settings: ServerSettings) -> int:
     """The engine process's torch threads: ``--torch-threads``, else every usable CPU for
     weights of ``PARALLEL_WEIGHTS_BYTES`` or more and every CPU but one for smaller ones.
-    Its OpenMP threads sleep when idle rather than spin (``OMP_WAIT_POLICY=PASSIVE``, set by
-    ``engine.process_engine`` unless the environment sets it), so they give the API process
-    its CPU back between steps: two spinning threads served SmolLM2 at 59.0 / 79.5 tok/s
-    (16 / 32 streams), fighting the API process for the cores."""
+    Its OpenMP threads sleep when idle rather than spin (``OMP_WAIT_POLICY=PASSIVE``, with
+    ``GOMP_SPINCOUNT=100000``: about a millisecond of spinning first, so not between a
+    forward's parallel regions; set by ``engine.process_engine`` unless the environment sets
+    them), so they give the API process its CPU back between steps: two threads spinning
+    without bound served SmolLM2 at 59.0 / 79.5 tok/s (16 / 32 streams), fighting the API
+    process for the cores."""
     if settings.torch_threads is not None:
         return settings.torch_threads
     try:

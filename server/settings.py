@@ -78,7 +78,8 @@ class ServerSettings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch ops (default: "
                                       "torch's choice; with the engine process every usable CPU for weights of 100 MiB or "
                                       "more, every CPU but one (left to the API process) for smaller ones, its OpenMP "
-                                      "threads sleeping between steps: OMP_WAIT_POLICY=PASSIVE unless set)")
+                                      "threads sleeping between steps after about 1 ms of spinning: OMP_WAIT_POLICY=PASSIVE, "
+                                      "GOMP_SPINCOUNT=100000 unless set)")
 
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request body (413 above)")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 503")

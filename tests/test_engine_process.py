@@ -156,3 +156,21 @@ def test_engine_serve_with_the_engine_in_its_own_process(gpt2_checkpoint):
         r = httpx.post(live.url + "/v1/reason", json=body, timeout=60)
         assert r.status_code == 200 and r.json()["text"] == want.text
         assert "engine in its own process" not in live.output()
+
+
+def test_the_engine_process_gets_its_threading_and_allocator_settings_unless_set(monkeypatch):
+    """The child's OpenMP threads spin about 1 ms before sleeping and its freed blocks stay
+    in the heap (``engine.process_engine._context``); values the user set are kept."""
+    from engine import process_engine
+
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "GLIBC_TUNABLES"):
+        monkeypatch.setenv(name, "")          # records the original, restored after the test
+        monkeypatch.delenv(name)
+    process_engine._context()
+    import os
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and os.environ["GOMP_SPINCOUNT"] == "100000"
+    assert "glibc.malloc.mmap_threshold=33554432" in os.environ["GLIBC_TUNABLES"]
+    monkeypatch.setenv("GOMP_SPINCOUNT", "0")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")
+    process_engine._context()
+    assert os.environ["GOMP_SPINCOUNT"] == "0" and os.environ["GLIBC_TUNABLES"] == "glibc.malloc.trim_threshold=0"

@@ -111,6 +111,23 @@ def test_a_slot_admitted_into_is_no_source_in_the_same_plan():
     assert [c.start for c in plan.prefill] == [4, 0]
 
 
+def test_a_slot_admitted_into_without_a_copy_still_serves_the_same_plan():
+    """Its old columns stay until the forward, after every copy: a burst of prompts that
+    share what one ended request held all take it, the first from its own slot."""
+    scheduler = Scheduler(max_batch_size=4, max_prefill_tokens=100, prefix_positions=63)
+    old = make("old", [1, 2, 3, 4, 5, 6])
+    scheduler.add(old)
+    scheduler.schedule()
+    scheduler.remove(old)
+    burst = [make(f"b{i}", [1, 2, 3, 4, 10 + i]) for i in range(3)]
+    for request in burst:
+        scheduler.add(request)
+    plan = scheduler.schedule()
+    assert [(c.source_slot, c.slot, c.length) for c in plan.prefix_copies] == [
+        (old.slot, old.slot, 4), (old.slot, burst[1].slot, 4), (old.slot, burst[2].slot, 4)]
+    assert [c.start for c in plan.prefill] == [4, 4, 4]
+
+
 def test_scheduler_copies_from_a_slot_mid_prefill_only_its_written_chunks():
     scheduler = Scheduler(max_batch_size=4, max_prefill_tokens=4, prefix_positions=63)
     a = make("a", list(range(10)))
