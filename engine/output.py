@@ -46,6 +46,8 @@ class RequestOutput:
     index: int = 0
     #: ``Engine.generate`` with n > 1: every answer of the prompt, in index order (else None)
     samples: list["RequestOutput"] | None = None
+    #: prompt tokens taken from the prefix cache rather than computed (``engine.prefix_cache``)
+    cached_prompt_tokens: int = 0
 
 
 def text_decoder(tokenizer):
@@ -169,7 +171,8 @@ class OutputProcessor:
             top_logprobs=list(request.output_top_logprobs) if request.sampling.top_logprobs else None,
             renamed_tokens=request.renamed_tokens if request.sampling.logprobs else None,
             latent_trace=trace, stop_probs=list(request.stop_probs),
-            timings=request.times.phases(), error=out.error, index=request.index)
+            timings=request.times.phases(), error=out.error, index=request.index,
+            cached_prompt_tokens=request.cached_prompt_tokens)
 
     def trace_entry(self, entry: TraceEntry, request: Request | None = None, thought: int = 1) -> dict:
         """One thought's top tokens and entropy (nats), what was fed (``feed``: the operator,

@@ -48,7 +48,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Str
 from pydantic_core import PydanticCustomError
 
 from engine.params import MIN_MAX_TOKENS
-from server.schemas import FinishReason, LatentThought, Majority, SamplingFields
+from server.schemas import FinishReason, LatentThought, Majority, PromptTokensDetails, SamplingFields
 
 MAX_PROMPTS = 256
 MAX_COMPLETION_LOGPROBS = 5     # OpenAI's limit for /v1/completions `logprobs`
@@ -250,6 +250,7 @@ class CompletionUsage(BaseModel):
     completion_tokens: int
     total_tokens: int
     latent_thoughts: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionLogprobs(BaseModel):

@@ -148,10 +148,15 @@ class ReasonRequest(SamplingFields):
     stream: StrictBool = Field(False, description="reply with server-sent events")
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens taken from the prefix cache instead of computed")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     latent_thoughts: int
     completion_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class Timings(BaseModel):

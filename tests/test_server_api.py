@@ -226,6 +226,7 @@ def test_a_repeated_question_takes_its_prompt_from_the_prefix_cache(server, http
     hits = read_metrics(server.url)["coconut_prefix_cache_hits_total"] - before["coconut_prefix_cache_hits_total"]
     assert again["text"] == first["text"]
     assert hits == again["usage"]["prompt_tokens"] - 1      # all but the last prompt token were held
+    assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": hits}
 
 
 def test_one_structured_log_line_per_request(server, http):

@@ -38,7 +38,7 @@ from server.openai_schemas import (AssistantMessage, ChatChoice, ChatLogprobs, C
                                    ChatTokenLogprob, CompletionChoice, CompletionLogprobs, CompletionRequest,
                                    CompletionResponse, CompletionUsage, ModelCard, ModelList, TopLogprob)
 from server.schemas import ERROR_RESPONSES, sse_response
-from server.schemas import Majority
+from server.schemas import Majority, PromptTokensDetails
 from server.service import Generation, GenerationService, answers_of, latent_trace, latent_trace_json, majority
 from server.sse import event_stream
 
@@ -59,8 +59,10 @@ def _usage(groups: Iterable[list[RequestOutput]]) -> CompletionUsage:
     groups = [list(g) for g in groups]
     prompt = sum(len(g[0].prompt_token_ids) for g in groups)
     completion = sum(len(o.token_ids) for g in groups for o in g)
+    cached = sum(g[0].cached_prompt_tokens for g in groups)
     return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion,
-                           total_tokens=prompt + completion, latent_thoughts=sum(g[0].num_thoughts for g in groups))
+                           total_tokens=prompt + completion, latent_thoughts=sum(g[0].num_thoughts for g in groups),
+                           prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 def _response_id(out: RequestOutput) -> str:

@@ -19,8 +19,8 @@ from engine.output import RequestOutput
 from server.deps import get_service
 from server.disconnect import guard_of
 from server.errors import request_id_of
-from server.schemas import (ERROR_RESPONSES, Majority, ReasonRequest, ReasonResponse, Sample, Timings, Usage,
-                            sse_response)
+from server.schemas import (ERROR_RESPONSES, Majority, PromptTokensDetails, ReasonRequest, ReasonResponse, Sample,
+                            Timings, Usage, sse_response)
 from server.service import GenerationService, answers_of, latent_trace, latent_trace_json, majority
 from server.sse import delta_frames, event_stream
 
@@ -34,7 +34,8 @@ _STREAM_DOC = sse_response("ReasonStreamEvent", "JSON, or with `stream: true` se
 def usage_of(out: RequestOutput, answers: list[RequestOutput] | None = None) -> Usage:
     """The prompt and the thoughts once (the answers share them), the tokens of every answer."""
     return Usage(prompt_tokens=len(out.prompt_token_ids), latent_thoughts=out.num_thoughts,
-                 completion_tokens=sum(len(a.token_ids) for a in answers or [out]))
+                 completion_tokens=sum(len(a.token_ids) for a in answers or [out]),
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=out.cached_prompt_tokens))
 
 
 def timings_of(out: RequestOutput) -> Timings:

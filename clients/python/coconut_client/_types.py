@@ -68,12 +68,19 @@ class Mixture(BaseModel):
 MixtureParam = Union[Mixture, Dict[str, Any]]
 
 
+class PromptTokensDetails(_Response):
+    """``cached_tokens``: prompt tokens the server took from its prefix cache."""
+
+    cached_tokens: int = 0
+
+
 class Usage(_Response):
     """Token counts of ``POST /v1/reason`` (the server's ``Usage``: no ``total_tokens``)."""
 
     prompt_tokens: int
     completion_tokens: int
     latent_thoughts: int = 0
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
 
 
 class Timings(_Response):
