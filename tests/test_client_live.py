@@ -126,7 +126,9 @@ def test_async_concurrent_requests_match_sequential_ones(client, server):
 
     concurrent, streamed_texts = asyncio.run(main())
     assert [r.text for r in concurrent] == [r.text for r in sequential]
-    assert [r.usage.model_dump() for r in concurrent] == [r.usage.model_dump() for r in sequential]
+    # the prompt tokens found in the prefix cache depend on what ran before: not compared
+    assert ([r.usage.model_dump(exclude={"prompt_tokens_details"}) for r in concurrent]
+            == [r.usage.model_dump(exclude={"prompt_tokens_details"}) for r in sequential])
     assert streamed_texts == [r.text for r in sequential]
     assert len({r.id for r in concurrent}) == len(QUESTIONS)
 

@@ -37,6 +37,7 @@ SDK_TO_SERVER = {
     "ModelList": "ModelList",
     "Sample": "Sample",
     "Majority": "Majority",
+    "PromptTokensDetails": "PromptTokensDetails",
 }
 #: Request models: the SDK's ``Latent`` is sent as the request's ``latent`` object.
 SDK_REQUEST_TO_SERVER = {"Latent": "LatentOptions", "Mixture": "MixtureOptions"}

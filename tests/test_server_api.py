@@ -69,8 +69,10 @@ def test_reason_json_equals_the_engine(http, oracle, checkpoint, latent):
     want = offline(oracle, max_tokens=12, latent=latent)
     assert got["text"] == want.text and got["answer"] == want.answer
     assert got["finish_reason"] == want.finish_reason
+    cached = got["usage"].pop("prompt_tokens_details")["cached_tokens"]   # what earlier tests left in the slots
     assert got["usage"] == {"prompt_tokens": len(want.prompt_token_ids), "latent_thoughts": want.num_thoughts,
                             "completion_tokens": len(want.token_ids)}
+    assert 0 <= cached < len(want.prompt_token_ids)
     assert set(got["timings"]) == {"queue", "prefill", "latent", "decode"}
     assert all(v >= 0 for v in got["timings"].values())
     assert got["id"].startswith("reason-") and got["model"] == checkpoint.name

@@ -24,14 +24,14 @@ from ._errors import (APIConnectionError, APIError, APIResponseValidationError, 
                       ServiceUnavailableError, UnprocessableEntityError)
 from ._retry import RetryPolicy
 from ._streaming import AsyncStream, Stream
-from ._types import (Health, Latent, LatentThought, Majority, Mixture, Model, ModelList, ReasonResult, Sample,
-                     StreamEvent, Timings, TraceToken, Usage)
+from ._types import (Health, Latent, LatentThought, Majority, Mixture, Model, ModelList, PromptTokensDetails,
+                     ReasonResult, Sample, StreamEvent, Timings, TraceToken, Usage)
 from ._version import __version__
 
 __all__ = [
     "CoconutClient", "AsyncCoconutClient", "RetryPolicy", "Stream", "AsyncStream",
     "DEFAULT_MAX_RETRIES", "DEFAULT_TIMEOUT", "NOT_GIVEN", "make_timeout",
-    "Latent", "Mixture", "ReasonResult", "Sample", "Majority", "StreamEvent", "Usage", "Timings", "LatentThought", "TraceToken",
+    "Latent", "Mixture", "ReasonResult", "Sample", "Majority", "StreamEvent", "Usage", "PromptTokensDetails", "Timings", "LatentThought", "TraceToken",
     "Model",
     "ModelList", "Health",
     "CoconutError", "APIError", "APIStatusError", "BadRequestError", "UnprocessableEntityError",
