@@ -27,7 +27,8 @@ import pytest
 from tests.test_server_harness import one_thread_server, sse_payloads
 
 QUESTION = "Every wumpus is a yumpus. Tom is a wumpus. Is Tom a yumpus or a zumpus?"
-VARYING = {"id", "timings", "request_id", "created"}
+#: fields that differ between two identical requests (cached_tokens: what earlier requests left in the slots)
+VARYING = {"id", "timings", "request_id", "created", "cached_tokens"}
 CHAT = [{"role": "user", "content": QUESTION}]
 
 
@@ -94,6 +95,7 @@ def _blanked(content: bytes, numbers: bool = False) -> bytes:
     if numbers:       # the float values (compared to a tolerance by ``same``)
         content = re.sub(rb'-?\d+\.\d+(?:[eE][-+]?\d+)?', b'0.0', content)
     content = re.sub(rb'"created":\d+', b'"created":0', content)
+    content = re.sub(rb'"cached_tokens":\d+', b'"cached_tokens":0', content)
     return re.sub(rb'"timings":\{[^}]*\}', b'"timings":{}', content)
 
 

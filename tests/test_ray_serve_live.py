@@ -81,6 +81,7 @@ def _masked_stream(url: str, headers: dict) -> str:
                    json={"question": QUESTION, "temperature": 0, "max_tokens": 8, "stream": True})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     body = re.sub(r'"id": "reason-[0-9a-f]+"', '"id": "ID"', r.text)
+    body = re.sub(r'"cached_tokens": \d+', '"cached_tokens": 0', body)   # what earlier requests left in the slots
     return re.sub(r'"timings": \{[^}]*\}', '"timings": {}', body)
 
 
