@@ -20,6 +20,10 @@ thoughts and answers are not keyed by tokens here). Its contract with the schedu
   ``length`` positions into ``target``;
 - ``clear()``: forget everything (after a failed step left the cache unknown).
 
+A prefix shorter than ``MIN_REUSED_TOKENS`` is not worth taking (prompts that share
+only their first token or two would trade a forward's cheapest tokens for a gathered
+attention); vLLM's blocks set the same floor at 16 tokens.
+
 It knows nothing of tensors or requests; the runner performs the copies (``PrefixCopy``
 in the plan), before the step's forwards and after its fork copies.
 """
@@ -39,6 +43,10 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
         else:
             hi = mid
     return lo
+
+
+#: the shortest prefix the scheduler reuses
+MIN_REUSED_TOKENS = 16
 
 
 class SlotPrefixes:

@@ -35,15 +35,16 @@ from __future__ import annotations
 import heapq
 from collections import deque
 
-from engine.prefix_cache import SlotPrefixes
+from engine.prefix_cache import MIN_REUSED_TOKENS, SlotPrefixes
 from engine.request import Request, RequestStatus
 from engine.runner.plan import DecodeRow, ForkCopy, PrefillChunk, ReleasedSlot, StepPlan
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int, max_prefill_tokens: int, prefix_positions: int | None = None):
-        """``prefix_positions``: reuse cached prompt prefixes, of at most this many
-        positions (None: prefix caching off)."""
+    def __init__(self, max_batch_size: int, max_prefill_tokens: int, prefix_positions: int | None = None,
+                 min_reused_tokens: int = MIN_REUSED_TOKENS):
+        """``prefix_positions``: reuse cached prompt prefixes of ``min_reused_tokens`` to
+        this many positions (None: prefix caching off)."""
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Request] = deque()
@@ -54,6 +55,7 @@ class Scheduler:
         self._unforked: dict[str, Request] = {}          # fork id -> fork, until it forks or ends
         self._forks: list[ForkCopy] = []
         self.prefixes = SlotPrefixes(max_batch_size, prefix_positions) if prefix_positions else None
+        self.min_reused_tokens = max(1, min_reused_tokens)
         self._held: dict[int, Request] = {}          # slot -> request whose chunk this plan writes
         self.cached_tokens = 0                        # prompt tokens reused by the last plan's admissions
 
@@ -113,10 +115,10 @@ class Scheduler:
         prompt = request.prompt_token_ids
         own = self.prefixes.held_length(request.slot, prompt)
         source, length = self.prefixes.match(prompt, exclude=copied_into)
-        if length > own:
+        if length > own and length >= self.min_reused_tokens:
             plan.prefix_copies.append(ForkCopy(source, request.slot, length))
             copied_into.add(request.slot)
-        elif own > 0:
+        elif own >= self.min_reused_tokens:
             length = own
             plan.prefix_copies.append(ForkCopy(request.slot, request.slot, own))
         else:

@@ -58,7 +58,7 @@ def make(request_id: str, prompt: list[int]) -> Request:
 
 
 def test_scheduler_copies_what_a_running_request_holds_and_prefills_the_rest():
-    scheduler = Scheduler(max_batch_size=4, max_prefill_tokens=100, prefix_positions=63)
+    scheduler = Scheduler(max_batch_size=4, max_prefill_tokens=100, prefix_positions=63, min_reused_tokens=1)
     a = make("a", list(range(10)))
     scheduler.add(a)
     plan = scheduler.schedule()
@@ -76,8 +76,20 @@ def test_scheduler_copies_what_a_running_request_holds_and_prefills_the_rest():
     assert b.cached_prompt_tokens == 6 and scheduler.cached_tokens == 6 + 9
 
 
+def test_prefixes_shorter_than_the_floor_are_not_taken():
+    scheduler = Scheduler(max_batch_size=4, max_prefill_tokens=100, prefix_positions=63, min_reused_tokens=4)
+    scheduler.add(make("a", list(range(10))))
+    scheduler.schedule()
+    short, long = make("short", [0, 1, 2, 50]), make("long", [0, 1, 2, 3, 50])
+    scheduler.add(short)
+    scheduler.add(long)
+    plan = scheduler.schedule()
+    assert [(c.slot, c.length) for c in plan.prefix_copies] == [(long.slot, 4)]
+    assert [c.start for c in plan.prefill] == [0, 4]
+
+
 def test_scheduler_never_copies_columns_that_are_not_written_yet():
-    scheduler = Scheduler(max_batch_size=4, max_prefill_tokens=4, prefix_positions=63)
+    scheduler = Scheduler(max_batch_size=4, max_prefill_tokens=4, prefix_positions=63, min_reused_tokens=1)
     a, b = make("a", list(range(10))), make("b", list(range(10)))
     scheduler.add(a)
     scheduler.add(b)
@@ -86,7 +98,7 @@ def test_scheduler_never_copies_columns_that_are_not_written_yet():
     plan = scheduler.schedule()           # a's next chunk is written by this plan: b copies only the first 4
     assert [(c.request_id, c.start) for c in plan.prefill] == [("a", 4)]
     c = make("c", list(range(10)))
-    scheduler = Scheduler(max_batch_size=4, max_prefill_tokens=100, prefix_positions=63)
+    scheduler = Scheduler(max_batch_size=4, max_prefill_tokens=100, prefix_positions=63, min_reused_tokens=1)
     scheduler.add(c)
     scheduler.add(make("d", list(range(10))))
     plan = scheduler.schedule()           # admitted together: neither holds anything yet
@@ -96,7 +108,7 @@ def test_scheduler_never_copies_columns_that_are_not_written_yet():
 def test_a_slot_admitted_into_is_no_source_in_the_same_plan():
     """Copies run in plan order before the forwards: a slot that takes a copy in this plan
     no longer holds what the index says it held, so nothing may copy from it in this plan."""
-    scheduler = Scheduler(max_batch_size=3, max_prefill_tokens=100, prefix_positions=63)
+    scheduler = Scheduler(max_batch_size=3, max_prefill_tokens=100, prefix_positions=63, min_reused_tokens=1)
     old, running = make("old", [1, 2, 3, 4, 5, 6]), make("running", [7, 7, 7, 7, 7, 7])
     scheduler.add(old)
     scheduler.add(running)
@@ -114,7 +126,7 @@ def test_a_slot_admitted_into_is_no_source_in_the_same_plan():
 def test_a_slot_admitted_into_without_a_copy_still_serves_the_same_plan():
     """Its old columns stay until the forward, after every copy: a burst of prompts that
     share what one ended request held all take it, the first from its own slot."""
-    scheduler = Scheduler(max_batch_size=4, max_prefill_tokens=100, prefix_positions=63)
+    scheduler = Scheduler(max_batch_size=4, max_prefill_tokens=100, prefix_positions=63, min_reused_tokens=1)
     old = make("old", [1, 2, 3, 4, 5, 6])
     scheduler.add(old)
     scheduler.schedule()
@@ -129,7 +141,7 @@ def test_a_slot_admitted_into_without_a_copy_still_serves_the_same_plan():
 
 
 def test_scheduler_copies_from_a_slot_mid_prefill_only_its_written_chunks():
-    scheduler = Scheduler(max_batch_size=4, max_prefill_tokens=4, prefix_positions=63)
+    scheduler = Scheduler(max_batch_size=4, max_prefill_tokens=4, prefix_positions=63, min_reused_tokens=1)
     a = make("a", list(range(10)))
     scheduler.add(a)
     scheduler.schedule()                  # a: tokens 0..3 written by this plan
@@ -144,7 +156,7 @@ def test_scheduler_copies_from_a_slot_mid_prefill_only_its_written_chunks():
 
 
 def test_an_ended_requests_slot_serves_its_successor_and_a_failed_step_forgets_everything():
-    scheduler = Scheduler(max_batch_size=2, max_prefill_tokens=100, prefix_positions=63)
+    scheduler = Scheduler(max_batch_size=2, max_prefill_tokens=100, prefix_positions=63, min_reused_tokens=1)
     a = make("a", [5, 6, 7, 8])
     scheduler.add(a)
     scheduler.schedule()
