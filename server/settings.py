@@ -61,7 +61,7 @@ class ServerSettings(BaseSettings):
                               "models and --compile always use the modules")
     prefix_caching: bool = Field(True, description="a prompt that begins with tokens a KV-cache slot still holds "
                                  "(a running or recently ended request's: a shared system prompt, a chat's "
-                                 "earlier turns) copies them instead of prefilling them; per token, not per block")
+                                 "earlier turns) copies them instead of prefilling them; per token, from 16 tokens")
     engine_process: bool = Field(True, description="run the engine loop in its own process (the HTTP "
                                  "work and the model then never wait for each other's interpreter lock; the "
                                  "server's process only tokenizes); --no-engine-process runs it in a thread of "
