@@ -19,7 +19,7 @@ from engine.params import ResolvedLatent
 from engine.prefix_cache import SlotPrefixes, common_prefix_length
 from engine.request import Request
 from engine.scheduler import Scheduler
-from tests.engine_helpers import reference
+from tests.engine_helpers import reference, run_staggered
 
 
 def test_common_prefix_length_matches_a_plain_loop():
@@ -219,20 +219,13 @@ def test_shared_prefixes_arriving_while_others_decode_match_the_reference(engine
     most of the stem is copied rather than prefilled."""
     plan = [(STEM + ENDINGS[i % len(ENDINGS)], (0, 2, 3)[i % 3], 3 + i % 4) for i in range(9)]
     counter = PrefillCounter(engine)
-    ids, done, step, next_up = {}, {}, 0, 0
+    def add(k):
+        question, thoughts, max_tokens = plan[k]
+        return engine.add_request(question, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                                  LatentPolicy(mode="fixed", thoughts=thoughts))
+
     try:
-        while len(done) < len(plan):
-            for _ in range(1 + step % 2):
-                if next_up < len(plan):
-                    question, thoughts, max_tokens = plan[next_up]
-                    ids[engine.add_request(question, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-                                           LatentPolicy(mode="fixed", thoughts=thoughts))] = next_up
-                    next_up += 1
-            for out in engine.step():
-                if out.finished:
-                    done[ids[out.request_id]] = out
-            step += 1
-            assert step < 500
+        done = run_staggered(engine, len(plan), add)
     finally:
         counter.close()
     prompt_tokens = sum(engine.make_request(q, latent=LatentPolicy(mode="fixed", thoughts=t)).num_prompt_tokens
