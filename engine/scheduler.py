@@ -56,7 +56,6 @@ class Scheduler:
         self._forks: list[ForkCopy] = []
         self.prefixes = SlotPrefixes(max_batch_size, prefix_positions) if prefix_positions else None
         self.min_reused_tokens = max(1, min_reused_tokens)
-        self._held: dict[int, Request] = {}          # slot -> request whose chunk this plan writes
         self.cached_tokens = 0                        # prompt tokens reused by the last plan's admissions
 
     @property
@@ -106,9 +105,9 @@ class Scheduler:
                 self._reuse_prefix(plan, request, copied_into)
             budget -= self._add_chunk(plan, request, budget)
         if self.prefixes is not None:        # what the slots hold once this plan has run
-            for slot, request in self._held.items():
-                self.prefixes.assign(slot, request.prompt_token_ids[:request.prefilled_tokens])
-            self._held.clear()
+            for chunk in plan.prefill:
+                self.prefixes.assign(chunk.slot, self.running[chunk.request_id].prompt_token_ids[
+                    :chunk.start + len(chunk.token_ids)])
         return plan
 
     def _reuse_prefix(self, plan: StepPlan, request: Request, copied_into: set[int]) -> None:
@@ -215,6 +214,4 @@ class Scheduler:
                                          token_ids=tuple(request.prompt_token_ids[start:end]), start=start,
                                          last=last, **fields))
         request.prefilled_tokens = end
-        if self.prefixes is not None:
-            self._held[request.slot] = request
         return end - start
