@@ -128,6 +128,15 @@ ENGINE_SPIN_COUNT = "100000"
 ENGINE_MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
 
 
+def engine_environment() -> dict[str, str]:
+    """The variables the engine process runs under where the environment does not set them
+    (``_context`` explains each): OpenMP threads that spin about a millisecond and then sleep,
+    and glibc malloc keeping freed blocks. ``engine bench peers`` runs its floors under them
+    too, so that the step it times is the step the server runs."""
+    return {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": ENGINE_SPIN_COUNT,
+            "GLIBC_TUNABLES": ENGINE_MALLOC_TUNABLES}
+
+
 def _context(model_type: str | None = None):
     """Children come from a fork server that has imported the engine (torch, transformers and
     the checkpoint's modeling module) once, so a replacement child only loads the weights: on
@@ -142,14 +151,13 @@ def _context(model_type: str | None = None):
     # tok/s against 122.3-140.8 / 186.6-190.8 with no spin, pair by pair (read when the
     # child's OpenMP runtime loads: set before the fork server or a spawned child starts;
     # values the user set are kept)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("GOMP_SPINCOUNT", ENGINE_SPIN_COUNT)
     # glibc hands blocks over 128 KiB-32 MiB straight back to the kernel when freed, so every
     # step's activations (a prefill's [tokens, 1536] MLP states, the [rows, vocabulary]
     # logits) fault fresh zeroed pages in again: read at the child's start, these keep them
     # in the heap (what tcmalloc or jemalloc would do). SmolLM2-135M, a 704-token prefill on
     # 2 cores: 1.45 s against 1.95 s; a decode step did not change
-    os.environ.setdefault("GLIBC_TUNABLES", ENGINE_MALLOC_TUNABLES)
+    for name, value in engine_environment().items():
+        os.environ.setdefault(name, value)
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")

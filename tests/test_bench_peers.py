@@ -9,6 +9,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -142,6 +143,28 @@ def test_floors_count_the_models_own_weights(tiny_checkpoint):
     before = (floors.weight_bytes(model), floors.matrix_floor(model, 4, repeats=1)["flops"])
     assert pack_linears(model.get_decoder()) > 0
     assert (floors.weight_bytes(model), floors.matrix_floor(model, 4, repeats=1)["flops"]) == before
+
+
+def test_floors_run_under_the_engine_process_environment(tiny_checkpoint, monkeypatch):
+    """The floors and the engine's step are timed in a child process that gets the engine
+    process's variables (a value the user set wins) and the thread count asked for."""
+    import argparse
+
+    from engine.bench.peers import floors_report
+    from engine.process_engine import engine_environment
+
+    expected = engine_environment()
+    for name in expected:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "7")
+    expected["GOMP_SPINCOUNT"] = "7"
+    args = argparse.Namespace(floor_threads=1, floor_batches="1,2", dtype="float32")
+    report = floors_report(Path(tiny_checkpoint("llama")), args)
+    assert report["environment"] == expected
+    assert report["threads"] == 1 and set(report["batches"]) == {"1", "2"}
+    for row in report["batches"].values():
+        assert row["engine_step_ms"] > 0
+        assert row["step_over_floor"] == pytest.approx(row["engine_step_ms"] / row["floor_ms"])
 
 
 def test_peers_end_to_end_on_this_server(tmp_path, gpt2_checkpoint):

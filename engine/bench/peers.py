@@ -318,9 +318,10 @@ def same_answers(servers: dict) -> dict:
 
 
 def floors_report(directory: Path, args: argparse.Namespace) -> dict:
-    import torch
-
-    from engine.bench import floors
+    """The floors and the engine's decode step, measured in a child process that runs under
+    the engine process's environment (``engine_environment``: its threads' spin, its
+    allocator) and thread count, so that the step timed is the step the server runs."""
+    from engine.process_engine import engine_environment
 
     if args.floor_threads:
         threads = args.floor_threads
@@ -329,13 +330,33 @@ def floors_report(directory: Path, args: argparse.Namespace) -> dict:
         from server.settings import ServerSettings
 
         threads = engine_process_threads(ServerSettings(model=str(directory)))
-    torch.set_num_threads(threads)
     batches = [int(b) for b in _numbers(args.floor_batches)]
-    log(f"floors: the engine's decode step at batches {batches} on {threads} thread(s)")
-    steps, model = floors.engine_steps(directory, batches, dtype=args.dtype, prompt_tokens=40, new_tokens=24,
-                                       rounds=3, max_prefill_tokens=4096)
-    log("floors: memory bandwidth and the model's matrix products")
-    return floors.with_ratios(floors.measure(model, batches), steps)
+    spec = {"directory": str(directory), "batches": batches, "threads": threads, "dtype": args.dtype}
+    log(f"floors: the engine's decode step at batches {batches} on {threads} thread(s), then memory bandwidth "
+        f"and the model's matrix products, in a child process with the engine process's environment")
+    env = {**engine_environment(), **os.environ}       # values set by the user win, as for the engine
+    command = [sys.executable, "-c", "from engine.bench.peers import floors_child; floors_child()", json.dumps(spec)]
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the floors' child process failed (exit {done.returncode}); its log is above")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def floors_child() -> None:
+    """``floors_report``'s child: the spec as JSON in argv[1]; the report, with the engine
+    process's variables as this process saw them (``environment``), as JSON on stdout."""
+    import torch
+
+    from engine.bench import floors
+    from engine.process_engine import engine_environment
+
+    spec = json.loads(sys.argv[1])
+    torch.set_num_threads(spec["threads"])
+    steps, model = floors.engine_steps(spec["directory"], spec["batches"], dtype=spec["dtype"], prompt_tokens=40,
+                                       new_tokens=24, rounds=3, max_prefill_tokens=4096)
+    report = floors.with_ratios(floors.measure(model, spec["batches"]), steps)
+    report["environment"] = {name: os.environ.get(name) for name in engine_environment()}
+    print(json.dumps(report))
 
 
 def table(report: dict) -> str:
