@@ -1,6 +1,6 @@
-"""The lean decode forward (``engine.runner.lean_decoder``): which models take it, and that
-one decode step through it gives the hidden states the model's own modules give from the
-same cache (the token-level oracle, the naive full-recompute reference, runs over it in
+"""The lean forward (``engine.runner.lean_decoder``, ``flat_batch``): which models take it,
+and that its steps (decode rows and prompt chunks in one flat batch) leave the output
+states and caches the model's own modules leave (the token-level oracle, the naive full-recompute reference, runs over it in
 ``test_engine_reference``'s llama and qwen2 engines, which take this path by default)."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from engine import Engine, LatentPolicy, SamplingParams
-from engine.runner import lean_decoder
+from engine.runner import flat_batch
 from engine.runner.lean_decoder import LeanDecoder
 from engine.runner.model_runner import ModelRunner
-from engine.runner.plan import DecodeRow, PrefillChunk
+from engine.runner.plan import DecodeRow, PrefillChunk, StepPlan
 from tests.engine_helpers import QUESTIONS, reference
 
 
@@ -35,31 +35,67 @@ def test_off_switch_and_compile_use_the_modules(tiny_checkpoint):
     assert ModelRunner(model, 0, num_slots=2, max_seq_len=64, compile=True).lean_decode is False
 
 
-@pytest.mark.parametrize("matmul_rows", [1, 10 ** 9], ids=["matmul-attention", "sdpa"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_one_decode_step_equals_the_modules(tiny_checkpoint, arch, matmul_rows, monkeypatch):
-    """Two runners on one checkpoint prefill the same three prompts of different lengths
-    into slots 0, 1 and 3, then decode one position of slots 0, 1 and 3 (slot 2 free): the
-    lean forward's hidden states and cache equal the modules', with either attention."""
-    monkeypatch.setattr(lean_decoder, "MATMUL_ATTENTION_MIN_ROWS", matmul_rows)
-    path = tiny_checkpoint(arch)
+def _runner_pair(path):
     runners = []
     for lean in (True, False):
         model = Engine.from_pretrained(path, max_batch_size=1, lean_decode=False).checkpoint.model
-        runners.append(ModelRunner(model, 0, num_slots=4, max_seq_len=64, lean_decode=lean))
-    lean, plain = runners
-    assert lean.lean_decode and not plain.lean_decode
-    prompts = {0: [5, 9, 2, 7], 1: [3, 3, 8, 1, 6, 2, 4], 3: [11, 4]}
-    hidden = []
-    for runner in runners:
-        runner._prefill([PrefillChunk(request_id=str(s), slot=s, token_ids=tuple(ids), start=0, last=True)
-                         for s, ids in prompts.items()])
-        _, out = runner._decode([DecodeRow(request_id=str(s), slot=s, feed_token=10 + s) for s in prompts])
-        hidden.append(out)
-    torch.testing.assert_close(hidden[0], hidden[1], rtol=1e-5, atol=1e-5)
+        runners.append(ModelRunner(model, 0, num_slots=5, max_seq_len=64, lean_decode=lean))
+    assert runners[0].lean_decode and not runners[1].lean_decode
+    return runners
+
+
+def _assert_same_state(lean, plain, slots):
+    """The slots' newest output states (``thoughts``) and every layer's cache agree."""
+    torch.testing.assert_close(lean.thoughts[slots], plain.thoughts[slots], rtol=1e-5, atol=1e-5)
     for a, b in zip(lean.cache.layers, plain.cache.layers):
-        torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=1e-5)
+        for s in slots:
+            n = lean.lengths[s]
+            assert n == plain.lengths[s]
+            torch.testing.assert_close(a.keys[s, :, :n], b.keys[s, :, :n], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a.values[s, :, :n], b.values[s, :, :n], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("matmul_rows", [1, 10 ** 9], ids=["matmul-attention", "sdpa"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_lean_steps_equal_the_modules(tiny_checkpoint, arch, matmul_rows, monkeypatch):
+    """Two runners on one checkpoint run the same plans, one through the lean flat forward
+    and one through the modules (a decode forward, then a prefill forward): the slots' output
+    states and caches agree after each. The plans: three prompts of different lengths into
+    slots 0, 1 and 3; a decode step of those slots (slot 2 free: a padding row) together with
+    a new prompt's first chunk into slot 2 and another's into slot 4; then decode rows with
+    slot 2's second chunk and slot 4's last, with either attention of the decode rows."""
+    monkeypatch.setattr(flat_batch, "MATMUL_ATTENTION_MIN_ROWS", matmul_rows)
+    lean, plain = _runner_pair(tiny_checkpoint(arch))
+    prompts = {0: (5, 9, 2, 7), 1: (3, 3, 8, 1, 6, 2, 4), 3: (11, 4)}
+    plans = [
+        lambda: StepPlan(prefill=[PrefillChunk(request_id=str(s), slot=s, token_ids=ids, start=0, last=True)
+                                  for s, ids in prompts.items()]),
+        lambda: StepPlan(decode=[DecodeRow(request_id=str(s), slot=s, feed_token=10 + s) for s in prompts],
+                         prefill=[PrefillChunk(request_id="2", slot=2, token_ids=(7, 7, 1), start=0, last=False),
+                                  PrefillChunk(request_id="4", slot=4, token_ids=(2, 6), start=0, last=False)]),
+        lambda: StepPlan(decode=[DecodeRow(request_id=str(s), slot=s, feed_token=12 - s) for s in (0, 3)],
+                         prefill=[PrefillChunk(request_id="2", slot=2, token_ids=(9, 5, 3, 8), start=3, last=True),
+                                  PrefillChunk(request_id="4", slot=4, token_ids=(1,), start=2, last=True)]),
+    ]
+    for make in plans:
+        plan = make()
+        outputs = [runner.execute(plan) for runner in (lean, plain)]
+        assert outputs[0].keys() == outputs[1].keys()
+        _assert_same_state(lean, plain, sorted({r.slot for r in plan.decode} | {c.slot for c in plan.prefill}))
+
+
+def test_a_prompt_that_fills_its_slot_beside_a_padding_row(tiny_checkpoint):
+    """A chunk that writes a slot's last column while that slot rides along as a padding row
+    of the decode rows (which write their slot's last column too): the chunk's key wins."""
+    lean, plain = _runner_pair(tiny_checkpoint("llama"))
+    for runner in (lean, plain):
+        runner.execute(StepPlan(prefill=[PrefillChunk(request_id="b", slot=1, token_ids=(4, 2), start=0, last=True)]))
+    full = tuple(range(3, 3 + 64))
+    plan = StepPlan(decode=[DecodeRow(request_id="b", slot=1, feed_token=5)],
+                    prefill=[PrefillChunk(request_id="a", slot=0, token_ids=full, start=0, last=True)])
+    for runner in (lean, plain):
+        runner.execute(plan)
+    _assert_same_state(lean, plain, [0, 1])
 
 
 def test_lean_path_in_latent_mode_matches_reference(tiny_checkpoint):

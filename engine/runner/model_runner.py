@@ -14,6 +14,13 @@
    its slot at its own positions; when every chunk starts a prompt, the attention reads
    the chunks' own new keys, nothing is gathered from the cache.
 
+For models the lean forward supports (Llama, Qwen2: ``engine.runner.lean_decoder``; unless
+``lean_decode=False`` or ``compile``), steps 2 and 3 are one forward over a flat batch of
+the decode rows and the chunks' tokens (``engine.runner.flat_batch``): the same rows,
+padding and positions, with the weights read once for both. Its seconds reach the prefill
+pacer as the decode forward's when the step has no chunks, else as the chunks' (what the
+forward took beyond the recent decode-only forwards' moving average).
+
 With ``compile=True`` the decode forward runs through ``torch.compile``: its rows are
 padded to a batch bucket (1, 2, 4, ... up to the slot count, the extra slots riding along
 as padding), and ``warm_up()`` compiles every bucket before the first request. Prefill
@@ -51,6 +58,7 @@ from engine.feedback import entropy_and_argmax, mix_embeddings, soft_mixture
 from engine.moi import moi_inputs
 from engine.noise import NoiseDraws, NoiseRow, add_noise
 from engine.runner.adapter import DecoderAdapter
+from engine.runner.flat_batch import ChunkAttention, DecodeAttention, FlatBatch, write_index
 from engine.runner.lean_decoder import LeanDecoder
 from engine.runner.packed_linear import should_pack
 from engine.runner.plan import DecodeRow, ForkCopy, PrefillChunk, RowOutput, RowWork, StepPlan, TraceEntry
@@ -97,10 +105,11 @@ class ModelRunner:
         self.cuda_graphs = compile and self.device.type == "cuda"
         self.key_buckets = length_buckets(max_seq_len) if self.cuda_graphs else None   # None: exact
         self._decode_forward = self.adapter.forward
-        # decode steps of Llama-family models skip the modules' dispatch (engine.runner.lean_decoder)
+        # the steps of Llama-family models skip the modules' dispatch and run their decode rows
+        # and prompt chunks as one flat batch (engine.runner.lean_decoder, flat_batch)
         self.lean_decode = lean_decode and not compile and LeanDecoder.reason_unsupported(model) is None
-        if self.lean_decode:
-            self._decode_forward = LeanDecoder(model).forward
+        self.lean = LeanDecoder(model) if self.lean_decode else None
+        self._lean_decode_s: float | None = None   # moving average of the lean decode-only forwards
         if compile:
             # dynamic: one compiled graph serves every key length and bucket (sizes 1 get their
             # own); on CUDA, "reduce-overhead" records a CUDA graph per shape it meets
@@ -128,6 +137,8 @@ class ModelRunner:
             self.generators.pop(released.request_id, None)
         self._fork(plan.forks)
         self._copy_prefixes(plan.prefix_copies)
+        if self.lean is not None:
+            return self._execute_lean(plan)
         rows: list[RowWork] = []
         states: list[torch.Tensor] = []
         seconds: list[float | None] = [None, None]
@@ -145,6 +156,105 @@ class ModelRunner:
             return {}
         # one LM head product and one sampling call for the decode rows and the finished prompts
         return self._row_outputs(rows, states[0] if len(states) == 1 else torch.cat(states))
+
+    def _execute_lean(self, plan: StepPlan) -> dict[str, RowOutput]:
+        """The step's decode rows and prompt chunks in one lean forward. Its timing goes to
+        the prefill pacer as the decode forward's when there are no chunks, else as a prefill
+        forward of the seconds beyond the recent decode-only forwards' average (what the
+        chunks added)."""
+        if not plan.decode and not plan.prefill:
+            self.last_timing = ForwardTiming()
+            return {}
+        t0 = time.perf_counter()
+        rows, hidden = self._lean_forward(plan.decode, plan.prefill)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(c.token_ids) for c in plan.prefill)
+        if not plan.prefill:
+            self._lean_decode_s = seconds if self._lean_decode_s is None else 0.7 * self._lean_decode_s + 0.3 * seconds
+            self.last_timing = ForwardTiming(seconds, None, 0)
+        else:
+            added = seconds - (self._lean_decode_s or 0.0) if plan.decode else seconds
+            self.last_timing = ForwardTiming(None, max(added, 0.0), tokens)
+        if not rows:
+            return {}
+        return self._row_outputs(rows, hidden)
+
+    def _lean_forward(self, rows: list[DecodeRow], chunks: list[PrefillChunk]) -> tuple[list[RowWork], torch.Tensor]:
+        """One lean forward over the decode rows (the leading slots 0..n-1, free ones as
+        padding) and the chunks' tokens (``engine.runner.flat_batch``). Returns the rows with
+        output, the decode rows then the chunks that end a prompt, and their states [R, d]."""
+        lean, dev = self.lean, self.device
+        scratch = self.max_seq_len - 1          # where a padding row's key goes
+        n = max(r.slot for r in rows) + 1 if rows else 0
+        tokens = [self.pad_token_id] * n
+        write_positions = [scratch] * n
+        query_positions = [0] * n
+        valid = [False] * n
+        latent = [False] * n                    # fed from the slot's buffer: a thought, or a mixture of inputs
+        for r in rows:
+            if self.lengths[r.slot] >= self.max_seq_len:
+                raise RuntimeError(f"slot {r.slot} ({r.request_id}) is full ({self.max_seq_len} positions)")
+            write_positions[r.slot] = query_positions[r.slot] = self.lengths[r.slot]
+            valid[r.slot] = True
+            if r.feed_token is None or r.feed_mixture:
+                latent[r.slot] = True
+            else:
+                tokens[r.slot] = r.feed_token
+        slots = list(range(n))
+        positions = list(query_positions)
+        for c in chunks:
+            if self.lengths[c.slot] != c.start:
+                raise RuntimeError(f"chunk of {c.request_id} starts at {c.start} but slot {c.slot} "
+                                   f"holds {self.lengths[c.slot]} positions")
+            if c.start + len(c.token_ids) > self.max_seq_len:
+                raise RuntimeError(f"chunk of {c.request_id} ends past slot {c.slot}'s {self.max_seq_len} positions")
+            tokens += c.token_ids
+            slots += [c.slot] * len(c.token_ids)
+            span = list(range(c.start, c.start + len(c.token_ids)))
+            positions += span
+            write_positions += span
+        embeds = self.adapter.embed(torch.tensor(tokens, device=dev))                   # [N, d]
+        if any(latent):
+            embeds[:n] = torch.where(torch.tensor(latent, device=dev)[:, None], self.thoughts[:n].to(embeds.dtype),
+                                     embeds[:n])
+        dtype = self.adapter.dtype
+        decode = chunk_attention = None
+        if rows:
+            kv_len = max(query_positions) + 1
+            mask, _ = slot_attention_masks(torch.tensor(query_positions, device=dev)[:, None],
+                                           torch.tensor(valid, device=dev)[:, None], kv_len, dtype, None)
+            decode = DecodeAttention(mask, lean.kv_heads, lean.groups, lean.scaling)
+        if chunks:
+            chunk_attention = ChunkAttention([c.slot for c in chunks], [c.start for c in chunks],
+                                             [len(c.token_ids) for c in chunks], lean.scaling, dtype, dev)
+        batch = FlatBatch(torch.tensor(positions, device=dev),
+                          write_index(torch.tensor(slots, device=dev), torch.tensor(write_positions, device=dev),
+                                      lean.kv_heads, self.max_seq_len),
+                          decode, chunk_attention)
+        # a padding row writes its slot's last column, which a chunk of a prompt that fills
+        # its slot writes too: the chunks' writes must then come after the decode rows' (the
+        # CPU's index_put_ writes in order; a parallel scatter, as on CUDA, need not)
+        if any(c.start + len(c.token_ids) == self.max_seq_len and c.slot < n and not valid[c.slot] for c in chunks):
+            batch.ordered_writes = n
+        out = lean.forward(embeds, batch, self.cache)                                   # [N, d]
+        done: list[RowWork] = list(rows)
+        picks = [r.slot for r in rows]
+        offset = n
+        for c in chunks:
+            offset += len(c.token_ids)
+            self.lengths[c.slot] = c.start + len(c.token_ids)
+            if c.last:
+                done.append(c)
+                picks.append(offset - 1)
+        for r in rows:
+            self.lengths[r.slot] += 1
+        if not done:
+            return [], out.new_zeros((0, out.shape[-1]))
+        hidden = out.index_select(0, torch.tensor(picks, device=dev))                   # [R, d]
+        self.thoughts[torch.tensor([r.slot for r in done], device=dev)] = hidden
+        return done, hidden
 
     def allocate(self) -> int:
         """Allocate the slot cache now (one throwaway one-token prefill into slot 0) rather

@@ -1,0 +1,155 @@
+"""One engine step's rows as one flat batch: the decode rows, then every prompt chunk's tokens.
+
+The lean forward (``engine.runner.lean_decoder``) runs a whole step, decode rows and prompt
+chunks together, as one batch of N rows of one position each: every matrix product reads
+its weights once per step for all of them, instead of once for the decode forward and once
+more for the prefill forward (what vLLM's and SGLang's mixed batches do). On SmolLM2-135M
+on 2 CPU cores, 16 decode rows and one 12-token chunk take about as long as the products at
+28 rows, against a decode step plus a separate 12-token forward that reads the weights
+again. Only the attention sees the two kinds apart:
+
+- the decode rows are the leading slots 0..n-1 (free slots ride along as padding rows that
+  see one key and write into the slot's scratch column, as in the runner's decode forward);
+  they attend over their slots' first ``kv_len`` columns in the cache (``DecodeAttention``);
+- the chunks' tokens attend, chunk by chunk, causally over their own slot's columns up to
+  their own position (``ChunkAttention``): one chunk reads its slot's columns in place,
+  several are padded to the longest and read their slots' columns gathered.
+
+Every row writes its new key and value before the layer's attention reads the cache, at one
+flat index per row and key-value head (``write_index``) into the cache's
+[slots, heads, positions, head size] tensors viewed as [-1, head size]; the same index
+serves every layer, since the layers' caches have one shape.
+
+This module builds the index, the masks and the attention from plain lists; it knows nothing
+of requests or models beyond head counts, nor of the scheduler's rules (which rows and
+chunks a step has).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.runner.slot_cache import slot_attention_masks
+
+#: From this many decode rows their attention runs as two batched matrix products and a
+#: softmax rather than ``F.scaled_dot_product_attention``, whose CPU kernel is slower on one
+#: query per row: SmolLM2's shapes (3 key-value heads of 3 query heads, 64 wide), two
+#: threads: 157 (baddbmm) / 241 (matmul) against 303 us at 16 rows and 100 keys, 272 against
+#: 630 at 32 rows; 39 against 37 us at 1 row.
+MATMUL_ATTENTION_MIN_ROWS = 8
+
+
+class DecodeAttention:
+    """The decode rows' attention: n rows, row i in slot i, one query each; ``mask`` [n, 1,
+    1, kv_len] additive (``slot_attention_masks``)."""
+
+    def __init__(self, mask: torch.Tensor, kv_heads: int, groups: int, scaling: float):
+        self.n, self.kv_len = mask.shape[0], mask.shape[-1]
+        self.kv_heads, self.groups, self.scaling = kv_heads, groups, scaling
+        self.matmul = self.n >= MATMUL_ATTENTION_MIN_ROWS
+        self.mask = mask
+        if self.matmul:   # [n * kv heads, group, L]: added by baddbmm to the scores' product
+            self.mask = mask.expand(self.n, kv_heads, groups, self.kv_len).reshape(
+                self.n * kv_heads, groups, self.kv_len)
+
+    def __call__(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """query [n, heads, hd]; keys and values: a layer's whole cache [slots, kv, positions,
+        hd] -> [n, heads * hd]."""
+        n, kv, groups, length = self.n, self.kv_heads, self.groups, self.kv_len
+        head_dim = query.shape[-1]
+        keys, values = keys[:n, :, :length], values[:n, :, :length]
+        if not self.matmul:
+            out = F.scaled_dot_product_attention(query.reshape(n, kv, groups, head_dim), keys, values,
+                                                 attn_mask=self.mask, scale=self.scaling)
+            return out.reshape(n, -1)
+        scores = torch.baddbmm(self.mask, query.reshape(n * kv, groups, head_dim),
+                               keys.reshape(n * kv, length, head_dim).transpose(1, 2), alpha=self.scaling)
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+        return torch.bmm(weights, values.reshape(n * kv, length, head_dim)).reshape(n, -1)
+
+
+class ChunkAttention:
+    """The prompt chunks' attention. ``slots``, ``starts``, ``sizes``: each chunk's slot, first
+    position and token count, in the order their tokens follow each other in the batch."""
+
+    def __init__(self, slots: list[int], starts: list[int], sizes: list[int], scaling: float,
+                 dtype: torch.dtype, device: torch.device):
+        self.scaling = scaling
+        self.kv_len = max(s + t for s, t in zip(starts, sizes))
+        self.single = len(slots) == 1
+        width = max(sizes)
+        offsets = torch.arange(width, device=device)[None, :]
+        size = torch.tensor(sizes, device=device)[:, None]
+        valid = offsets < size                                                        # [b, T]
+        positions = torch.tensor(starts, device=device)[:, None] + offsets
+        self.mask, _ = slot_attention_masks(positions, valid, self.kv_len, dtype, None)  # [b, 1, T, L]
+        self.slot = slots[0]
+        if not self.single:
+            self.slots = torch.tensor(slots, device=device)
+            # padded row (chunk i, token t) <- the chunk's token t in the batch (padding: its last)
+            first = torch.tensor([0] + sizes[:-1], device=device).cumsum(0)[:, None]
+            self.gather = (first + torch.minimum(offsets, size - 1)).reshape(-1)       # [b * T]
+            self.scatter = valid.reshape(-1).nonzero().squeeze(1)                       # valid padded rows
+            self.shape = (len(slots), width)
+
+    def __call__(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """query [P, heads, hd] (the chunks' tokens); keys and values: a layer's whole cache,
+        already holding the chunks' new keys -> [P, heads * hd]."""
+        length = self.kv_len
+        if self.single:
+            out = F.scaled_dot_product_attention(
+                query.transpose(0, 1)[None], keys[self.slot:self.slot + 1, :, :length],
+                values[self.slot:self.slot + 1, :, :length], attn_mask=self.mask, scale=self.scaling,
+                enable_gqa=True)                                                         # [1, heads, P, hd]
+            return out[0].transpose(0, 1).reshape(query.shape[0], -1)
+        b, width = self.shape
+        padded = query.index_select(0, self.gather).view(b, width, *query.shape[1:]).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            padded, keys[:, :, :length].index_select(0, self.slots), values[:, :, :length].index_select(0, self.slots),
+            attn_mask=self.mask, scale=self.scaling, enable_gqa=True)                    # [b, heads, T, hd]
+        return out.transpose(1, 2).reshape(b * width, -1).index_select(0, self.scatter)
+
+
+@dataclass
+class FlatBatch:
+    """What a lean forward needs besides the input embeddings: each row's position
+    (``positions`` [N]), where its key and value go (``write_index`` [N, kv heads]), and the
+    two attentions (None where the step has no such rows): the first ``decode.n`` rows are
+    decode rows, the rest the chunks' tokens. ``ordered_writes`` = k: rows k.. write after
+    rows ..k (two writes instead of one, where both write one column)."""
+
+    positions: torch.Tensor
+    write_index: torch.Tensor
+    decode: DecodeAttention | None
+    chunks: ChunkAttention | None
+    ordered_writes: int | None = None
+
+    def write(self, cache: torch.Tensor, new: torch.Tensor) -> None:
+        """new [N, kv heads, hd] into a layer's keys or values [slots, kv heads, positions, hd]."""
+        flat = cache.view(-1, cache.shape[-1])
+        new = new.to(cache.dtype)
+        k = self.ordered_writes
+        if k is None:
+            flat.index_put_((self.write_index,), new)
+        else:
+            flat.index_put_((self.write_index[:k],), new[:k])
+            flat.index_put_((self.write_index[k:],), new[k:])
+
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """query [N, heads, hd] -> [N, heads * hd]."""
+        if self.chunks is None:
+            return self.decode(query, keys, values)
+        if self.decode is None:
+            return self.chunks(query, keys, values)
+        n = self.decode.n
+        return torch.cat((self.decode(query[:n], keys, values), self.chunks(query[n:], keys, values)))
+
+
+def write_index(slots: torch.Tensor, positions: torch.Tensor, kv_heads: int, max_len: int) -> torch.Tensor:
+    """slots [N], positions [N] -> [N, kv heads]: the row of each (row, head)'s new key in a
+    cache [slots, kv heads, max_len, hd] viewed as [-1, hd]."""
+    heads = torch.arange(kv_heads, device=slots.device)
+    return (slots[:, None] * kv_heads + heads[None, :]) * max_len + positions[:, None]
