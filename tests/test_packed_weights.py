@@ -47,6 +47,44 @@ def test_pack_linears_replaces_exactly_linear_modules():
     assert not any(name.endswith("packed_weight") for name, _ in model.named_parameters())
 
 
+def test_merged_linears_equal_their_parts():
+    """Three linears reading one input, one with a bias, merged into one packed product: the
+    merged output is the parts' outputs side by side, and each slice left in a part's place
+    gives that part's output; parts that are not all packed are left alone."""
+    torch.manual_seed(0)
+    parts = [torch.nn.Linear(40, 24, bias=False), torch.nn.Linear(40, 8, bias=True), torch.nn.Linear(40, 8, bias=False)]
+    holder = torch.nn.Module()
+    for name, part in zip("qkv", parts):
+        setattr(holder, name, PackedLinear(part))
+    x = torch.randn(5, 40)
+    expected = [torch.nn.functional.linear(x, p.weight, p.bias) for p in parts]
+    with torch.inference_mode():
+        merged = packed_linear.merge_in_place([holder] * 3, ["q", "k", "v"])
+        assert merged is not None and merged.out_features == 40
+        torch.testing.assert_close(merged(x), torch.cat(expected, dim=-1), rtol=1e-5, atol=1e-5)
+        for name, want in zip("qkv", expected):
+            piece = getattr(holder, name)
+            assert isinstance(piece, packed_linear.PackedSlice) and piece.merged is merged
+            torch.testing.assert_close(piece(x), want, rtol=1e-5, atol=1e-5)
+    plain = torch.nn.Module()
+    plain.a, plain.b = PackedLinear(parts[0]), torch.nn.Linear(40, 8)
+    assert packed_linear.merge_in_place([plain] * 2, ["a", "b"]) is None
+    assert type(plain.a) is PackedLinear and type(plain.b) is torch.nn.Linear
+
+
+def test_a_packed_lean_model_holds_each_weight_once(tiny_checkpoint):
+    """The lean forward merges a packed layer's q, k, v and its gate, up: the decoder then
+    holds four packed products per layer (merged ones once), no dense copies."""
+    engine = Engine.from_pretrained(tiny_checkpoint("llama"), max_batch_size=2, pack_weights="on")
+    assert engine.runner.lean_decode
+    decoder = engine.checkpoint.model.get_decoder()
+    packed = [m for m in decoder.modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == 4 * len(decoder.layers)
+    assert not any(isinstance(m, torch.nn.Linear) for m in decoder.modules())
+    attention = decoder.layers[0].self_attn
+    assert attention.q_proj.merged is attention.k_proj.merged is attention.v_proj.merged
+
+
 def test_should_pack_choices(monkeypatch):
     small = torch.nn.Linear(16, 16)
     assert should_pack(small, "off") is False

@@ -27,10 +27,12 @@ layouts), which the engine's tests check against the modules and the naive refer
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 
 from engine.runner.flat_batch import FlatBatch
-from engine.runner.packed_linear import PackedLinear
+from engine.runner.packed_linear import PackedLinear, merge_in_place
 
 #: decoder layer class -> (attention, MLP, norm) classes the lean forward reproduces
 SUPPORTED_LAYERS = {
@@ -50,13 +52,18 @@ class LeanDecoder:
         self.layers = []
         for layer in decoder.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            self.layers.append((
-                _norm_of(layer.input_layernorm), attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                _norm_of(layer.post_attention_layernorm), mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn))
+            # packed projections that read one input become one product (q, k, v; gate, up)
+            qkv = merge_in_place([attn] * 3, ["q_proj", "k_proj", "v_proj"])
+            gate_up = merge_in_place([mlp] * 2, ["gate_proj", "up_proj"])
+            self.layers.append(_Layer(
+                _norm_of(layer.input_layernorm), qkv, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                _norm_of(layer.post_attention_layernorm), gate_up, mlp.gate_proj, mlp.up_proj, mlp.down_proj,
+                mlp.act_fn))
         first = decoder.layers[0].self_attn
         self.head_dim = first.head_dim
         self.groups = first.num_key_value_groups
         self.kv_heads = first.k_proj.out_features // first.head_dim
+        self.heads = first.q_proj.out_features // first.head_dim
         self.scaling = first.scaling
 
     @staticmethod
@@ -98,24 +105,49 @@ class LeanDecoder:
         # rotate_half(x) * sin == x.roll(half) * (sin with its first half negated), exactly:
         # four operations per layer instead of seven
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        for i, (norm1, q_proj, k_proj, v_proj, o_proj, norm2, gate, up, down, act) in enumerate(self.layers):
-            h = norm1(x)
-            q = q_proj(h).view(n, -1, head_dim)
-            k = k_proj(h).view(n, -1, head_dim)
-            v = v_proj(h).view(n, -1, head_dim)
-            heads = q.shape[1]
-            qk = torch.cat((q, k), dim=1)                                # rotate queries and keys at once
-            qk = qk * cos + qk.roll(half, dims=-1) * sin                # as the modules round it
+        heads = self.heads
+        for i, p in enumerate(self.layers):
+            h = p.norm1(x)
+            if p.qkv is not None:                                        # one product: [q | k | v]
+                qkv = p.qkv(h).view(n, -1, head_dim)
+                qk, v = qkv[:, :heads + self.kv_heads], qkv[:, heads + self.kv_heads:]
+            else:
+                qk = torch.cat((p.q_proj(h).view(n, -1, head_dim), p.k_proj(h).view(n, -1, head_dim)), dim=1)
+                v = p.v_proj(h).view(n, -1, head_dim)
+            qk = qk * cos + qk.roll(half, dims=-1) * sin                # queries and keys at once, as the modules round it
             layer = cache.layers[i]
             if not layer.is_initialized:
                 layer.lazy_initialization(qk[:1, heads:, None], v[:1, :, None])
             batch.write(layer.keys, qk[:, heads:])
             batch.write(layer.values, v)
             out = batch.attend(qk[:, :heads], layer.keys, layer.values)  # [N, heads * head_dim]
-            x = _linear_plus(o_proj, out, x)
-            h = norm2(x)
-            x = _linear_plus(down, act(gate(h)) * up(h), x)
+            x = _linear_plus(p.o_proj, out, x)
+            h = p.norm2(x)
+            if p.gate_up is not None:                                    # one product: [gate | up]
+                gate_up = p.gate_up(h)
+                inner = gate_up.shape[-1] // 2
+                x = _linear_plus(p.down_proj, p.act(gate_up[:, :inner]) * gate_up[:, inner:], x)
+            else:
+                x = _linear_plus(p.down_proj, p.act(p.gate_proj(h)) * p.up_proj(h), x)
         return self.final_norm(x)
+
+
+class _Layer(NamedTuple):
+    """A decoder layer as the lean forward calls it. ``qkv`` / ``gate_up``: the merged
+    product of a packed model (None: the separate projections)."""
+
+    norm1: Callable
+    qkv: PackedLinear | None
+    q_proj: torch.nn.Module
+    k_proj: torch.nn.Module
+    v_proj: torch.nn.Module
+    o_proj: torch.nn.Module
+    norm2: Callable
+    gate_up: PackedLinear | None
+    gate_proj: torch.nn.Module
+    up_proj: torch.nn.Module
+    down_proj: torch.nn.Module
+    act: Callable
 
 
 def _linear_plus(linear: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,20 @@ class PackedLinear(torch.nn.Module):
         bias = linear.bias.detach() if linear.bias is not None else None
         self.register_buffer("bias", bias, persistent=False)
 
+    @classmethod
+    def merged(cls, parts: list["PackedLinear"]) -> "PackedLinear":
+        """One packed linear whose outputs are ``parts``' outputs side by side (one product
+        for several that read the same input: a layer's q, k and v). A part without a bias
+        gets zeros where the others have one."""
+        weight = torch.cat([p.dense_weight() for p in parts])
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+        linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if any(p.bias is not None for p in parts):
+            linear.bias = torch.nn.Parameter(torch.cat([
+                p.bias if p.bias is not None else weight.new_zeros(p.out_features) for p in parts]),
+                requires_grad=False)
+        return cls(linear)
+
     def dense_weight(self) -> torch.Tensor:
         """The weight as a dense [out, in] tensor (a copy)."""
         return self.packed_weight.to_dense()
@@ -64,6 +78,40 @@ class PackedLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"
+
+
+class PackedSlice(torch.nn.Module):
+    """What is left of a linear merged into another (``PackedLinear.merged``): its outputs,
+    columns ``start:stop`` of the merged product. It computes the whole merged product, so
+    the modules that still call it (anything beside the engine's lean forward, which calls
+    the merged one once) stay right but pay for the others' columns too."""
+
+    def __init__(self, merged: PackedLinear, start: int, stop: int):
+        super().__init__()
+        self.merged = merged
+        self.start, self.stop = start, stop
+        self.in_features, self.out_features = merged.in_features, stop - start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.merged(x)[..., self.start:self.stop]
+
+    def extra_repr(self) -> str:
+        return f"columns {self.start}:{self.stop} of a merged product"
+
+
+def merge_in_place(parents: list[torch.nn.Module], names: list[str]) -> PackedLinear | None:
+    """Merge ``getattr(parents[i], names[i])`` (packed linears reading one input) into one
+    ``PackedLinear``, leaving a ``PackedSlice`` of it in each place. Returns the merged linear,
+    or None (nothing changed) where they are not all ``PackedLinear`` or differ in input."""
+    parts = [getattr(parent, name) for parent, name in zip(parents, names)]
+    if not all(type(p) is PackedLinear for p in parts) or len({p.in_features for p in parts}) != 1:
+        return None
+    merged = PackedLinear.merged(parts)
+    start = 0
+    for parent, name, part in zip(parents, names, parts):
+        setattr(parent, name, PackedSlice(merged, start, start + part.out_features))
+        start += part.out_features
+    return merged
 
 
 def linear_bytes(model: torch.nn.Module) -> int:
