@@ -37,10 +37,11 @@ class EngineConfig:
     which packs them on every call; "auto" packs float32 models on CPU whose linear weights
     take 64 MiB or more and never a compiled one. Results equal the unpacked ones up to
     float rounding.
-    ``lean_decode``: decode steps of Llama and Qwen2 models run as plain tensor code
+    ``lean_decode``: the steps of Llama and Qwen2 models run as plain tensor code
     (``engine.runner.lean_decoder``) instead of through the model's modules: the same
-    function with a third of the operator calls; other models, and compiled steps, always
-    go through the modules.
+    function with a third of the operator calls, a step's decode rows and prompt chunks in
+    one forward (``engine.runner.flat_batch``), and a packed layer's q/k/v and gate/up as
+    one product each; other models, and compiled steps, always go through the modules.
     ``prefix_caching``: a new prompt that begins with tokens some KV-cache slot still holds
     (a running request's prompt, or an ended one's not yet overwritten: a shared system
     prompt, a chat's earlier turns) copies those positions instead of prefilling them

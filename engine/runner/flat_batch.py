@@ -148,6 +148,87 @@ class FlatBatch:
         return torch.cat((self.decode(query[:n], keys, values), self.chunks(query[n:], keys, values)))
 
 
+@dataclass
+class FlatLayout:
+    """A step's rows laid out flat, as plain lists: ``tokens`` (a padding or latent row's is
+    the pad token), ``latent`` (per decode row: fed from its slot's buffer), each row's slot,
+    position and write position, the decode rows' query positions and validity, the chunks,
+    and ``outputs``: the rows whose states the step returns (decode rows, then each chunk
+    that ends a prompt: its last token)."""
+
+    decode_rows: int
+    tokens: list[int]
+    latent: list[bool]
+    slots: list[int]
+    positions: list[int]
+    write_positions: list[int]
+    valid: list[bool]
+    chunks: list
+    outputs: list[int]
+    max_len: int
+
+    def batch(self, kv_heads: int, groups: int, scaling: float, dtype: torch.dtype,
+              device: torch.device) -> FlatBatch:
+        n = self.decode_rows
+        decode = chunks = None
+        if n:
+            query = torch.tensor(self.positions[:n], device=device)[:, None]
+            mask, _ = slot_attention_masks(query, torch.tensor(self.valid, device=device)[:, None],
+                                           max(self.positions[:n]) + 1, dtype, None)
+            decode = DecodeAttention(mask, kv_heads, groups, scaling)
+        if self.chunks:
+            chunks = ChunkAttention([c.slot for c in self.chunks], [c.start for c in self.chunks],
+                                    [len(c.token_ids) for c in self.chunks], scaling, dtype, device)
+        batch = FlatBatch(torch.tensor(self.positions, device=device),
+                          write_index(torch.tensor(self.slots, device=device),
+                                      torch.tensor(self.write_positions, device=device), kv_heads, self.max_len),
+                          decode, chunks)
+        # a padding row writes its slot's last column, which a chunk of a prompt that fills
+        # its slot writes too: the chunks' writes must then come after the decode rows' (the
+        # CPU's index_put_ writes in order; a parallel scatter, as on CUDA, need not)
+        if any(c.start + len(c.token_ids) == self.max_len and c.slot < n and not self.valid[c.slot]
+               for c in self.chunks):
+            batch.ordered_writes = n
+        return batch
+
+
+def flat_layout(rows, chunks, lengths: list[int], max_len: int, pad_token_id: int) -> FlatLayout:
+    """Decode rows (``DecodeRow``: slot, feed_token, feed_mixture) and prompt chunks
+    (``PrefillChunk``: slot, token_ids, start, last) -> their flat layout, given each slot's
+    written ``lengths``. The decode rows take the leading slots 0..n-1 (n: the highest decode
+    slot + 1); a slot without a decode row there is a padding row that reads column 0 and
+    writes the slot's last column (its scratch). Raises RuntimeError for a full slot or a
+    chunk that does not continue its slot."""
+    n = max(r.slot for r in rows) + 1 if rows else 0
+    tokens, latent = [pad_token_id] * n, [False] * n
+    positions, write_positions, valid = [0] * n, [max_len - 1] * n, [False] * n
+    for r in rows:
+        if lengths[r.slot] >= max_len:
+            raise RuntimeError(f"slot {r.slot} ({r.request_id}) is full ({max_len} positions)")
+        positions[r.slot] = write_positions[r.slot] = lengths[r.slot]
+        valid[r.slot] = True
+        if r.feed_token is None or r.feed_mixture:
+            latent[r.slot] = True          # a thought, or a mixture of inputs, from the slot's buffer
+        else:
+            tokens[r.slot] = r.feed_token
+    slots = list(range(n))
+    outputs = [r.slot for r in rows]
+    for c in chunks:
+        if lengths[c.slot] != c.start:
+            raise RuntimeError(f"chunk of {c.request_id} starts at {c.start} but slot {c.slot} "
+                               f"holds {lengths[c.slot]} positions")
+        if c.start + len(c.token_ids) > max_len:
+            raise RuntimeError(f"chunk of {c.request_id} ends past slot {c.slot}'s {max_len} positions")
+        span = list(range(c.start, c.start + len(c.token_ids)))
+        tokens += c.token_ids
+        slots += [c.slot] * len(span)
+        positions += span
+        write_positions += span
+        if c.last:
+            outputs.append(len(tokens) - 1)
+    return FlatLayout(n, tokens, latent, slots, positions, write_positions, valid, list(chunks), outputs, max_len)
+
+
 def write_index(slots: torch.Tensor, positions: torch.Tensor, kv_heads: int, max_len: int) -> torch.Tensor:
     """slots [N], positions [N] -> [N, kv heads]: the row of each (row, head)'s new key in a
     cache [slots, kv heads, max_len, hd] viewed as [-1, hd]."""

@@ -58,7 +58,7 @@ from engine.feedback import entropy_and_argmax, mix_embeddings, soft_mixture
 from engine.moi import moi_inputs
 from engine.noise import NoiseDraws, NoiseRow, add_noise
 from engine.runner.adapter import DecoderAdapter
-from engine.runner.flat_batch import ChunkAttention, DecodeAttention, FlatBatch, write_index
+from engine.runner.flat_batch import flat_layout
 from engine.runner.lean_decoder import LeanDecoder
 from engine.runner.packed_linear import should_pack
 from engine.runner.plan import DecodeRow, ForkCopy, PrefillChunk, RowOutput, RowWork, StepPlan, TraceEntry
@@ -186,73 +186,22 @@ class ModelRunner:
         padding) and the chunks' tokens (``engine.runner.flat_batch``). Returns the rows with
         output, the decode rows then the chunks that end a prompt, and their states [R, d]."""
         lean, dev = self.lean, self.device
-        scratch = self.max_seq_len - 1          # where a padding row's key goes
-        n = max(r.slot for r in rows) + 1 if rows else 0
-        tokens = [self.pad_token_id] * n
-        write_positions = [scratch] * n
-        query_positions = [0] * n
-        valid = [False] * n
-        latent = [False] * n                    # fed from the slot's buffer: a thought, or a mixture of inputs
-        for r in rows:
-            if self.lengths[r.slot] >= self.max_seq_len:
-                raise RuntimeError(f"slot {r.slot} ({r.request_id}) is full ({self.max_seq_len} positions)")
-            write_positions[r.slot] = query_positions[r.slot] = self.lengths[r.slot]
-            valid[r.slot] = True
-            if r.feed_token is None or r.feed_mixture:
-                latent[r.slot] = True
-            else:
-                tokens[r.slot] = r.feed_token
-        slots = list(range(n))
-        positions = list(query_positions)
-        for c in chunks:
-            if self.lengths[c.slot] != c.start:
-                raise RuntimeError(f"chunk of {c.request_id} starts at {c.start} but slot {c.slot} "
-                                   f"holds {self.lengths[c.slot]} positions")
-            if c.start + len(c.token_ids) > self.max_seq_len:
-                raise RuntimeError(f"chunk of {c.request_id} ends past slot {c.slot}'s {self.max_seq_len} positions")
-            tokens += c.token_ids
-            slots += [c.slot] * len(c.token_ids)
-            span = list(range(c.start, c.start + len(c.token_ids)))
-            positions += span
-            write_positions += span
-        embeds = self.adapter.embed(torch.tensor(tokens, device=dev))                   # [N, d]
-        if any(latent):
-            embeds[:n] = torch.where(torch.tensor(latent, device=dev)[:, None], self.thoughts[:n].to(embeds.dtype),
-                                     embeds[:n])
-        dtype = self.adapter.dtype
-        decode = chunk_attention = None
-        if rows:
-            kv_len = max(query_positions) + 1
-            mask, _ = slot_attention_masks(torch.tensor(query_positions, device=dev)[:, None],
-                                           torch.tensor(valid, device=dev)[:, None], kv_len, dtype, None)
-            decode = DecodeAttention(mask, lean.kv_heads, lean.groups, lean.scaling)
-        if chunks:
-            chunk_attention = ChunkAttention([c.slot for c in chunks], [c.start for c in chunks],
-                                             [len(c.token_ids) for c in chunks], lean.scaling, dtype, dev)
-        batch = FlatBatch(torch.tensor(positions, device=dev),
-                          write_index(torch.tensor(slots, device=dev), torch.tensor(write_positions, device=dev),
-                                      lean.kv_heads, self.max_seq_len),
-                          decode, chunk_attention)
-        # a padding row writes its slot's last column, which a chunk of a prompt that fills
-        # its slot writes too: the chunks' writes must then come after the decode rows' (the
-        # CPU's index_put_ writes in order; a parallel scatter, as on CUDA, need not)
-        if any(c.start + len(c.token_ids) == self.max_seq_len and c.slot < n and not valid[c.slot] for c in chunks):
-            batch.ordered_writes = n
+        layout = flat_layout(rows, chunks, self.lengths, self.max_seq_len, self.pad_token_id)
+        embeds = self.adapter.embed(torch.tensor(layout.tokens, device=dev))            # [N, d]
+        n = layout.decode_rows
+        if any(layout.latent):
+            embeds[:n] = torch.where(torch.tensor(layout.latent, device=dev)[:, None],
+                                     self.thoughts[:n].to(embeds.dtype), embeds[:n])
+        batch = layout.batch(lean.kv_heads, lean.groups, lean.scaling, self.adapter.dtype, dev)
         out = lean.forward(embeds, batch, self.cache)                                   # [N, d]
-        done: list[RowWork] = list(rows)
-        picks = [r.slot for r in rows]
-        offset = n
         for c in chunks:
-            offset += len(c.token_ids)
             self.lengths[c.slot] = c.start + len(c.token_ids)
-            if c.last:
-                done.append(c)
-                picks.append(offset - 1)
         for r in rows:
             self.lengths[r.slot] += 1
+        done = list(rows) + [c for c in chunks if c.last]
         if not done:
             return [], out.new_zeros((0, out.shape[-1]))
-        hidden = out.index_select(0, torch.tensor(picks, device=dev))                   # [R, d]
+        hidden = out.index_select(0, torch.tensor(layout.outputs, device=dev))          # [R, d]
         self.thoughts[torch.tensor([r.slot for r in done], device=dev)] = hidden
         return done, hidden
 
