@@ -52,7 +52,8 @@ def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> dict:
 
 
 def _step_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The weights a decode step multiplies by, in order: the decoder's linears, the head."""
+    """The weights a decode step multiplies by, in order: the decoder's linears (a packed
+    model's merged q/k/v and gate/up products once each, as the engine runs them), the head."""
     from engine.runner.packed_linear import PackedLinear
 
     decoder = model.get_decoder()

@@ -26,7 +26,9 @@ is expected, up to float reassociation in batches of different shapes).
 
 With ``--floors`` (default on) the run ends, servers stopped, with the machine's floors
 for the model's decode step (``engine.bench.floors``) and the engine's own step beside
-them, at ``--floor-batches`` on ``--floor-threads`` threads.
+them, at ``--floor-batches`` on ``--floor-threads`` threads, timed in a child process under
+the engine process's environment (``engine.process_engine.engine_environment``), so that
+the step timed is the one the server runs.
 """
 
 from __future__ import annotations
