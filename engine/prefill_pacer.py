@@ -21,6 +21,9 @@ token taken from small chunks would shrink the budget chunk after chunk. With no
 to stall) the whole ``max_prefill_tokens`` is allowed. Before it has measured anything it
 allows ``max_prefill_tokens``. ``delay_factor`` 0 turns pacing off.
 
+Where a step's prompts run in one forward with its decode rows (the runner's lean path),
+the forward's seconds beyond the decode forwards' moving average count as the prompts'.
+
 It knows nothing of requests or models: the core feeds it the runner's timings and asks
 it for the budget of the next step.
 """
@@ -41,9 +44,15 @@ class PrefillPacer:
         self.decode_s: float | None = None          # moving average of the decode forward's seconds
         self._sums = [0.0, 0.0, 0.0, 0.0, 0.0]      # weighted n, sum x, sum y, sum xx, sum xy
 
-    def observe(self, decode_s: float | None, prefill_s: float | None, prefill_tokens: int) -> None:
+    def observe(self, decode_s: float | None, prefill_s: float | None, prefill_tokens: int,
+                with_decode: bool = False) -> None:
         """One step's timings: the decode forward's seconds (None: no decode rows), the
-        prefill forward's seconds over its ``prefill_tokens`` tokens (None: no prefill)."""
+        prefill forward's seconds over its ``prefill_tokens`` tokens (None: no prefill).
+        ``with_decode``: the prompts ran in one forward with the decode rows, so
+        ``prefill_s`` holds theirs too; the prompts' cost is what it took beyond the decode
+        forwards' moving average."""
+        if with_decode and prefill_s is not None:
+            prefill_s = max(0.0, prefill_s - (self.decode_s or 0.0))
         if decode_s is not None:
             self.decode_s = decode_s if self.decode_s is None else (
                 (1 - self.smoothing) * self.decode_s + self.smoothing * decode_s)

@@ -107,3 +107,18 @@ def test_paced_engine_answers_as_the_unpaced_one(gpt2_checkpoint):
         answers.append([out[i] for i in ids])
         assert (min(budgets) < 64) == bool(factor)    # the pacer lowered some step's budget
     assert answers[0] == answers[1]
+
+
+def test_a_forward_with_decode_rows_counts_what_the_prompts_added():
+    """Prompts run in one forward with the decode rows (``with_decode``): their cost is the
+    forward's seconds beyond the decode average, as if they had run apart."""
+    apart, together = PrefillPacer(4096, 2.0), PrefillPacer(4096, 2.0)
+    for pacer in (apart, together):
+        pacer.observe(decode_s=0.1, prefill_s=None, prefill_tokens=0)
+    apart.observe(decode_s=None, prefill_s=0.05, prefill_tokens=10)
+    apart.observe(decode_s=None, prefill_s=0.14, prefill_tokens=100)
+    together.observe(decode_s=None, prefill_s=0.15, prefill_tokens=10, with_decode=True)
+    together.observe(decode_s=None, prefill_s=0.24, prefill_tokens=100, with_decode=True)
+    assert together.prefill_cost() == pytest.approx((0.04, 0.001))     # by hand: 0.09 s over 90 tokens
+    assert together.prefill_cost() == pytest.approx(apart.prefill_cost())
+    assert together.budget(True) == apart.budget(True)

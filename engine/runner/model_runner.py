@@ -18,8 +18,9 @@ For models the lean forward supports (Llama, Qwen2: ``engine.runner.lean_decoder
 ``lean_decode=False`` or ``compile``), steps 2 and 3 are one forward over a flat batch of
 the decode rows and the chunks' tokens (``engine.runner.flat_batch``): the same rows,
 padding and positions, with the weights read once for both. Its seconds reach the prefill
-pacer as the decode forward's when the step has no chunks, else as the chunks' (what the
-forward took beyond the recent decode-only forwards' moving average).
+pacer as the decode forward's when the step has no chunks, else as the chunks', marked as
+holding the decode rows' time too (``ForwardTiming.with_decode``: the pacer takes off its
+decode average).
 
 With ``compile=True`` the decode forward runs through ``torch.compile``: its rows are
 padded to a batch bucket (1, 2, 4, ... up to the slot count, the extra slots riding along
@@ -67,11 +68,14 @@ from engine.runner.slot_cache import SlotCache, slot_attention_masks
 
 
 class ForwardTiming(NamedTuple):
-    """One step's forwards, in seconds (None: that forward did not run this step)."""
+    """One step's forwards, in seconds (None: that forward did not run this step).
+    ``with_decode``: the prompts ran in one forward with the decode rows (the lean path), so
+    ``prefill_s`` holds the decode rows' time too."""
 
     decode_s: float | None = None
     prefill_s: float | None = None
     prefill_tokens: int = 0
+    with_decode: bool = False
 
 
 class ModelRunner:
@@ -109,7 +113,6 @@ class ModelRunner:
         # and prompt chunks as one flat batch (engine.runner.lean_decoder, flat_batch)
         self.lean_decode = lean_decode and not compile and LeanDecoder.reason_unsupported(model) is None
         self.lean = LeanDecoder(model) if self.lean_decode else None
-        self._lean_decode_s: float | None = None   # moving average of the lean decode-only forwards
         if compile:
             # dynamic: one compiled graph serves every key length and bucket (sizes 1 get their
             # own); on CUDA, "reduce-overhead" records a CUDA graph per shape it meets
@@ -160,8 +163,7 @@ class ModelRunner:
     def _execute_lean(self, plan: StepPlan) -> dict[str, RowOutput]:
         """The step's decode rows and prompt chunks in one lean forward. Its timing goes to
         the prefill pacer as the decode forward's when there are no chunks, else as a prefill
-        forward of the seconds beyond the recent decode-only forwards' average (what the
-        chunks added)."""
+        forward that includes the decode rows' time (``with_decode``) when there are some."""
         if not plan.decode and not plan.prefill:
             self.last_timing = ForwardTiming()
             return {}
@@ -172,11 +174,9 @@ class ModelRunner:
         seconds = time.perf_counter() - t0
         tokens = sum(len(c.token_ids) for c in plan.prefill)
         if not plan.prefill:
-            self._lean_decode_s = seconds if self._lean_decode_s is None else 0.7 * self._lean_decode_s + 0.3 * seconds
             self.last_timing = ForwardTiming(seconds, None, 0)
         else:
-            added = seconds - (self._lean_decode_s or 0.0) if plan.decode else seconds
-            self.last_timing = ForwardTiming(None, max(added, 0.0), tokens)
+            self.last_timing = ForwardTiming(None, seconds, tokens, with_decode=bool(plan.decode))
         if not rows:
             return {}
         return self._row_outputs(rows, hidden)
