@@ -54,7 +54,7 @@ class EngineConfig:
 
     device: str = "cpu"
     dtype: str = "float32"
-    max_batch_size: int = 32
+    max_batch_size: int = 64
     max_seq_len: int | None = None
     max_prefill_tokens: int = 8192
     prefill_delay_factor: float = 0.0

@@ -34,7 +34,7 @@ class ServerSettings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights dtype (auto: bfloat16 on CUDA and on CPUs that multiply it natively, "
         "AVX-512 BF16 or AMX; float32 on other CPUs)")
-    max_batch_size: int = Field(32, ge=1, description="requests decoded together in one forward pass")
+    max_batch_size: int = Field(64, ge=1, description="requests decoded together in one forward pass")
     max_queue: int = Field(256, ge=1, description="requests waiting for a batch slot before 503")
     max_seq_len: int | None = Field(None, ge=2, description="positions per request (default: the model's, at most 4096, or with --kv-cache-memory at most what fits); the KV cache holds max_batch_size x max_seq_len")
     kv_cache_memory: str | None = Field(None, description="memory for the KV cache: 4GiB, 512MiB, a plain "

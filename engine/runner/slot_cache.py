@@ -25,8 +25,25 @@ attention calls it as it would call a ``DynamicCache``.
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor. On CPU it lies in an anonymous memory map, whose pages the kernel
+    backs (with zeros) only when they are first touched: a slot's columns cost memory only
+    once a request has written them, so slots x positions bounds the cache's address space,
+    not the memory it holds. Elsewhere, ``torch.zeros``."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if size == 0:
+        return torch.zeros(shape, dtype=dtype)
+    # the tensor keeps the map alive (torch.frombuffer holds a reference to the buffer)
+    return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype).view(shape)
 
 
 class SlotLayer(CacheLayerMixin):
@@ -40,9 +57,8 @@ class SlotLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         shape = (self.owner.num_slots, key_states.shape[1], self.owner.max_seq_len)
-        self.keys = torch.zeros(shape + (key_states.shape[-1],), dtype=key_states.dtype, device=key_states.device)
-        self.values = torch.zeros(shape + (value_states.shape[-1],), dtype=value_states.dtype,
-                                  device=value_states.device)
+        self.keys = zeroed(shape + (key_states.shape[-1],), key_states.dtype, key_states.device)
+        self.values = zeroed(shape + (value_states.shape[-1],), value_states.dtype, value_states.device)
         self.device = key_states.device
         if self.device.type == "cuda":   # written in place by CUDA graphs: a fixed address
             torch._dynamo.mark_static_address(self.keys)
