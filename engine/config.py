@@ -28,8 +28,9 @@ class EngineConfig:
     ``prefill_delay_factor``: while requests decode, a step prefills only as many prompt
     tokens as take about this many decode steps' time (``engine.prefill_pacer``), so a
     burst of arrivals stretches a running stream's gap between tokens to at most about
-    ``1 + prefill_delay_factor`` decode steps; 0 (the default here; ``engine serve`` sets
-    2 for big models) prefills ``max_prefill_tokens`` per step whatever decodes.
+    ``1 + prefill_delay_factor`` decode steps (W prompts waiting that outnumber D decoding
+    requests get W / D times that); 0 (the default here; ``engine serve`` sets 2 for big
+    models) prefills ``max_prefill_tokens`` per step whatever decodes.
     ``compile``: run the decode step through ``torch.compile`` (rows padded to batch
     buckets, every bucket compiled when the engine is built; needs a C++ compiler on CPU).
     ``pack_weights``: ``"auto"`` (the default), ``"on"`` or ``"off"``: multiply by weights

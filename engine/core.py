@@ -123,7 +123,7 @@ class EngineCore:
 
     def step(self) -> list[CoreOutput]:
         outputs = self._drain_aborts()
-        plan = self.scheduler.schedule(self.pacer.budget(self.scheduler.will_decode))
+        plan = self.scheduler.schedule(self.pacer.budget(*self.scheduler.prefill_demand()))
         if plan.is_empty:
             self._record_stats(plan)
             return outputs

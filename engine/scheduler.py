@@ -79,6 +79,14 @@ class Scheduler:
         """Whether the next plan has a decode row (a running request with its prompt cached)."""
         return any(r.prefilled_tokens == r.num_prompt_tokens for r in self.running.values())
 
+    def prefill_demand(self) -> tuple[int, int]:
+        """(decode rows of the next plan, prompts it could prefill): running requests whose
+        prompt is cached, and those still prefilling plus the waiting ones a free slot could
+        take (``engine.prefill_pacer``'s ``decoding`` and ``waiting``)."""
+        decoding = sum(1 for r in self.running.values() if r.prefilled_tokens == r.num_prompt_tokens)
+        prefilling = len(self.running) - decoding
+        return decoding, prefilling + min(len(self.waiting), len(self._free_slots))
+
     def schedule(self, prefill_budget: int | None = None) -> StepPlan:
         """The next step; ``prefill_budget`` lowers this step's prompt tokens below
         ``max_prefill_tokens`` (the prefill pacer's figure)."""

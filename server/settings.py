@@ -46,8 +46,9 @@ class ServerSettings(BaseSettings):
     prefill_delay_factor: float | None = Field(None, ge=0, description="while requests decode, a step prefills only "
                                                "the prompt tokens that take about this many decode steps' time (measured "
                                                "as it runs), so a burst of arrivals stretches a running stream's gap "
-                                               "between tokens to at most about 1 + this many decode steps (0: prefill "
-                                               "--max-prefill-tokens per step whatever decodes)")
+                                               "between tokens to at most about 1 + this many decode steps; prompts that "
+                                               "outnumber the decoding requests W to D get W/D times that "
+                                               "(0: prefill --max-prefill-tokens per step whatever decodes)")
     seed: int | None = Field(None, description="seed of the engine's shared generator (unseeded requests)")
     compile: bool = Field(False, description="compile the decode step with torch.compile (rows padded to "
                           "batch buckets, all compiled at start-up; on CPU it needs a C++ compiler)")

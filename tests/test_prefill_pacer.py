@@ -40,6 +40,19 @@ def test_budget_has_a_floor_a_cap_and_an_off_switch():
         PrefillPacer(512, delay_factor=-1)
 
 
+def test_prompts_that_outnumber_the_decoding_requests_get_a_larger_share():
+    """W waiting prompts against D decoding requests: the delay allowed is delay_factor x
+    W / D decode steps when W > D (by hand: 1 x 0.150 s x 15 / 1 = 2.25 s at 4 ms per token
+    = 562, capped at 512; x 6 / 2 = 0.45 s = 112), the plain bound otherwise."""
+    pacer = PrefillPacer(512, delay_factor=1.0)
+    pacer.observe(decode_s=0.150, prefill_s=2.0, prefill_tokens=500)
+    assert pacer.budget(decoding=1, waiting=15) == 512
+    assert pacer.budget(decoding=2, waiting=6) == 112
+    assert pacer.budget(decoding=4, waiting=4) == pacer.budget(decoding=4, waiting=1) == 37
+    assert pacer.budget(decoding=16, waiting=1) == 37
+    assert pacer.budget(decoding=0, waiting=15) == 512          # nothing decodes: the cap
+
+
 def test_moving_average_of_the_decode_step():
     pacer = PrefillPacer(4096, delay_factor=1.0, smoothing=0.5)
     pacer.observe(decode_s=0.1, prefill_s=None, prefill_tokens=0)
@@ -88,6 +101,27 @@ def test_scheduler_takes_the_lower_budget(gpt2_checkpoint):
     assert scheduler.will_decode                                    # the first prompt is in
 
 
+def test_prefill_demand_counts_decode_rows_and_the_prompts_a_step_could_take(gpt2_checkpoint):
+    """Counted by hand over a scheduler of 2 slots and 3 requests: nothing decodes before the
+    first prompt is whole; the prompts are those prefilling plus the waiting ones a free slot
+    could take."""
+    from engine.params import LatentPolicy, SamplingParams
+    from engine.scheduler import Scheduler
+
+    engine = _engine(gpt2_checkpoint)
+    requests = [engine.make_request("a question of several words, long enough " * 3,
+                                    SamplingParams(max_tokens=2), LatentPolicy(mode="none")) for _ in range(3)]
+    each = requests[0].num_prompt_tokens
+    scheduler = Scheduler(max_batch_size=2, max_prefill_tokens=each + 5)
+    for r in requests:
+        scheduler.add(r)
+    assert scheduler.prefill_demand() == (0, 2)                     # two free slots, three waiting
+    scheduler.schedule()                                            # the first prompt whole, 5 of the second
+    assert scheduler.prefill_demand() == (1, 1)                     # no slot is free for the third
+    scheduler.schedule()
+    assert scheduler.prefill_demand() == (2, 0)
+
+
 def test_paced_engine_answers_as_the_unpaced_one(gpt2_checkpoint):
     from engine.params import LatentPolicy, SamplingParams
 
@@ -102,7 +136,7 @@ def test_paced_engine_answers_as_the_unpaced_one(gpt2_checkpoint):
         while engine.has_unfinished():
             if len(ids) < len(questions):             # arrivals while the first decodes
                 ids.append(engine.add_request(questions[len(ids)], sampling, latent))
-            budgets.append(engine.core.pacer.budget(engine.core.scheduler.will_decode))
+            budgets.append(engine.core.pacer.budget(*engine.core.scheduler.prefill_demand()))
             out.update({o.request_id: list(o.token_ids) for o in engine.step() if o.finished})
         answers.append([out[i] for i in ids])
         assert (min(budgets) < 64) == bool(factor)    # the pacer lowered some step's budget

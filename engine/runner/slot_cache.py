@@ -42,8 +42,11 @@ def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if size == 0:
         return torch.zeros(shape, dtype=dtype)
+    memory = mmap.mmap(-1, size)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):   # where transparent huge pages are "always", a first
+        memory.madvise(mmap.MADV_NOHUGEPAGE)   # write would back 2 MiB: a slot-head's columns are less
     # the tensor keeps the map alive (torch.frombuffer holds a reference to the buffer)
-    return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype).view(shape)
+    return torch.frombuffer(memory, dtype=dtype).view(shape)
 
 
 class SlotLayer(CacheLayerMixin):
