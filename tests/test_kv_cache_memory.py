@@ -206,3 +206,29 @@ def test_the_server_holds_requests_to_the_limit_its_engine_process_derived(tiny_
             assert "needs up to" in error["message"]
             r = http.post("/v1/reason", json={"question": "Is Tom a wumpus?", "max_tokens": 8})
             assert r.status_code == 200, r.text
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * __import__("os").sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs Linux's /proc to read RSS")
+def test_the_cpu_cache_holds_memory_only_where_it_was_written():
+    """The slot cache's CPU tensors (``slot_cache.zeroed``) read as zeros and take resident
+    memory only for the pages written: 64 slots x 4096 positions of 3 heads x 64 (192 MiB),
+    of which the first 16 positions of every slot and head are written (16 x 256 bytes: one
+    4 KiB page each, 768 KiB), grow the process's RSS by far less than the whole."""
+    from engine.runner.slot_cache import zeroed
+
+    before = _resident_bytes()
+    cache = zeroed((64, 3, 4096, 64), torch.float32, torch.device("cpu"))
+    assert cache.shape == (64, 3, 4096, 64) and cache.dtype == torch.float32
+    cache[:, :, :16] = 1.0
+    grown = _resident_bytes() - before
+    assert grown < 32 * MiB, f"writing 768 KiB of a 192 MiB cache made {grown / MiB:.1f} MiB resident"
+    assert int(cache[:, :, :16].sum()) == 64 * 3 * 16 * 64
+    assert int(cache[:, :, 16:].count_nonzero()) == 0        # the rest reads as zeros
+    view = cache[:2]
+    del cache                                                  # a view keeps the map alive
+    assert int(view.sum()) == 2 * 3 * 16 * 64
