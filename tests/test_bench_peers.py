@@ -183,3 +183,31 @@ def test_peers_end_to_end_on_this_server(tmp_path, gpt2_checkpoint):
         assert 3 <= lv["total_output_tokens"] <= 15     # 3 requests, at most max_tokens each
         assert lv["server_cpu_s_per_output_token"] > 0
     assert "c=2" in done.stdout and "20/s" in done.stdout
+
+
+def test_a_chat_template_is_given_to_a_linked_copy_of_the_model(tmp_path):
+    """A base model without a chat template (transformers serve refuses chat requests for
+    it): the servers get a copy whose files link to the model's, and whose tokenizer config
+    carries the template; the model's own directory is left as it was. The bundled Gemma-3
+    template renders Gemma's turn format (written out by hand here)."""
+    import jinja2
+
+    from engine.bench.peers import bundled_chat_templates, with_chat_template
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "gemma3_text"}')
+    (model / "tokenizer_config.json").write_text('{"bos_token": "<bos>"}')
+    assert "gemma3" in bundled_chat_templates()
+    copy = with_chat_template(model, "gemma3", tmp_path / "copy")
+    assert (copy / "config.json").is_symlink() and (copy / "config.json").resolve() == (model / "config.json")
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    assert config["bos_token"] == "<bos>"
+    assert json.loads((model / "tokenizer_config.json").read_text()) == {"bos_token": "<bos>"}
+    text = jinja2.Environment().from_string(config["chat_template"]).render(
+        messages=[{"role": "user", "content": " Hi there "}, {"role": "assistant", "content": "Hello"},
+                  {"role": "user", "content": "Again"}], add_generation_prompt=True, bos_token="<bos>")
+    assert text == ("<bos><start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
+                    "<start_of_turn>user\nAgain<end_of_turn>\n<start_of_turn>model\n")
+    with pytest.raises(ValueError, match="not a file nor a bundled template"):
+        with_chat_template(model, "no-such-template", tmp_path / "other")

@@ -73,6 +73,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"comma-separated, run in this order, from {', '.join(SERVERS)} (default coconut,transformers; "
                         f"'' for the floors alone)")
     p.add_argument("--dtype", default="float32", help="weights dtype given to every server (default float32)")
+    p.add_argument("--chat-template", default=None, metavar="NAME_OR_FILE",
+                   help="a chat template for a model without one (a base model, which transformers serve refuses "
+                        "chat requests for): a Jinja file, or a bundled one by name "
+                        f"({', '.join(bundled_chat_templates())}); every server then loads a copy of the model "
+                        "directory (links to its files) whose tokenizer_config.json carries it")
     p.add_argument("--gguf", default=None, help="the model's GGUF file, for llamacpp")
     p.add_argument("--concurrency", default="1,4,16,32,64", help="closed-loop levels (default 1,4,16,32,64)")
     p.add_argument("--rates", default="0.5,1,2", help="Poisson arrival rates in requests/s ('' for none; default 0.5,1,2)")
@@ -97,6 +102,32 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # ---------------------------------------------------------------- servers
+
+CHAT_TEMPLATES = Path(__file__).with_name("chat_templates")
+
+
+def bundled_chat_templates() -> list[str]:
+    return sorted(p.stem for p in CHAT_TEMPLATES.glob("*.jinja"))
+
+
+def with_chat_template(directory: Path, template: str, into: Path) -> Path:
+    """A copy of the model ``directory`` in ``into`` (links to its files) whose
+    ``tokenizer_config.json`` carries ``template`` (a bundled name or a Jinja file)."""
+    source = CHAT_TEMPLATES / f"{template}.jinja"
+    if not source.is_file():
+        source = Path(template).expanduser()
+    if not source.is_file():
+        raise ValueError(f"--chat-template {template!r}: not a file nor a bundled template "
+                         f"(expected one of {', '.join(bundled_chat_templates())}, or a Jinja file)")
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    into.mkdir(parents=True, exist_ok=True)
+    for item in directory.iterdir():
+        if item.name not in ("tokenizer_config.json", "chat_template.jinja", "chat_template.json"):
+            (into / item.name).symlink_to(item.resolve())
+    config["chat_template"] = source.read_text().strip()
+    (into / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    return into
 
 
 def server_command(name: str, directory: Path, args: argparse.Namespace) -> list[str]:
@@ -278,13 +309,17 @@ def run(args: argparse.Namespace) -> int:
               "servers": {}, "skipped": {}}
     load = OtherLoad()
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
+        served = directory
+        if args.chat_template:
+            served = with_chat_template(directory, args.chat_template, Path(tmp) / "model")
+            report["chat_template"] = args.chat_template
         for name in names:
             why = unavailable(name)
             if why:
                 log(f"{name}: skipped: {why}")
                 report["skipped"][name] = why
                 continue
-            report["servers"][name] = drive(name, directory, args, Path(tmp))
+            report["servers"][name] = drive(name, served, args, Path(tmp))
     report["same_answers"] = same_answers(report["servers"])
     if args.floors:
         report["floors"] = floors_report(directory, args)
