@@ -105,3 +105,46 @@ def test_lean_path_in_latent_mode_matches_reference(tiny_checkpoint):
     results = engine.generate(questions, SamplingParams(max_tokens=8), LatentPolicy(mode="fixed", thoughts=5))
     for question, result in zip(questions, results):
         assert result.token_ids == reference(engine, question, 5, max_tokens=8).token_ids, question
+
+
+def test_split_rows_reads_the_fewest_columns():
+    """By hand: 15 rows of 100 keys and one of 4000 read 1,500 + 4,000 + one long row's
+    overhead columns split, against 64,000 cut at the longest: split at 100 with row 15
+    long; rows of one length, or too few rows, are not split; two long rows of 3000 and
+    2000 beside ten of 50 are both taken apart at 50 (6,012 columns against 25,256 for one)."""
+    split_rows = flat_batch.split_rows
+    assert split_rows([100] * 15 + [4000]) == (100, [15])
+    assert split_rows([100] * 16) is None
+    assert split_rows([4000]) is None
+    assert split_rows([50] * 10 + [3000, 2000]) == (50, [10, 11])
+    assert split_rows([3000] + [50] * 10 + [2000]) == (50, [0, 11])
+    assert split_rows([100, 120, 130]) is None                   # a long row's overhead outweighs
+
+
+@pytest.mark.parametrize("slots", [9, 4], ids=["matmul-rows", "few-rows"])
+def test_long_rows_attended_apart_equal_the_modules(tiny_checkpoint, slots, monkeypatch):
+    """Decode rows of very different lengths: two long prompts beside short ones, so that
+    the lean step attends every row over the short rows' columns and each long row over the
+    rest of its own (``split_rows``, its overhead set to nothing so that these tiny lengths
+    split); the states and caches equal the modules' after each of two decode steps."""
+    monkeypatch.setattr(flat_batch, "LONG_ROW_COLUMNS", 0)
+    splits = []
+    original = flat_batch.split_rows
+    monkeypatch.setattr(flat_batch, "split_rows", lambda lengths: splits.append(original(lengths)) or splits[-1])
+    runners = []
+    for lean in (True, False):
+        model = Engine.from_pretrained(tiny_checkpoint("llama"), max_batch_size=1, lean_decode=False).checkpoint.model
+        runners.append(ModelRunner(model, 0, num_slots=slots, max_seq_len=64, lean_decode=lean))
+    lean, plain = runners
+    long = {1: tuple(range(3, 33)), slots - 1: tuple(range(5, 50))}
+    prompts = {s: long.get(s, (4 + s, 9, 2)) for s in range(slots)}
+    prefill = StepPlan(prefill=[PrefillChunk(request_id=str(s), slot=s, token_ids=ids, start=0, last=True)
+                                for s, ids in prompts.items()])
+    for runner in (lean, plain):
+        runner.execute(prefill)
+    for step in range(2):
+        plan = StepPlan(decode=[DecodeRow(request_id=str(s), slot=s, feed_token=10 + s + step) for s in prompts])
+        for runner in (lean, plain):
+            runner.execute(plan)
+        _assert_same_state(lean, plain, list(prompts))
+    assert [s for s in splits if s is not None] == [(4 + step, [1, slots - 1]) for step in range(2)]

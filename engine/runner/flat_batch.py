@@ -10,7 +10,10 @@ again. Only the attention sees the two kinds apart:
 
 - the decode rows are the leading slots 0..n-1 (free slots ride along as padding rows that
   see one key and write into the slot's scratch column, as in the runner's decode forward);
-  they attend over their slots' first ``kv_len`` columns in the cache (``DecodeAttention``);
+  they attend over their slots' first ``kv_len`` columns in the cache (``DecodeAttention``),
+  except that a few rows whose keys run far past the others' are attended apart
+  (``split_rows``): every row over the others' columns, each such row over the rest of
+  its own, so that one long conversation does not make every row read its length;
 - the chunks' tokens attend, chunk by chunk, causally over their own slot's columns up to
   their own position (``ChunkAttention``): one chunk reads its slot's columns in place,
   several are padded to the longest and read their slots' columns gathered.
@@ -41,18 +44,57 @@ from engine.runner.slot_cache import slot_attention_masks
 #: 630 at 32 rows; 39 against 37 us at 1 row.
 MATMUL_ATTENTION_MIN_ROWS = 8
 
+#: Decode rows whose keys run far past the others' ("long rows") are attended apart when
+#: that reads at most this share of the key columns that cutting every row at the longest
+#: one reads (``split_rows``).
+SPLIT_MAX_SHARE = 0.5
+#: At most this many long rows: each costs two more products per layer.
+MAX_LONG_ROWS = 4
+#: What one long row's own products cost, counted as key columns read (their overhead).
+LONG_ROW_COLUMNS = 256
+
+
+def split_rows(lengths: list[int]) -> tuple[int, list[int]] | None:
+    """The decode rows' key counts (a row sees its slot's first ``lengths[i]`` columns) ->
+    ``(short, long_rows)``: every row attends over the first ``short`` columns and each long
+    row over the rest of its own, the split that reads the fewest columns (a long row's own
+    products count as ``LONG_ROW_COLUMNS``); None when the best split reads more than
+    ``SPLIT_MAX_SHARE`` of what cutting every row at the longest reads."""
+    n = len(lengths)
+    if n < 2:
+        return None
+    order = sorted(range(n), key=lambda i: -lengths[i])
+    best = None
+    for k in range(1, min(MAX_LONG_ROWS, n - 1) + 1):
+        short = lengths[order[k]]
+        cost = n * short + sum(lengths[i] - short + LONG_ROW_COLUMNS for i in order[:k])
+        if best is None or cost < best[0]:
+            best = (cost, short, sorted(order[:k]))
+    if best[0] > SPLIT_MAX_SHARE * n * lengths[order[0]]:
+        return None
+    return best[1], best[2]
+
 
 class DecodeAttention:
     """The decode rows' attention: n rows, row i in slot i, one query each; ``mask`` [n, 1,
-    1, kv_len] additive (``slot_attention_masks``)."""
+    1, kv_len] additive (``slot_attention_masks``). Given the rows' key counts
+    (``lengths``), rows whose keys run far past the others' are attended apart
+    (``split_rows``): every row over the first ``short`` columns, each long row's scores
+    then completed with the rest of its own keys, and its softmax taken over both, so that
+    one long conversation does not make every row read its length."""
 
-    def __init__(self, mask: torch.Tensor, kv_heads: int, groups: int, scaling: float):
+    def __init__(self, mask: torch.Tensor, kv_heads: int, groups: int, scaling: float,
+                 lengths: list[int] | None = None):
         self.n, self.kv_len = mask.shape[0], mask.shape[-1]
         self.kv_heads, self.groups, self.scaling = kv_heads, groups, scaling
-        self.matmul = self.n >= MATMUL_ATTENTION_MIN_ROWS
+        self.split = split_rows(lengths) if lengths is not None else None
+        self.matmul = self.n >= MATMUL_ATTENTION_MIN_ROWS or self.split is not None
         self.mask = mask
+        if self.split is not None:
+            self.kv_len = self.split[0]
+            self.long_rows = [(row, lengths[row]) for row in self.split[1]]
         if self.matmul:   # [n * kv heads, group, L]: added by baddbmm to the scores' product
-            self.mask = mask.expand(self.n, kv_heads, groups, self.kv_len).reshape(
+            self.mask = mask[..., :self.kv_len].expand(self.n, kv_heads, groups, self.kv_len).reshape(
                 self.n * kv_heads, groups, self.kv_len)
 
     def __call__(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -60,15 +102,29 @@ class DecodeAttention:
         hd] -> [n, heads * hd]."""
         n, kv, groups, length = self.n, self.kv_heads, self.groups, self.kv_len
         head_dim = query.shape[-1]
+        cache_keys, cache_values = keys, values
         keys, values = keys[:n, :, :length], values[:n, :, :length]
         if not self.matmul:
             out = F.scaled_dot_product_attention(query.reshape(n, kv, groups, head_dim), keys, values,
                                                  attn_mask=self.mask, scale=self.scaling)
             return out.reshape(n, -1)
-        scores = torch.baddbmm(self.mask, query.reshape(n * kv, groups, head_dim),
-                               keys.reshape(n * kv, length, head_dim).transpose(1, 2), alpha=self.scaling)
+        grouped = query.reshape(n * kv, groups, head_dim)
+        scores = torch.baddbmm(self.mask, grouped, keys.reshape(n * kv, length, head_dim).transpose(1, 2),
+                               alpha=self.scaling)
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
-        return torch.bmm(weights, values.reshape(n * kv, length, head_dim)).reshape(n, -1)
+        out = torch.bmm(weights, values.reshape(n * kv, length, head_dim)).reshape(n, -1)
+        if self.split is None:
+            return out
+        for row, total in self.long_rows:      # its first columns' scores, then the rest of its keys'
+            heads = slice(row * kv, (row + 1) * kv)
+            tail_keys, tail_values = cache_keys[row, :, length:total], cache_values[row, :, length:total]
+            tail = torch.bmm(grouped[heads], tail_keys.transpose(1, 2)).mul_(self.scaling)
+            row_weights = torch.softmax(torch.cat((scores[heads], tail), dim=-1), dim=-1,
+                                        dtype=torch.float32).to(values.dtype)
+            row_out = torch.bmm(row_weights[..., :length], values[row]).add_(
+                torch.bmm(row_weights[..., length:], tail_values))
+            out[row] = row_out.reshape(-1)
+        return out
 
 
 class ChunkAttention:
@@ -175,7 +231,8 @@ class FlatLayout:
             query = torch.tensor(self.positions[:n], device=device)[:, None]
             mask, _ = slot_attention_masks(query, torch.tensor(self.valid, device=device)[:, None],
                                            max(self.positions[:n]) + 1, dtype, None)
-            decode = DecodeAttention(mask, kv_heads, groups, scaling)
+            # a row sees its columns 0..its position (a padding row: column 0)
+            decode = DecodeAttention(mask, kv_heads, groups, scaling, [p + 1 for p in self.positions[:n]])
         if self.chunks:
             chunks = ChunkAttention([c.slot for c in self.chunks], [c.start for c in self.chunks],
                                     [len(c.token_ids) for c in self.chunks], scaling, dtype, device)
