@@ -74,11 +74,6 @@ class Scheduler:
         for fork in request.forks:
             self._unforked[fork.request_id] = fork
 
-    @property
-    def will_decode(self) -> bool:
-        """Whether the next plan has a decode row (a running request with its prompt cached)."""
-        return any(r.prefilled_tokens == r.num_prompt_tokens for r in self.running.values())
-
     def prefill_demand(self) -> tuple[int, int]:
         """(decode rows of the next plan, prompts it could prefill): running requests whose
         prompt is cached, and those still prefilling plus the waiting ones a free slot could

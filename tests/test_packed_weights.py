@@ -59,7 +59,7 @@ def test_merged_linears_equal_their_parts():
     x = torch.randn(5, 40)
     expected = [torch.nn.functional.linear(x, p.weight, p.bias) for p in parts]
     with torch.inference_mode():
-        merged = packed_linear.merge_in_place([holder] * 3, ["q", "k", "v"])
+        merged = packed_linear.merge_in_place(holder, ["q", "k", "v"])
         assert merged is not None and merged.out_features == 40
         torch.testing.assert_close(merged(x), torch.cat(expected, dim=-1), rtol=1e-5, atol=1e-5)
         for name, want in zip("qkv", expected):
@@ -68,7 +68,7 @@ def test_merged_linears_equal_their_parts():
             torch.testing.assert_close(piece(x), want, rtol=1e-5, atol=1e-5)
     plain = torch.nn.Module()
     plain.a, plain.b = PackedLinear(parts[0]), torch.nn.Linear(40, 8)
-    assert packed_linear.merge_in_place([plain] * 2, ["a", "b"]) is None
+    assert packed_linear.merge_in_place(plain, ["a", "b"]) is None
     assert type(plain.a) is PackedLinear and type(plain.b) is torch.nn.Linear
 
 

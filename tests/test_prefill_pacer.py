@@ -95,10 +95,10 @@ def test_scheduler_takes_the_lower_budget(gpt2_checkpoint):
         scheduler.add(r)
     plan = scheduler.schedule(prefill_budget=30)
     assert sum(len(c.token_ids) for c in plan.prefill) == 30
-    assert not scheduler.will_decode                                # no prompt is whole yet
+    assert scheduler.prefill_demand()[0] == 0                      # no prompt is whole yet: no decode row
     plan = scheduler.schedule(prefill_budget=10 ** 6)               # the cap still holds
     assert sum(len(c.token_ids) for c in plan.prefill) == each - 10
-    assert scheduler.will_decode                                    # the first prompt is in
+    assert scheduler.prefill_demand()[0] == 1                      # the first prompt is in: one decode row
 
 
 def test_prefill_demand_counts_decode_rows_and_the_prompts_a_step_could_take(gpt2_checkpoint):

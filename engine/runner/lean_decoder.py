@@ -53,8 +53,8 @@ class LeanDecoder:
         for layer in decoder.layers:
             attn, mlp = layer.self_attn, layer.mlp
             # packed projections that read one input become one product (q, k, v; gate, up)
-            qkv = merge_in_place([attn] * 3, ["q_proj", "k_proj", "v_proj"])
-            gate_up = merge_in_place([mlp] * 2, ["gate_proj", "up_proj"])
+            qkv = merge_in_place(attn, ["q_proj", "k_proj", "v_proj"])
+            gate_up = merge_in_place(mlp, ["gate_proj", "up_proj"])
             self.layers.append(_Layer(
                 _norm_of(layer.input_layernorm), qkv, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
                 _norm_of(layer.post_attention_layernorm), gate_up, mlp.gate_proj, mlp.up_proj, mlp.down_proj,

@@ -99,16 +99,16 @@ class PackedSlice(torch.nn.Module):
         return f"columns {self.start}:{self.stop} of a merged product"
 
 
-def merge_in_place(parents: list[torch.nn.Module], names: list[str]) -> PackedLinear | None:
-    """Merge ``getattr(parents[i], names[i])`` (packed linears reading one input) into one
+def merge_in_place(parent: torch.nn.Module, names: list[str]) -> PackedLinear | None:
+    """Merge ``parent``'s linears ``names`` (packed, reading one input) into one
     ``PackedLinear``, leaving a ``PackedSlice`` of it in each place. Returns the merged linear,
     or None (nothing changed) where they are not all ``PackedLinear`` or differ in input."""
-    parts = [getattr(parent, name) for parent, name in zip(parents, names)]
+    parts = [getattr(parent, name) for name in names]
     if not all(type(p) is PackedLinear for p in parts) or len({p.in_features for p in parts}) != 1:
         return None
     merged = PackedLinear.merged(parts)
     start = 0
-    for parent, name, part in zip(parents, names, parts):
+    for name, part in zip(names, parts):
         setattr(parent, name, PackedSlice(merged, start, start + part.out_features))
         start += part.out_features
     return merged
