@@ -83,16 +83,31 @@ def compiled_churn_engine(request, tiny_checkpoint):
 
 
 def test_compiled_decode_step_under_churn_matches_reference(compiled_churn_engine):
-    """The same churn through the compiled decode step (rows padded to batch buckets 1, 2, 4,
-    compiled at start-up): still the naive reference's tokens, and no compile after warm-up."""
+    """The same churn through the compiled decode step, compiled at start-up: for Llama and
+    Qwen2 the lean forward's decode-only steps as one graph around the engine's products
+    (mixed steps eager), for the others the modules' decode forward with rows padded to
+    batch buckets 1, 2, 4. Still the naive reference's tokens, and no compile after warm-up."""
     import torch._dynamo.utils
 
     engine = compiled_churn_engine
-    assert engine.runner.decode_buckets == [1, 2, 4]
+    runner = engine.runner
+    if runner.lean_decode:
+        assert runner.compiled_decode is not None and runner.decode_buckets is None
+        calls = []
+        compiled = runner.compiled_decode
+        runner.compiled_decode = lambda *a: calls.append(1) or compiled(*a)
+    else:
+        assert runner.decode_buckets == [1, 2, 4]
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert frames > 0, "warm-up compiled nothing"
-    check_churn(engine)
+    try:
+        check_churn(engine)
+    finally:
+        if runner.lean_decode:
+            runner.compiled_decode = compiled
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames, "compiled again while serving"
+    if runner.lean_decode:
+        assert calls, "the compiled graph ran no decode step"
 
 
 @pytest.fixture(scope="module", params=ARCHS)

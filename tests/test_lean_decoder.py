@@ -28,11 +28,12 @@ def test_which_models_take_the_lean_path(tiny_checkpoint, arch, supported):
             LeanDecoder(engine.checkpoint.model)
 
 
-def test_off_switch_and_compile_use_the_modules(tiny_checkpoint):
+def test_off_switch_uses_the_modules_and_compile_keeps_the_lean_path(tiny_checkpoint):
     path = tiny_checkpoint("llama")
     assert Engine.from_pretrained(path, max_batch_size=2, lean_decode=False).runner.lean_decode is False
     model = Engine.from_pretrained(path, max_batch_size=2).checkpoint.model
-    assert ModelRunner(model, 0, num_slots=2, max_seq_len=64, compile=True).lean_decode is False
+    runner = ModelRunner(model, 0, num_slots=2, max_seq_len=64, compile=True)
+    assert runner.lean_decode and runner.compiled_decode is not None   # on CPU (test_compiled_decode)
 
 
 def _runner_pair(path):

@@ -89,7 +89,7 @@ class DecodeAttention:
         self.kv_heads, self.groups, self.scaling = kv_heads, groups, scaling
         self.split = split_rows(lengths) if lengths is not None else None
         self.matmul = self.n >= MATMUL_ATTENTION_MIN_ROWS or self.split is not None
-        self.mask = mask
+        self.row_mask = self.mask = mask        # row_mask: as given, [n, 1, 1, kv_len]
         if self.split is not None:
             self.kv_len = self.split[0]
             self.long_rows = [(row, lengths[row]) for row in self.split[1]]

@@ -92,6 +92,15 @@ class LeanDecoder:
                 return "sliding-window attention"
         return None
 
+    def rotary_tables(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, d], positions [N] -> (cos, sin') [N, 1, head_dim] for ``q * cos +
+        q.roll(half) * sin'``: rotate_half(q) * sin == q.roll(half) * sin', exactly, with
+        sin' = sin with its first half negated (four operations per layer instead of seven)."""
+        cos, sin = self.rotary(x[None], positions[None])                # [1, N, head_dim]
+        cos, sin = cos[0, :, None], sin[0, :, None]                      # [N, 1, head_dim]
+        half = self.head_dim // 2
+        return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
     def forward(self, x: torch.Tensor, batch: FlatBatch, cache) -> torch.Tensor:
         """x [N, d]: the input embeddings of a flat batch (``engine.runner.flat_batch``: decode
         rows, then prompt chunks' tokens, one position each), ``cache`` the slot cache ->
@@ -99,12 +108,8 @@ class LeanDecoder:
         the cache at ``batch.write_index`` before the layer's attention reads it."""
         n = x.shape[0]
         head_dim = self.head_dim
-        cos, sin = self.rotary(x[None], batch.positions[None])          # [1, N, head_dim]
-        cos, sin = cos[0, :, None], sin[0, :, None]                      # [N, 1, head_dim]
+        cos, sin = self.rotary_tables(x, batch.positions)
         half = head_dim // 2
-        # rotate_half(x) * sin == x.roll(half) * (sin with its first half negated), exactly:
-        # four operations per layer instead of seven
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         heads = self.heads
         for i, p in enumerate(self.layers):
             h = p.norm1(x)
@@ -157,17 +162,24 @@ def _linear_plus(linear: torch.nn.Module, x: torch.Tensor, residual: torch.Tenso
     return residual + linear(x)
 
 
-def _norm_of(module: torch.nn.Module):
-    """An RMSNorm module -> x -> its output, with no module dispatch. In float32 that is
-    ``torch.rms_norm`` (fewer operator calls: 19 against 26 us at SmolLM2's [16, 576]); in
-    other dtypes the module's own arithmetic in its order (float32 math, then the weight)."""
-    weight, eps = module.weight, module.variance_epsilon
-    if weight.dtype == torch.float32:
-        shape = (weight.shape[0],)
-        return lambda x: torch.rms_norm(x, shape, weight, eps)
+def _norm_of(module: torch.nn.Module) -> "_Norm":
+    """An RMSNorm module -> its function, with no module dispatch (``_Norm``)."""
+    return _Norm(module.weight, module.variance_epsilon)
 
-    def norm(x: torch.Tensor) -> torch.Tensor:
+
+class _Norm:
+    """x -> RMSNorm(x) with ``weight`` and ``eps``. In float32 that is ``torch.rms_norm``
+    (fewer operator calls: 19 against 26 us at SmolLM2's [16, 576]); in other dtypes the
+    module's own arithmetic in its order (float32 math, then the weight)."""
+
+    __slots__ = ("weight", "eps", "shape")
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        self.weight, self.eps, self.shape = weight, eps, (weight.shape[0],)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == torch.float32:
+            return torch.rms_norm(x, self.shape, self.weight, self.eps)
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * h.to(x.dtype)
-    return norm
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)

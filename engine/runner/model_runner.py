@@ -59,6 +59,7 @@ from engine.feedback import entropy_and_argmax, mix_embeddings, soft_mixture
 from engine.moi import moi_inputs
 from engine.noise import NoiseDraws, NoiseRow, add_noise
 from engine.runner.adapter import DecoderAdapter
+from engine.runner.compiled_decode import CompiledDecode
 from engine.runner.flat_batch import flat_layout
 from engine.runner.lean_decoder import LeanDecoder
 from engine.runner.packed_linear import should_pack
@@ -84,10 +85,17 @@ class ModelRunner:
                  compile: bool = False, projection: torch.nn.Module | None = None,
                  suppress_token_ids: list[int] | tuple[int, ...] = (), pack_weights: str = "auto",
                  lean_decode: bool = True):
-        if compile and pack_weights == "on":
-            raise ValueError("pack_weights='on' and compile do not go together: torch.compile packs the "
-                             "weights it freezes itself; use pack_weights='auto' or 'off' with compile")
-        pack = not compile and should_pack(model, pack_weights)
+        lean_supported = lean_decode and LeanDecoder.reason_unsupported(model) is None
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        # compiled, a CPU step of a model the lean forward and CompiledDecode support compiles
+        # the lean forward's decode steps around the engine's own products; any other compiles
+        # the modules' decode forward (rows padded to batch buckets)
+        self.compile_modules = compile and not (
+            lean_supported and on_cpu and CompiledDecode.reason_unsupported(model) is None)
+        if self.compile_modules and pack_weights == "on":
+            raise ValueError("pack_weights='on' and compile do not go together for this model: torch.compile "
+                             "packs the weights it freezes itself; use pack_weights='auto' or 'off' with compile")
+        pack = not self.compile_modules and should_pack(model, pack_weights)
         self.adapter = DecoderAdapter(model, inference=True, pack=pack)
         self.pad_token_id = pad_token_id
         self.stop_classifier = stop_classifier
@@ -103,17 +111,18 @@ class ModelRunner:
         # feedback operator of the row that produced it (the identity for COCONUT)
         self.thoughts = torch.zeros((num_slots, self.adapter.hidden_size), dtype=self.adapter.dtype,
                                     device=self.device)
-        self.decode_buckets = batch_buckets(num_slots) if compile else None   # None: eager
+        self.decode_buckets = batch_buckets(num_slots) if self.compile_modules else None   # None: not padded
         # CUDA graphs replay fixed shapes: on CUDA the compiled step also pads the key length
         # to buckets, so that a few graphs (batch buckets x key buckets) serve every step
-        self.cuda_graphs = compile and self.device.type == "cuda"
+        self.cuda_graphs = self.compile_modules and self.device.type == "cuda"
         self.key_buckets = length_buckets(max_seq_len) if self.cuda_graphs else None   # None: exact
         self._decode_forward = self.adapter.forward
         # the steps of Llama-family models skip the modules' dispatch and run their decode rows
         # and prompt chunks as one flat batch (engine.runner.lean_decoder, flat_batch)
-        self.lean_decode = lean_decode and not compile and LeanDecoder.reason_unsupported(model) is None
+        self.lean_decode = lean_supported and not self.compile_modules
         self.lean = LeanDecoder(model) if self.lean_decode else None
-        if compile:
+        self.compiled_decode = CompiledDecode(self.lean) if compile and self.lean_decode else None
+        if self.compile_modules:
             # dynamic: one compiled graph serves every key length and bucket (sizes 1 get their
             # own); on CUDA, "reduce-overhead" records a CUDA graph per shape it meets
             mode = "reduce-overhead" if self.cuda_graphs else None
@@ -193,7 +202,10 @@ class ModelRunner:
             embeds[:n] = torch.where(torch.tensor(layout.latent, device=dev)[:, None],
                                      self.thoughts[:n].to(embeds.dtype), embeds[:n])
         batch = layout.batch(lean.kv_heads, lean.groups, lean.scaling, self.adapter.dtype, dev)
-        out = lean.forward(embeds, batch, self.cache)                                   # [N, d]
+        forward = lean.forward
+        if self.compiled_decode is not None and CompiledDecode.takes(batch, self.cache):
+            forward = self.compiled_decode                   # decode rows only: the compiled graph
+        out = forward(embeds, batch, self.cache)                                        # [N, d]
         for c in chunks:
             self.lengths[c.slot] = c.start + len(c.token_ids)
         for r in rows:
@@ -216,10 +228,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up(self) -> float:
-        """Compile the decode step for every batch bucket now (key lengths 1, 2 and 3 each, so
-        the dynamic graphs cover any length), not at the first requests. Returns the seconds
-        it took (0 for an eager runner)."""
+        """Compile the decode step now, not at the first requests: the compiled lean step's
+        two graphs (1 row; 2 rows, every larger count and key length), or the modules' step
+        for every batch bucket (key lengths 1, 2 and 3 each, so the dynamic graphs cover any
+        length). Returns the seconds it took (0 for an eager runner)."""
         start = time.perf_counter()
+        if self.compiled_decode is not None:
+            for rows in (1, 2):
+                decode = [DecodeRow(request_id="", slot=slot, feed_token=self.pad_token_id) for slot in range(rows)]
+                for slot in range(rows):
+                    self.lengths[slot] = 2            # 3 keys: a length that is not 0 or 1 stays dynamic
+                self._lean_forward(decode, [])
+                for slot in range(rows):
+                    self.lengths[slot] = 0
         if self.decode_buckets:
             for bucket in self.decode_buckets:
                 rows = [DecodeRow(request_id="", slot=slot, feed_token=self.pad_token_id) for slot in range(bucket)]

@@ -1,0 +1,97 @@
+"""The compiled lean decode step (``engine.runner.compiled_decode``): which models and steps
+take it, and that its steps leave the output states and caches the model's own modules
+leave (the oracle: a second runner on the same checkpoint that runs every step through the
+modules). The naive full-recompute reference runs over it in ``test_engine_reference``'s
+compiled churn test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import Engine
+from engine.runner.compiled_decode import CompiledDecode
+from engine.runner.model_runner import ModelRunner
+from engine.runner.plan import DecodeRow, PrefillChunk, StepPlan
+
+
+def _runners(path, pack: str):
+    """(compiled runner, runner through the modules) on one checkpoint, 5 slots each."""
+    runners = []
+    for compiled in (True, False):
+        model = Engine.from_pretrained(path, max_batch_size=1, lean_decode=False).checkpoint.model
+        runners.append(ModelRunner(model, 0, num_slots=5, max_seq_len=64, compile=compiled,
+                                   pack_weights=pack if compiled else "off", lean_decode=compiled))
+    assert runners[0].compiled_decode is not None and not runners[1].lean_decode
+    return runners
+
+
+def _assert_same_state(compiled, plain, slots):
+    torch.testing.assert_close(compiled.thoughts[slots], plain.thoughts[slots], rtol=1e-5, atol=1e-5)
+    for a, b in zip(compiled.cache.layers, plain.cache.layers):
+        for s in slots:
+            n = compiled.lengths[s]
+            assert n == plain.lengths[s]
+            torch.testing.assert_close(a.keys[s, :, :n], b.keys[s, :, :n], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a.values[s, :, :n], b.values[s, :, :n], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pack", ["off", "on"], ids=["separate-products", "packed-merged-products"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_compiled_steps_equal_the_modules(tiny_checkpoint, arch, pack):
+    """Three prompts into slots 0, 1 and 3 (eager: a step with prompts), then decode-only
+    steps through the compiled graph: slots 0-3 with slot 2 free (a padding row), one row in
+    latent mode (fed its last state), rows of different lengths; then slot 0 alone (the
+    one-row graph). Output states and caches agree with the modules' after every step, and
+    every decode-only step ran compiled."""
+    compiled, plain = _runners(tiny_checkpoint(arch), pack)
+    calls = []
+    graph = compiled.compiled_decode
+    compiled.compiled_decode = lambda *a: calls.append(a[0].shape[0]) or graph(*a)
+    prompts = {0: (5, 9, 2, 7), 1: (3, 3, 8, 1, 6, 2, 4), 3: (11, 4)}
+    plans = [StepPlan(prefill=[PrefillChunk(request_id=str(s), slot=s, token_ids=ids, start=0, last=True)
+                               for s, ids in prompts.items()])]
+    plans += [StepPlan(decode=[DecodeRow(request_id=str(s), slot=s, feed_token=None if (s, k) == (1, 1) else 10 + s + k)
+                               for s in prompts]) for k in range(3)]
+    plans += [StepPlan(decode=[DecodeRow(request_id="0", slot=0, feed_token=6)]) for _ in range(2)]
+    for plan in plans:
+        outputs = [runner.execute(plan) for runner in (compiled, plain)]
+        assert outputs[0].keys() == outputs[1].keys()
+        _assert_same_state(compiled, plain, sorted({r.slot for r in plan.decode} | {c.slot for c in plan.prefill}))
+    assert calls == [4, 4, 4, 1, 1]
+
+
+def test_which_models_and_steps_take_the_compiled_step(tiny_checkpoint):
+    from transformers.activations import ACT2FN
+
+    path = tiny_checkpoint("llama")
+    model = Engine.from_pretrained(path, max_batch_size=2).checkpoint.model
+    assert CompiledDecode.reason_unsupported(model) is None
+    # the lean forward off, or a model it does not take: the modules' compiled step
+    assert ModelRunner(model, 0, num_slots=2, max_seq_len=64, compile=True, lean_decode=False).compile_modules
+    gpt2 = Engine.from_pretrained(tiny_checkpoint("gpt2"), max_batch_size=2).checkpoint.model
+    runner = ModelRunner(gpt2, 0, num_slots=2, max_seq_len=64, compile=True)
+    assert runner.compile_modules and runner.compiled_decode is None and runner.decode_buckets == [1, 2]
+    # a gate the graph does not have
+    gelu = Engine.from_pretrained(path, max_batch_size=2, lean_decode=False).checkpoint.model
+    for layer in gelu.get_decoder().layers:
+        layer.mlp.act_fn = ACT2FN["gelu"]
+    assert "activation" in CompiledDecode.reason_unsupported(gelu)
+    assert ModelRunner(gelu, 0, num_slots=2, max_seq_len=64, compile=True).compile_modules
+    # a step with a prompt chunk, or a long row attended apart, stays eager
+    runner = ModelRunner(model, 0, num_slots=2, max_seq_len=64)
+    runner.execute(StepPlan(prefill=[PrefillChunk(request_id="a", slot=0, token_ids=(4, 2), start=0, last=True)]))
+    from engine.runner.flat_batch import flat_layout
+
+    def batch_of(rows, chunks):
+        layout = flat_layout(rows, chunks, runner.lengths, 64, 0)
+        return layout.batch(runner.lean.kv_heads, runner.lean.groups, runner.lean.scaling, torch.float32,
+                            torch.device("cpu"))
+
+    row = DecodeRow(request_id="a", slot=0, feed_token=3)
+    chunk = PrefillChunk(request_id="b", slot=1, token_ids=(7,), start=0, last=True)
+    assert CompiledDecode.takes(batch_of([row], []), runner.cache)
+    assert not CompiledDecode.takes(batch_of([row], [chunk]), runner.cache)
+    split = batch_of([row], [])
+    split.decode.split = (1, [0])
+    assert not CompiledDecode.takes(split, runner.cache)
