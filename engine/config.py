@@ -31,18 +31,21 @@ class EngineConfig:
     ``1 + prefill_delay_factor`` decode steps (W prompts waiting that outnumber D decoding
     requests get W / D times that); 0 (the default here; ``engine serve`` sets 2 for big
     models) prefills ``max_prefill_tokens`` per step whatever decodes.
-    ``compile``: run the decode step through ``torch.compile`` (rows padded to batch
-    buckets, every bucket compiled when the engine is built; needs a C++ compiler on CPU).
+    ``compile``: run the decode step through ``torch.compile``, compiled when the engine is
+    built (needs a C++ compiler on CPU). On CPU, a model the lean forward takes compiles its
+    decode-only steps around the engine's own products (``engine.runner.compiled_decode``:
+    two graphs, cached on disk by inductor between starts; steps with prompt chunks stay
+    eager); any other model compiles the modules' decode forward, rows padded to batch buckets.
     ``pack_weights``: ``"auto"`` (the default), ``"on"`` or ``"off"``: multiply by weights
     that oneDNN packed once at load (``engine.runner.packed_linear``) rather than by MKL,
     which packs them on every call; "auto" packs float32 models on CPU whose linear weights
-    take 64 MiB or more and never a compiled one. Results equal the unpacked ones up to
+    take 64 MiB or more, and never one compiled through its modules. Results equal the unpacked ones up to
     float rounding.
     ``lean_decode``: the steps of Llama and Qwen2 models run as plain tensor code
     (``engine.runner.lean_decoder``) instead of through the model's modules: the same
     function with a third of the operator calls, a step's decode rows and prompt chunks in
     one forward (``engine.runner.flat_batch``), and a packed layer's q/k/v and gate/up as
-    one product each; other models, and compiled steps, always go through the modules.
+    one product each; other models, and steps compiled off the lean path, go through the modules.
     ``prefix_caching``: a new prompt that begins with tokens some KV-cache slot still holds
     (a running request's prompt, or an ended one's not yet overwritten: a shared system
     prompt, a chat's earlier turns) copies those positions instead of prefilling them

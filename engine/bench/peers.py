@@ -368,8 +368,12 @@ def floors_report(directory: Path, args: argparse.Namespace) -> dict:
 
         threads = engine_process_threads(ServerSettings(model=str(directory)))
     batches = [int(b) for b in _numbers(args.floor_batches)]
-    spec = {"directory": str(directory), "batches": batches, "threads": threads, "dtype": args.dtype}
-    log(f"floors: the engine's decode step at batches {batches} on {threads} thread(s), then memory bandwidth "
+    # the step the server runs: compiled when the coconut server is (--args-coconut --compile)
+    compiled = "--compile" in shlex.split(args.args_coconut)
+    spec = {"directory": str(directory), "batches": batches, "threads": threads, "dtype": args.dtype,
+            "compile": compiled}
+    log(f"floors: the engine's {'compiled ' if compiled else ''}decode step at batches {batches} on {threads} "
+        f"thread(s), then memory bandwidth "
         f"and the model's matrix products, in a child process with the engine process's environment")
     env = {**engine_environment(), **os.environ}       # values set by the user win, as for the engine
     command = [sys.executable, "-c", "from engine.bench.peers import floors_child; floors_child()", json.dumps(spec)]
@@ -390,8 +394,10 @@ def floors_child() -> None:
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(spec["threads"])
     steps, model = floors.engine_steps(spec["directory"], spec["batches"], dtype=spec["dtype"], prompt_tokens=40,
-                                       new_tokens=24, rounds=3, max_prefill_tokens=4096)
+                                       new_tokens=24, rounds=3, max_prefill_tokens=4096,
+                                       compile=spec.get("compile", False))
     report = floors.with_ratios(floors.measure(model, spec["batches"]), steps)
+    report["compiled_step"] = spec.get("compile", False)
     report["environment"] = {name: os.environ.get(name) for name in engine_environment()}
     print(json.dumps(report))
 
@@ -428,7 +434,8 @@ def table(report: dict) -> str:
                      f"{floors['memory_floor_ms']:.1f} ms")
         for batch, row in floors["batches"].items():
             step = row.get("engine_step_ms")
-            ratios = "" if step is None else (f", engine step {step:.1f} ms = {row['step_over_memory_floor']:.2f}x "
+            kind = "compiled step" if floors.get("compiled_step") else "step"
+            ratios = "" if step is None else (f", engine {kind} {step:.1f} ms = {row['step_over_memory_floor']:.2f}x "
                                               f"memory, {row['step_over_matrix_floor']:.2f}x matrix floor")
             lines.append(f"  batch {batch}: matrix floor {row['matrix_floor_ms']:.1f} ms "
                          f"({row['matrix_flops_per_s'] / 1e9:.1f} GFLOP/s){ratios}")

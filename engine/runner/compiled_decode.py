@@ -35,6 +35,7 @@ from typing import NamedTuple
 import torch
 
 from engine.runner.lean_decoder import LeanDecoder, _linear_plus
+from engine.runner.packed_linear import PackedLinear
 
 _ACTIVE = threading.local()     # .table: the running engine's linears, by operator index
 
@@ -44,11 +45,11 @@ _LIBRARY.define("linear_add(Tensor x, Tensor residual, int index) -> Tensor")
 
 
 def _linear(x: torch.Tensor, index: int) -> torch.Tensor:
-    return _ACTIVE.table[index](x)
+    return _ACTIVE.table[index].product(x)
 
 
 def _linear_add(x: torch.Tensor, residual: torch.Tensor, index: int) -> torch.Tensor:
-    return _linear_plus(_ACTIVE.table[index], x, residual)
+    return _ACTIVE.table[index].product_plus(x, residual)
 
 
 _LIBRARY.impl("linear", _linear, "CPU")
@@ -63,6 +64,25 @@ def _linear_shape(x, index):
 @torch.library.register_fake("coconut_serve::linear_add")
 def _linear_add_shape(x, residual, index):
     return torch.empty_like(residual)
+
+
+class _Product:
+    """One linear layer as the operators call it, without module dispatch: ``product(x)``
+    = linear(x), ``product_plus(x, residual)`` = residual + linear(x) (oneDNN adds the
+    residual in its own kernel for a packed weight)."""
+
+    __slots__ = ("product", "product_plus", "out_features")
+
+    def __init__(self, linear: torch.nn.Module):
+        self.out_features = getattr(linear, "out_features", None)   # a merged part's slice: never called
+        if isinstance(linear, PackedLinear):
+            weight, bias = linear.packed_weight, linear.bias
+            plain, binary = torch.ops.mkldnn._linear_pointwise.default, torch.ops.mkldnn._linear_pointwise.binary
+            self.product = lambda x: plain(x, weight, bias, "none", [], "")
+            self.product_plus = lambda x, residual: binary(x, residual, weight, bias, "add")
+        else:
+            self.product = linear
+            self.product_plus = lambda x, residual: _linear_plus(linear, x, residual)
 
 
 class _Spec(NamedTuple):
@@ -129,7 +149,10 @@ def _decode_forward(x, cos, sin, write_index, mask, keys, values, norms1, norms2
     return _norm(x, final_norm, spec)
 
 
-_compiled_forward = torch.compile(_decode_forward, dynamic=None)
+#: no size or alignment checks of each operator's output in the generated code (two Python
+#: calls per product; the products' shapes are fixed by the weights)
+_compiled_forward = torch.compile(_decode_forward, dynamic=None,
+                                  options={"size_asserts": False, "alignment_asserts": False})
 
 
 class CompiledDecode:
@@ -140,8 +163,9 @@ class CompiledDecode:
         layers = lean.layers
         self.table = []
         for p in layers:
-            self.table += [p.qkv if p.qkv is not None else p.q_proj, p.k_proj, p.v_proj, p.o_proj,
-                           p.gate_up if p.gate_up is not None else p.gate_proj, p.up_proj, p.down_proj]
+            self.table += [_Product(m) for m in (p.qkv if p.qkv is not None else p.q_proj, p.k_proj, p.v_proj,
+                                                 p.o_proj, p.gate_up if p.gate_up is not None else p.gate_proj,
+                                                 p.up_proj, p.down_proj)]
         self.norms1 = [p.norm1.weight for p in layers]
         self.norms2 = [p.norm2.weight for p in layers]
         self.final_norm = lean.final_norm.weight
