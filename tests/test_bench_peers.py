@@ -158,8 +158,10 @@ def test_floors_run_under_the_engine_process_environment(tiny_checkpoint, monkey
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("GOMP_SPINCOUNT", "7")
     expected["GOMP_SPINCOUNT"] = "7"
-    args = argparse.Namespace(floor_threads=1, floor_batches="1,2", dtype="float32")
+    # the coconut server compiles its step: so does the floors' engine
+    args = argparse.Namespace(floor_threads=1, floor_batches="1,2", dtype="float32", args_coconut="--compile")
     report = floors_report(Path(tiny_checkpoint("llama")), args)
+    assert report["compiled_step"] is True
     assert report["environment"] == expected
     assert report["threads"] == 1 and set(report["batches"]) == {"1", "2"}
     for row in report["batches"].values():

@@ -125,7 +125,8 @@ def measure(model: torch.nn.Module, batches: list[int]) -> dict:
 
 def engine_steps(directory, batches: list[int], *, dtype: str, prompt_tokens: int, new_tokens: int,
                  rounds: int, **engine_options) -> dict:
-    """The engine's decode step (median over the steps where every row decodes) at each batch."""
+    """The engine's decode step (median over the steps where every row decodes) at each batch,
+    and the engine's runner (which says how its steps ran: lean, compiled)."""
     from engine import Engine, LatentPolicy, SamplingParams
     from engine.bench.models import engine_round, make_prompts
 
@@ -139,7 +140,7 @@ def engine_steps(directory, batches: list[int], *, dtype: str, prompt_tokens: in
         steps = [statistics.median(engine_round(engine, questions, sampling, latent)["steps_s"])
                  for _ in range(rounds)]
         out[str(batch)] = {"step_ms": 1000 * statistics.median(steps), "step_ms_rounds": [1000 * s for s in steps]}
-    return out, engine.checkpoint.model
+    return out, engine.runner
 
 
 def with_ratios(floors: dict, steps: dict) -> dict:

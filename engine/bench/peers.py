@@ -369,7 +369,7 @@ def floors_report(directory: Path, args: argparse.Namespace) -> dict:
         threads = engine_process_threads(ServerSettings(model=str(directory)))
     batches = [int(b) for b in _numbers(args.floor_batches)]
     # the step the server runs: compiled when the coconut server is (--args-coconut --compile)
-    compiled = "--compile" in shlex.split(args.args_coconut)
+    compiled = "--compile" in shlex.split(getattr(args, "args_coconut", ""))
     spec = {"directory": str(directory), "batches": batches, "threads": threads, "dtype": args.dtype,
             "compile": compiled}
     log(f"floors: the engine's {'compiled ' if compiled else ''}decode step at batches {batches} on {threads} "
@@ -393,11 +393,11 @@ def floors_child() -> None:
 
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(spec["threads"])
-    steps, model = floors.engine_steps(spec["directory"], spec["batches"], dtype=spec["dtype"], prompt_tokens=40,
+    steps, runner = floors.engine_steps(spec["directory"], spec["batches"], dtype=spec["dtype"], prompt_tokens=40,
                                        new_tokens=24, rounds=3, max_prefill_tokens=4096,
                                        compile=spec.get("compile", False))
-    report = floors.with_ratios(floors.measure(model, spec["batches"]), steps)
-    report["compiled_step"] = spec.get("compile", False)
+    report = floors.with_ratios(floors.measure(runner.adapter.model, spec["batches"]), steps)
+    report["compiled_step"] = runner.compiled_decode is not None or runner.compile_modules
     report["environment"] = {name: os.environ.get(name) for name in engine_environment()}
     print(json.dumps(report))
 
