@@ -51,7 +51,10 @@ class Engine:
                  cache_bytes / 2**20, kv_plan.source)
         check_allocation(kv_plan, self.config.max_batch_size, cache_bytes)
         if self.config.compile:
-            log.info("compiling the decode step for batch sizes %s ...", self.runner.decode_buckets)
+            if self.runner.compiled_decode is not None:
+                log.info("compiling the lean decode step (graphs for 1 row and for 2 or more) ...")
+            else:
+                log.info("compiling the decode step for batch sizes %s ...", self.runner.decode_buckets)
             log.info("decode step compiled in %.1f s", self.runner.warm_up())
         self.core = EngineCore(self.runner, self.config, max_seq_len, checkpoint.markers.eos)
 

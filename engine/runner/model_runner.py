@@ -15,21 +15,25 @@
    the chunks' own new keys, nothing is gathered from the cache.
 
 For models the lean forward supports (Llama, Qwen2: ``engine.runner.lean_decoder``; unless
-``lean_decode=False`` or ``compile``), steps 2 and 3 are one forward over a flat batch of
+``lean_decode=False``, or ``compile`` off the lean path), steps 2 and 3 are one forward over a flat batch of
 the decode rows and the chunks' tokens (``engine.runner.flat_batch``): the same rows,
 padding and positions, with the weights read once for both. Its seconds reach the prefill
 pacer as the decode forward's when the step has no chunks, else as the chunks', marked as
 holding the decode rows' time too (``ForwardTiming.with_decode``: the pacer takes off its
 decode average).
 
-With ``compile=True`` the decode forward runs through ``torch.compile``: its rows are
-padded to a batch bucket (1, 2, 4, ... up to the slot count, the extra slots riding along
-as padding), and ``warm_up()`` compiles every bucket before the first request. Prefill
-stays eager (its shapes vary too much to pay back a compile). On CUDA the compiled step
-replays CUDA graphs (``mode="reduce-overhead"``): the key length is padded to
-``key_buckets`` too (16, 32, ... up to ``max_seq_len``; the extra columns are masked), and
-``warm_up()`` records every batch x key bucket. That path has not run on a GPU yet; its
-key padding is tested on CPU (set ``key_buckets`` on an eager runner).
+With ``compile=True`` on CPU, a model the lean forward and ``CompiledDecode`` take runs
+its decode-only steps through one compiled graph around the engine's own products
+(``engine.runner.compiled_decode``: two graphs, 1 row and 2 or more, compiled by
+``warm_up()``); steps with prompt chunks stay eager. Any other compiled model runs its
+decode forward (the modules) through ``torch.compile``: its rows are padded to a batch
+bucket (1, 2, 4, ... up to the slot count, the extra slots riding along as padding), and
+``warm_up()`` compiles every bucket before the first request. Prefill stays eager (its
+shapes vary too much to pay back a compile). On CUDA that compiled step replays CUDA
+graphs (``mode="reduce-overhead"``): the key length is padded to ``key_buckets`` too (16,
+32, ... up to ``max_seq_len``; the extra columns are masked), and ``warm_up()`` records
+every batch x key bucket. That path has not run on a GPU yet; its key padding is tested on
+CPU (set ``key_buckets`` on an eager runner).
 
 It returns one ``RowOutput`` per decode row and per last prefill chunk (both kinds share
 one LM head product and one sampling call): a sampled token,
