@@ -68,3 +68,18 @@ def run_staggered(engine, count: int, add) -> list:
         step += 1
         assert step < 1000
     return [done[k] for k in range(count)]
+
+
+def assert_same_slot_state(runner, oracle, slots, tolerance: float = 1e-5) -> None:
+    """Two model runners agree on the slots' newest output states (``thoughts``), lengths and
+    every layer's cached keys and values, up to float rounding."""
+    import torch
+
+    close = dict(rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(runner.thoughts[slots], oracle.thoughts[slots], **close)
+    for a, b in zip(runner.cache.layers, oracle.cache.layers):
+        for s in slots:
+            n = runner.lengths[s]
+            assert n == oracle.lengths[s]
+            torch.testing.assert_close(a.keys[s, :, :n], b.keys[s, :, :n], **close)
+            torch.testing.assert_close(a.values[s, :, :n], b.values[s, :, :n], **close)

@@ -13,6 +13,7 @@ from engine import Engine
 from engine.runner.compiled_decode import CompiledDecode
 from engine.runner.model_runner import ModelRunner
 from engine.runner.plan import DecodeRow, PrefillChunk, StepPlan
+from tests.engine_helpers import assert_same_slot_state
 
 
 def _runners(path, pack: str):
@@ -24,16 +25,6 @@ def _runners(path, pack: str):
                                    pack_weights=pack if compiled else "off", lean_decode=compiled))
     assert runners[0].compiled_decode is not None and not runners[1].lean_decode
     return runners
-
-
-def _assert_same_state(compiled, plain, slots):
-    torch.testing.assert_close(compiled.thoughts[slots], plain.thoughts[slots], rtol=1e-5, atol=1e-5)
-    for a, b in zip(compiled.cache.layers, plain.cache.layers):
-        for s in slots:
-            n = compiled.lengths[s]
-            assert n == plain.lengths[s]
-            torch.testing.assert_close(a.keys[s, :, :n], b.keys[s, :, :n], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(a.values[s, :, :n], b.values[s, :, :n], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("pack", ["off", "on"], ids=["separate-products", "packed-merged-products"])
@@ -57,7 +48,7 @@ def test_compiled_steps_equal_the_modules(tiny_checkpoint, arch, pack):
     for plan in plans:
         outputs = [runner.execute(plan) for runner in (compiled, plain)]
         assert outputs[0].keys() == outputs[1].keys()
-        _assert_same_state(compiled, plain, sorted({r.slot for r in plan.decode} | {c.slot for c in plan.prefill}))
+        assert_same_slot_state(compiled, plain, sorted({r.slot for r in plan.decode} | {c.slot for c in plan.prefill}))
     assert calls == [4, 4, 4, 1, 1]
 
 

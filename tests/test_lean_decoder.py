@@ -13,7 +13,7 @@ from engine.runner import flat_batch
 from engine.runner.lean_decoder import LeanDecoder
 from engine.runner.model_runner import ModelRunner
 from engine.runner.plan import DecodeRow, PrefillChunk, StepPlan
-from tests.engine_helpers import QUESTIONS, reference
+from tests.engine_helpers import QUESTIONS, assert_same_slot_state, reference
 
 
 @pytest.mark.parametrize("arch, supported", [("llama", True), ("qwen2", True), ("gpt2", False),
@@ -45,17 +45,6 @@ def _runner_pair(path):
     return runners
 
 
-def _assert_same_state(lean, plain, slots):
-    """The slots' newest output states (``thoughts``) and every layer's cache agree."""
-    torch.testing.assert_close(lean.thoughts[slots], plain.thoughts[slots], rtol=1e-5, atol=1e-5)
-    for a, b in zip(lean.cache.layers, plain.cache.layers):
-        for s in slots:
-            n = lean.lengths[s]
-            assert n == plain.lengths[s]
-            torch.testing.assert_close(a.keys[s, :, :n], b.keys[s, :, :n], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(a.values[s, :, :n], b.values[s, :, :n], rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("matmul_rows", [1, 10 ** 9], ids=["matmul-attention", "sdpa"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_lean_steps_equal_the_modules(tiny_checkpoint, arch, matmul_rows, monkeypatch):
@@ -82,7 +71,7 @@ def test_lean_steps_equal_the_modules(tiny_checkpoint, arch, matmul_rows, monkey
         plan = make()
         outputs = [runner.execute(plan) for runner in (lean, plain)]
         assert outputs[0].keys() == outputs[1].keys()
-        _assert_same_state(lean, plain, sorted({r.slot for r in plan.decode} | {c.slot for c in plan.prefill}))
+        assert_same_slot_state(lean, plain, sorted({r.slot for r in plan.decode} | {c.slot for c in plan.prefill}))
 
 
 def test_a_prompt_that_fills_its_slot_beside_a_padding_row(tiny_checkpoint):
@@ -96,7 +85,7 @@ def test_a_prompt_that_fills_its_slot_beside_a_padding_row(tiny_checkpoint):
                     prefill=[PrefillChunk(request_id="a", slot=0, token_ids=full, start=0, last=True)])
     for runner in (lean, plain):
         runner.execute(plan)
-    _assert_same_state(lean, plain, [0, 1])
+    assert_same_slot_state(lean, plain, [0, 1])
 
 
 def test_lean_path_in_latent_mode_matches_reference(tiny_checkpoint):
@@ -147,5 +136,5 @@ def test_long_rows_attended_apart_equal_the_modules(tiny_checkpoint, slots, monk
         plan = StepPlan(decode=[DecodeRow(request_id=str(s), slot=s, feed_token=10 + s + step) for s in prompts])
         for runner in (lean, plain):
             runner.execute(plan)
-        _assert_same_state(lean, plain, list(prompts))
+        assert_same_slot_state(lean, plain, list(prompts))
     assert [s for s in splits if s is not None] == [(4 + step, [1, slots - 1]) for step in range(2)]
