@@ -32,7 +32,9 @@ class EngineConfig:
     requests get W / D times that); 0 (the default here; ``engine serve`` sets 2 for big
     models) prefills ``max_prefill_tokens`` per step whatever decodes.
     ``compile``: run the decode step through ``torch.compile``, compiled when the engine is
-    built (needs a C++ compiler on CPU). On CPU, a model the lean forward takes compiles its
+    built (needs a C++ compiler on CPU); None ("auto", what ``engine serve`` passes unless
+    told) compiles where it pays: a Llama or Qwen2 model with packed weights on CPU
+    (``engine.runner.compiled_decode.reason_not_compiled_by_default``). On CPU, a model the lean forward takes compiles its
     decode-only steps around the engine's own products (``engine.runner.compiled_decode``:
     two graphs, cached on disk by inductor between starts; steps with prompt chunks stay
     eager); any other model compiles the modules' decode forward, rows padded to batch buckets.
@@ -63,7 +65,7 @@ class EngineConfig:
     max_prefill_tokens: int = 8192
     prefill_delay_factor: float = 0.0
     seed: int | None = None
-    compile: bool = False
+    compile: bool | None = False
     pack_weights: str = "auto"
     lean_decode: bool = True
     prefix_caching: bool = True

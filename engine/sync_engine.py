@@ -50,7 +50,9 @@ class Engine:
         log.info("KV cache: %d slots x %d positions, %.1f MiB (%s)", self.config.max_batch_size, max_seq_len,
                  cache_bytes / 2**20, kv_plan.source)
         check_allocation(kv_plan, self.config.max_batch_size, cache_bytes)
-        if self.config.compile:
+        if self.runner.compile_reason is not None:
+            log.info("decode step not compiled (--compile to force it): %s", self.runner.compile_reason)
+        if self.runner.compiled_decode is not None or self.runner.compile_modules:
             if self.runner.compiled_decode is not None:
                 log.info("compiling the lean decode step (graphs for 1 row and for 2 or more) ...")
             else:

@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Serve a COCONUT checkpoint over HTTP. Every flag can also be set "
                        "by an environment variable COCONUT_<FLAG> (e.g. COCONUT_PORT=9000).")
     for name, field in ServerSettings.model_fields.items():
-        if field.annotation is bool:   # --compile / --no-compile
+        if field.annotation in (bool, bool | None):   # --compile / --no-compile
             p.add_argument("--" + name.replace("_", "-"), dest=_DEST + name, default=None,
                            action=argparse.BooleanOptionalAction, help=flag_help(name, field))
             continue
@@ -54,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 #: What an unset setting means, for the settings whose description does not say it.
 _UNSET = {"api_key": "no key, the API is open", "seed": "a random seed",
-          "prefill_delay_factor": "2 for weights of 100 MiB or more, else 0"}
+          "prefill_delay_factor": "2 for weights of 100 MiB or more, else 0",
+          "compile": "where it pays"}
 
 
 def flag_help(name: str, field) -> str:

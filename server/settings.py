@@ -50,12 +50,14 @@ class ServerSettings(BaseSettings):
                                                "outnumber the decoding requests W to D get W/D times that "
                                                "(0: prefill --max-prefill-tokens per step whatever decodes)")
     seed: int | None = Field(None, description="seed of the engine's shared generator (unseeded requests)")
-    compile: bool = Field(False, description="compile the decode step with torch.compile at start-up (on CPU "
-                          "it needs a C++ compiler). On CPU, Llama and Qwen2 models compile the lean forward's "
-                          "decode-only steps around the packed products (SmolLM2-135M: 30 against 35 ms a step "
-                          "at 1 row, 102 against 121 at 32; the first start compiles for about 90 s, later "
-                          "ones load inductor's on-disk cache); other models compile their modules, rows "
-                          "padded to batch buckets")
+    compile: bool | None = Field(None, description="compile the decode step with torch.compile at start-up. "
+                                 "Unset: where it pays, on CPU for Llama and Qwen2 models with packed weights "
+                                 "(float32, 64 MiB or more) when a C++ compiler is on the PATH. There their "
+                                 "decode-only steps run as one graph around the packed products (SmolLM2-135M: "
+                                 "30 against 35 ms a step at 1 row, 102 against 121 at 32); the first start "
+                                 "compiles for about 90 s, later ones load inductor's on-disk cache in about 8. "
+                                 "--compile forces it (other models compile their modules, rows padded to batch "
+                                 "buckets; on CPU it needs a C++ compiler); --no-compile turns it off")
     pack_weights: Literal["auto", "on", "off"] = Field(
         "auto", description="multiply by weights that oneDNN packed once at load instead of MKL's per-call "
         "packing (CPU; on SmolLM2-135M in float32 a decode step of 16 rows takes about 0.75x the time); auto: "

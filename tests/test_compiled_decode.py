@@ -11,6 +11,7 @@ import torch
 
 from engine import Engine
 from engine.runner.compiled_decode import CompiledDecode
+from engine.runner.packed_linear import PackedLinear
 from engine.runner.model_runner import ModelRunner
 from engine.runner.plan import DecodeRow, PrefillChunk, StepPlan
 from tests.engine_helpers import assert_same_slot_state
@@ -86,3 +87,30 @@ def test_which_models_and_steps_take_the_compiled_step(tiny_checkpoint):
     split = batch_of([row], [])
     split.decode.split = (1, [0])
     assert not CompiledDecode.takes(split, runner.cache)
+
+
+def test_compiled_where_it_pays_by_default(tiny_checkpoint, monkeypatch):
+    """compile=None (engine serve's default) compiles a Llama model's step on CPU when its
+    weights are packed (a real model's size) and a C++ compiler is on the PATH, else says
+    why not."""
+    from engine.runner import compiled_decode, packed_linear
+
+    reason = compiled_decode.reason_not_compiled_by_default
+
+    def model(arch="llama"):
+        return Engine.from_pretrained(tiny_checkpoint(arch), max_batch_size=1, lean_decode=False).checkpoint.model
+
+    tiny = model()
+    assert "not packed" in reason(tiny)
+    runner = ModelRunner(tiny, 0, num_slots=2, max_seq_len=64, compile=None)
+    assert runner.compiled_decode is None and not runner.compile_modules and "not packed" in runner.compile_reason
+    monkeypatch.setattr(packed_linear, "PACK_MIN_BYTES", 0)      # as big as a real model
+    assert reason(model()) is None
+    runner = ModelRunner(model(), 0, num_slots=2, max_seq_len=64, compile=None)
+    assert runner.compiled_decode is not None and runner.compile_reason is None
+    assert isinstance(runner.lean.layers[0].o_proj, PackedLinear)
+    assert "not packed" in reason(model(), "off")
+    assert "lean forward is off" in reason(model(), lean_decode=False)
+    assert "Llama-style" in reason(model("gpt2")) or "decoder" in reason(model("gpt2"))
+    monkeypatch.setattr(compiled_decode.shutil, "which", lambda name: None)
+    assert "C++ compiler" in reason(model())

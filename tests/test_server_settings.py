@@ -123,3 +123,13 @@ def test_bench_serve_matches_the_servers_prefill_budget_by_default():
     from engine.bench.serve import SERVER_PREFILL_TOKENS
     from server.settings import ServerSettings
     assert SERVER_PREFILL_TOKENS == ServerSettings.model_fields["max_prefill_tokens"].default
+
+
+def test_compile_is_where_it_pays_unless_told(monkeypatch):
+    """Unset, --compile is None (the engine compiles where it pays); the flags and the
+    environment force it either way."""
+    monkeypatch.delenv("COCONUT_COMPILE", raising=False)
+    assert parse().compile is None
+    assert parse("--compile").compile is True and parse("--no-compile").compile is False
+    monkeypatch.setenv("COCONUT_COMPILE", "false")
+    assert parse().compile is False

@@ -368,12 +368,13 @@ def floors_report(directory: Path, args: argparse.Namespace) -> dict:
 
         threads = engine_process_threads(ServerSettings(model=str(directory)))
     batches = [int(b) for b in _numbers(args.floor_batches)]
-    # the step the server runs: compiled when the coconut server is (--args-coconut --compile)
-    compiled = "--compile" in shlex.split(getattr(args, "args_coconut", ""))
+    # the step the server runs: compiled where engine serve compiles it (unset: where it pays)
+    flags = shlex.split(getattr(args, "args_coconut", ""))
+    compiled = True if "--compile" in flags else False if "--no-compile" in flags else None
     spec = {"directory": str(directory), "batches": batches, "threads": threads, "dtype": args.dtype,
             "compile": compiled}
-    log(f"floors: the engine's {'compiled ' if compiled else ''}decode step at batches {batches} on {threads} "
-        f"thread(s), then memory bandwidth "
+    mode = {True: "compiled", False: "eager", None: "compiled where it pays, as engine serve"}[compiled]
+    log(f"floors: the engine's decode step ({mode}) at batches {batches} on {threads} thread(s), then memory bandwidth "
         f"and the model's matrix products, in a child process with the engine process's environment")
     env = {**engine_environment(), **os.environ}       # values set by the user win, as for the engine
     command = [sys.executable, "-c", "from engine.bench.peers import floors_child; floors_child()", json.dumps(spec)]
@@ -395,7 +396,7 @@ def floors_child() -> None:
     torch.set_num_threads(spec["threads"])
     steps, runner = floors.engine_steps(spec["directory"], spec["batches"], dtype=spec["dtype"], prompt_tokens=40,
                                        new_tokens=24, rounds=3, max_prefill_tokens=4096,
-                                       compile=spec.get("compile", False))
+                                       compile=spec.get("compile"))
     report = floors.with_ratios(floors.measure(runner.adapter.model, spec["batches"]), steps)
     report["compiled_step"] = runner.compiled_decode is not None or runner.compile_modules
     report["environment"] = {name: os.environ.get(name) for name in engine_environment()}

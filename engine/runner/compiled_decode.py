@@ -29,13 +29,15 @@ requests, the scheduler or prompt chunks; the runner decides which steps it take
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 from typing import NamedTuple
 
 import torch
 
 from engine.runner.lean_decoder import LeanDecoder, _linear_plus
-from engine.runner.packed_linear import PackedLinear
+from engine.runner.packed_linear import PackedLinear, should_pack
 
 _ACTIVE = threading.local()     # .table: the running engine's linears, by operator index
 
@@ -214,3 +216,25 @@ class CompiledDecode:
         finally:
             _ACTIVE.table = None
 
+
+
+def reason_not_compiled_by_default(model: torch.nn.Module, pack_weights: str = "auto",
+                                   lean_decode: bool = True) -> str | None:
+    """What ``compile=None`` ("auto", ``engine serve``'s default) decides: None when it
+    compiles ``model``'s step, else why not. It compiles where it pays and costs no more
+    than a start-up: a model on CPU whose steps the lean forward and this graph take, with
+    packed weights (float32, 64 MiB or more, AVX2: a real model, not a tiny one whose step is
+    cheap anyway), and a C++ compiler on the PATH (inductor's CPU code needs one)."""
+    from engine.runner.lean_decoder import LeanDecoder
+
+    if next(model.parameters()).device.type != "cpu":
+        return "not on CPU"
+    reason = (LeanDecoder.reason_unsupported(model) if lean_decode else "the lean forward is off") \
+        or CompiledDecode.reason_unsupported(model)
+    if reason:
+        return reason
+    if not should_pack(model, pack_weights):
+        return "its weights are not packed (float32 models of 64 MiB or more, on a CPU with AVX2)"
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
+        return "no C++ compiler on the PATH ($CXX, g++, c++ or clang++)"
+    return None

@@ -22,7 +22,9 @@ pacer as the decode forward's when the step has no chunks, else as the chunks', 
 holding the decode rows' time too (``ForwardTiming.with_decode``: the pacer takes off its
 decode average).
 
-With ``compile=True`` on CPU, a model the lean forward and ``CompiledDecode`` take runs
+``compile=None`` compiles where it pays (``reason_not_compiled_by_default``: a real Llama
+or Qwen2 model with packed weights on CPU, and a C++ compiler). With ``compile=True`` on
+CPU, a model the lean forward and ``CompiledDecode`` take runs
 its decode-only steps through one compiled graph around the engine's own products
 (``engine.runner.compiled_decode``: two graphs, 1 row and 2 or more, compiled by
 ``warm_up()``); steps with prompt chunks stay eager. Any other compiled model runs its
@@ -63,7 +65,7 @@ from engine.feedback import entropy_and_argmax, mix_embeddings, soft_mixture
 from engine.moi import moi_inputs
 from engine.noise import NoiseDraws, NoiseRow, add_noise
 from engine.runner.adapter import DecoderAdapter
-from engine.runner.compiled_decode import CompiledDecode
+from engine.runner.compiled_decode import CompiledDecode, reason_not_compiled_by_default
 from engine.runner.flat_batch import flat_layout
 from engine.runner.lean_decoder import LeanDecoder
 from engine.runner.packed_linear import should_pack
@@ -86,9 +88,14 @@ class ForwardTiming(NamedTuple):
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, pad_token_id: int, stop_classifier: torch.nn.Module | None = None,
                  seed: int | None = None, *, num_slots: int = 32, max_seq_len: int = 2048,
-                 compile: bool = False, projection: torch.nn.Module | None = None,
+                 compile: bool | None = False, projection: torch.nn.Module | None = None,
                  suppress_token_ids: list[int] | tuple[int, ...] = (), pack_weights: str = "auto",
                  lean_decode: bool = True):
+        # compile=None: where it pays (compiled_decode.reason_not_compiled_by_default)
+        self.compile_reason = None
+        if compile is None:
+            self.compile_reason = reason_not_compiled_by_default(model, pack_weights, lean_decode)
+            compile = self.compile_reason is None
         lean_supported = lean_decode and LeanDecoder.reason_unsupported(model) is None
         on_cpu = next(model.parameters()).device.type == "cpu"
         # compiled, a CPU step of a model the lean forward and CompiledDecode support compiles
