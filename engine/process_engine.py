@@ -43,6 +43,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Callable
@@ -57,11 +58,45 @@ from engine.sync_engine import Engine
 log = logging.getLogger(__name__)
 
 
-def _child_main(inbox, conn, path: str, config: dict, torch_threads: int | None) -> None:
+def _logging_of_this_process() -> tuple[int, logging.Formatter | None] | None:
+    """The root logger's level and its first handler's formatter, for a child to log as
+    this process does (None where the formatter does not pickle, or nothing is set up)."""
+    import pickle
+
+    root = logging.getLogger()
+    if not root.handlers:
+        return None
+    formatter = root.handlers[0].formatter
+    try:
+        pickle.dumps(formatter)
+    except Exception:
+        formatter = None
+    return root.level, formatter
+
+
+def _log_like_parent(setup: tuple[int, logging.Formatter | None] | None) -> None:
+    """The child's records at the parent's level and in its format, to stderr (which the
+    child shares with the parent): the engine's start-up lines (weights packed, KV cache,
+    whether the step is compiled and why not) reach the server's log."""
+    if setup is None:
+        return
+    level, formatter = setup
+    handler = logging.StreamHandler(sys.stderr)
+    if formatter is not None:
+        handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _child_main(inbox, conn, path: str, config: dict, torch_threads: int | None,
+                log_setup: tuple[int, logging.Formatter | None] | None = None) -> None:
     """The engine loop of the child process: add, abort, step, report. ``inbox``: the
-    parent's messages; ``conn``: this process's reports."""
+    parent's messages; ``conn``: this process's reports; ``log_setup``: the parent's
+    logging (``_logging_of_this_process``)."""
     import signal
 
+    _log_like_parent(log_setup)
     # Ctrl-C reaches the whole process group: the parent drains and then stops this process
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -266,7 +301,8 @@ class ProcessEngine(RequestStreams):
         child_inbox, conn = context.Pipe(duplex=False)
         reports, child_reports = context.Pipe(duplex=False)
         process = context.Process(target=_child_main, name="engine-process", daemon=True,
-                                  args=(child_inbox, child_reports, self.path, self.config, self.torch_threads))
+                                  args=(child_inbox, child_reports, self.path, self.config, self.torch_threads,
+                                        _logging_of_this_process()))
         process.start()
         child_inbox.close()
         child_reports.close()

@@ -174,3 +174,32 @@ def test_the_engine_process_gets_its_threading_and_allocator_settings_unless_set
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")
     process_engine._context()
     assert os.environ["GOMP_SPINCOUNT"] == "0" and os.environ["GLIBC_TUNABLES"] == "glibc.malloc.trim_threshold=0"
+
+
+def test_the_engine_process_logs_as_the_server_does(capfd):
+    """The child gets the parent's root level and formatter (the server's JSON lines), so
+    the engine's start-up lines (KV cache, why the step is not compiled) reach its log."""
+    import json
+    import logging
+
+    from engine.process_engine import _log_like_parent, _logging_of_this_process
+    from server.access_log import JsonFormatter
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        root.handlers[:] = [logging.StreamHandler()]
+        root.handlers[0].setFormatter(JsonFormatter())
+        root.setLevel(logging.INFO)
+        setup = _logging_of_this_process()
+        assert setup[0] == logging.INFO and isinstance(setup[1], JsonFormatter)
+        root.handlers[:] = []
+        root.setLevel(logging.WARNING)                     # a fresh child: nothing at INFO
+        _log_like_parent(setup)
+        logging.getLogger("engine.sync_engine").info("KV cache: %d slots", 4)
+        line = capfd.readouterr().err.strip().splitlines()[-1]
+        assert json.loads(line) == {**json.loads(line), "level": "info", "logger": "engine.sync_engine",
+                                    "message": "KV cache: 4 slots"}
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
