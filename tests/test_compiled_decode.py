@@ -11,6 +11,7 @@ import torch
 
 from engine import Engine
 from engine.runner.compiled_decode import CompiledDecode
+from engine.runner import packed_linear
 from engine.runner.packed_linear import PackedLinear
 from engine.runner.model_runner import ModelRunner
 from engine.runner.plan import DecodeRow, PrefillChunk, StepPlan
@@ -28,15 +29,23 @@ def _runners(path, pack: str):
     return runners
 
 
-@pytest.mark.parametrize("pack", ["off", "on"], ids=["separate-products", "packed-merged-products"])
+@pytest.mark.parametrize("pack", ["off", "on", "onednn"],
+                         ids=["separate-products", "packed-merged-products", "onednn-merged-products"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_compiled_steps_equal_the_modules(tiny_checkpoint, arch, pack):
+def test_compiled_steps_equal_the_modules(tiny_checkpoint, arch, pack, monkeypatch):
     """Three prompts into slots 0, 1 and 3 (eager: a step with prompts), then decode-only
     steps through the compiled graph: slots 0-3 with slot 2 free (a padding row), one row in
     latent mode (fed its last state), rows of different lengths; then slot 0 alone (the
     one-row graph). Output states and caches agree with the modules' after every step, and
     every decode-only step ran compiled."""
-    compiled, plain = _runners(tiny_checkpoint(arch), pack)
+    if pack == "onednn":     # oneDNN's packed products instead of the engine's kernel
+        if not packed_linear.onednn_can_pack(torch.float32, torch.device("cpu")):
+            pytest.skip("this torch build cannot pack float32 weights with oneDNN")
+        monkeypatch.setattr(packed_linear, "_engine_kernel_takes", lambda weight: False)
+    compiled, plain = _runners(tiny_checkpoint(arch), "off" if pack == "off" else "on")
+    kernels = {m.kernel for m in compiled.adapter.decoder.modules() if isinstance(m, PackedLinear)}
+    assert kernels == {"off": set(), "on": {"engine"} if packed_linear.engine_kernel_unavailable() is None
+                       else {"onednn"}, "onednn": {"onednn"}}[pack]
     calls = []
     graph = compiled.compiled_decode
     compiled.compiled_decode = lambda *a: calls.append(a[0].shape[0]) or graph(*a)

@@ -18,14 +18,27 @@ pytestmark = pytest.mark.skipif(not packed_linear.can_pack(torch.float32, torch.
                                 reason="this torch build cannot pack float32 weights with oneDNN")
 
 
+def _kernel(monkeypatch, kernel: str):
+    """Make PackedLinear take ``kernel`` ("engine" where it builds here, or "onednn")."""
+    if kernel == "onednn":
+        if not packed_linear.onednn_can_pack(torch.float32, torch.device("cpu")):
+            pytest.skip("this torch build cannot pack float32 weights with oneDNN")
+        monkeypatch.setattr(packed_linear, "_engine_kernel_takes", lambda weight: False)
+    elif packed_linear.engine_kernel_unavailable() is not None:
+        pytest.skip(f"the engine's CPU kernel is unavailable here: {packed_linear.engine_kernel_unavailable()}")
+
+
+@pytest.mark.parametrize("kernel", ["engine", "onednn"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 40), (5, 40), (2, 3, 40), (33, 40)])
-def test_packed_linear_equals_dense_product(bias, shape):
+def test_packed_linear_equals_dense_product(bias, shape, kernel, monkeypatch):
+    _kernel(monkeypatch, kernel)
     torch.manual_seed(0)
     linear = torch.nn.Linear(40, 24, bias=bias)
     x = torch.randn(*shape)
     expected = torch.nn.functional.linear(x, linear.weight, linear.bias)
     packed = PackedLinear(linear)
+    assert packed.kernel == kernel
     with torch.inference_mode():
         got = packed(x)
         transposed = packed(x.transpose(-1, -2).contiguous().transpose(-1, -2))   # a strided input
@@ -108,11 +121,19 @@ def test_config_and_compile_refuse_bad_combinations(tiny_checkpoint):
         ModelRunner(engine.checkpoint.model, 0, compile=True, pack_weights="on")
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2", "gemma2"])
+@pytest.fixture(scope="module", params=[("llama", "engine"), ("llama", "onednn"), ("gpt2", "engine"),
+                                        ("gemma2", "engine")], ids=lambda p: "-".join(p))
 def engines(request, tiny_checkpoint):
-    """(packed engine, an unpacked engine of the same checkpoint for the oracle)."""
-    path = tiny_checkpoint(request.param)
-    packed = Engine.from_pretrained(path, max_batch_size=4, max_prefill_tokens=7, pack_weights="on")
+    """(packed engine, an unpacked engine of the same checkpoint for the oracle); the packed
+    one multiplies with the kernel named in the parameter."""
+    arch, kernel = request.param
+    path = tiny_checkpoint(arch)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _kernel(monkeypatch, kernel)
+        packed = Engine.from_pretrained(path, max_batch_size=4, max_prefill_tokens=7, pack_weights="on")
+    adapter = packed.runner.adapter
+    assert {m.kernel for m in adapter.decoder.modules() if isinstance(m, PackedLinear)} | {adapter.head_packed.kernel} \
+        == {kernel}
     plain = Engine.from_pretrained(path, max_batch_size=1, pack_weights="off")
     return packed, plain
 

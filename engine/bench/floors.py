@@ -8,9 +8,10 @@ A decode step cannot be faster than the larger of two bounds:
   (what batch 1 does);
 - the **matrix floor**: the model's own matrix products, in the order a step runs them
   (every ``nn.Linear`` of the decoder, then the LM head), at batch B, with nothing else:
-  no attention, norms, activations, masks or Python; the faster of two kernels, MKL's
-  (``F.linear``) and oneDNN's on weights it packed ahead (what the engine uses on CPU,
-  ``engine.runner.packed_linear``). Its FLOPs over its time is the rate this CPU
+  no attention, norms, activations, masks or Python; the fastest of three kernels: MKL's
+  (``F.linear``), oneDNN's on weights it packed ahead, and the engine's own
+  (``engine.runner.cpu_kernel``, where it builds; what the engine uses on CPU in float32).
+  Its FLOPs over its time is the rate this CPU
   multiplies the model's shapes at (``2 x B x weights`` FLOPs per step).
 
 ``measure(model, batches)`` returns both floors per batch and the rates; ``engine_steps``
@@ -85,7 +86,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def matrix_floor(model: torch.nn.Module, batch: int, repeats: int = 5) -> dict:
     """Seconds of the model's matrix products alone at ``batch`` rows (the faster kernel),
     their FLOP rate, and each kernel's seconds (``kernels``)."""
-    from engine.runner.packed_linear import can_pack, pack_weight, packed_product
+    from engine.runner import cpu_kernel
+    from engine.runner.packed_linear import onednn_can_pack, pack_weight, packed_product
 
     weights = _step_matrices(model)
     dtype = weights[0].dtype
@@ -99,10 +101,13 @@ def matrix_floor(model: torch.nn.Module, batch: int, repeats: int = 5) -> dict:
     kernels = {}
     with torch.inference_mode():
         kernels["mkl"] = _best_of(products, repeats)
-        if can_pack(dtype, weights[0].device):
+        if onednn_can_pack(dtype, weights[0].device):
             packed = [(inputs[w.shape[1]], pack_weight(w)) for w in weights]
             kernels["onednn_packed"] = _best_of(lambda: [packed_product(x, p) for x, p in packed], repeats)
             del packed
+        if dtype == torch.float32 and weights[0].device.type == "cpu" and cpu_kernel.unavailable_reason() is None:
+            bound = [(inputs[w.shape[1]], cpu_kernel.RowsProduct(w)) for w in weights]
+            kernels["engine"] = _best_of(lambda: [product(x) for x, product in bound], repeats)
     seconds = min(kernels.values())
     return {"seconds": seconds, "flops": flops, "flops_per_s": flops / seconds, "kernels": kernels}
 

@@ -25,9 +25,9 @@ multiply the [V, d] weight in row blocks (``HEAD_BLOCK_ROWS``). The copy does no
 later changes to the weight, so the trainer (which updates it) uses the default.
 
 With ``pack=True`` (inference on CPU, ``engine.runner.packed_linear``) every ``nn.Linear``
-of the decoder is replaced by a ``PackedLinear`` and the head is multiplied by a oneDNN
-packed copy of its weight at every row count, instead of the two layouts above; the model
-is then for inference only.
+of the decoder is replaced by a ``PackedLinear`` and the head is multiplied the same way
+(the engine's CPU kernel on the weight itself, or oneDNN's packed copy) at every row count,
+instead of the two layouts above; the model is then for inference only.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import inspect
 import torch
 from transformers import DynamicCache
 
-from engine.runner.packed_linear import pack_linears, pack_weight, packed_product
+from engine.runner.packed_linear import PackedLinear, pack_linears
 
 #: On CPU the LM head's product takes one of two layouts by the number of rows (measured
 #: on SmolLM2's 49,152 x 576 head, one thread, this project's 2-core AMD EPYC): up to 3
@@ -87,14 +87,14 @@ class DecoderAdapter:
         self.dtype = self.embedding.weight.dtype
         self.head_columns = None         # [d, V]: the head's weight, column-major, for inference on CPU
         self.head_blocks: list[torch.Tensor] = []    # row blocks (views) of the [V, d] weight
-        self.head_packed = None          # oneDNN's packed copy of the head's weight (pack=True)
+        self.head_packed: PackedLinear | None = None     # the head, prepared like the linears (pack=True)
         self.packed_linears = 0          # decoder linears replaced by PackedLinear
         if pack:
             if not inference:
                 raise ValueError("packed weights are for inference only")
             self.packed_linears = pack_linears(self.decoder)
             if type(self.lm_head) is torch.nn.Linear:
-                self.head_packed = pack_weight(self.lm_head.weight)
+                self.head_packed = PackedLinear(self.lm_head)
         elif inference and self.device.type == "cpu" and type(self.lm_head) is torch.nn.Linear:
             self.head_columns = self.lm_head.weight.detach().t().contiguous()
             weight = self.lm_head.weight.detach()
@@ -131,7 +131,7 @@ class DecoderAdapter:
         """[..., d] -> [..., V] float32 logits, as the model's own head computes them."""
         columns = self.head_columns is not None and hidden.numel() // hidden.shape[-1] <= HEAD_COLUMNS_MAX_ROWS
         if self.head_packed is not None:
-            logits = packed_product(hidden, self.head_packed, self.lm_head.bias)
+            logits = self.head_packed(hidden)
         elif columns or self.head_blocks:
             logits = (hidden @ self.head_columns if columns else
                       torch.cat([torch.nn.functional.linear(hidden, block) for block in self.head_blocks], dim=-1))

@@ -77,7 +77,9 @@ class _Product:
 
     def __init__(self, linear: torch.nn.Module):
         self.out_features = getattr(linear, "out_features", None)   # a merged part's slice: never called
-        if isinstance(linear, PackedLinear):
+        if isinstance(linear, PackedLinear) and linear.rows is not None:
+            self.product = self.product_plus = linear.rows       # rows(x), rows(x, residual)
+        elif isinstance(linear, PackedLinear):
             weight, bias = linear.packed_weight, linear.bias
             plain, binary = torch.ops.mkldnn._linear_pointwise.default, torch.ops.mkldnn._linear_pointwise.binary
             self.product = lambda x: plain(x, weight, bias, "none", [], "")

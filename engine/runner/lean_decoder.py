@@ -156,9 +156,9 @@ class _Layer(NamedTuple):
 
 
 def _linear_plus(linear: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """residual + linear(x); a oneDNN-packed linear adds the residual in its own kernel."""
+    """residual + linear(x); a packed linear adds the residual in its own kernel."""
     if isinstance(linear, PackedLinear):
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, linear.packed_weight, linear.bias, "add")
+        return linear.plus(x, residual)
     return residual + linear(x)
 
 

@@ -1,31 +1,37 @@
-"""Linear layers whose weights oneDNN has laid out ahead of time, for inference on CPU.
+"""Linear layers prepared ahead of time for inference on CPU ("packed" weights).
 
 ``torch.nn.functional.linear`` on CPU calls MKL's GEMM, which re-packs the weight into its
 own blocked layout on every call. For a decode step that is most of the work: at a few rows
 the product is bound by reading the weight, and the weight is read, packed and read again.
-oneDNN can pack a weight once (``torch.ops.mkldnn._reorder_linear_weight``) and multiply
-by the packed copy (``torch.ops.mkldnn._linear_pointwise``) at any row count; that is what
-``torch.compile``'s CPU backend does with frozen weights. Measured on this project's 2-core
-AMD EPYC (AVX2), SmolLM2-135M's 210 decoder products in float32, two threads, cold weights:
-29.5 against 36.7 ms at 1 row, 37.9 against 65.3 at 4, 56.0 against 68.9 at 16, 72.0
-against 89.5 at 32, 392 against 451 at 256 (a prefill chunk); its 49,152 x 576 LM head:
-6.1 against 10.3 ms at 1 row and 10.3 against 18.7 (MKL in row blocks) at 16.
+A ``PackedLinear`` multiplies with one of two kernels that do not:
 
-Each call costs oneDNN about 20 us more than MKL (a 64 x 64 product: 25 against 3 us), so
-``should_pack`` packs only models whose linear weights reach ``PACK_MIN_BYTES``.
+- **the engine's own** (``kernel == "engine"``; ``engine.runner.cpu_kernel``): float32 on
+  x86-64 with AVX2 where a C compiler builds it. It reads the dense weight as the model
+  holds it, so nothing is copied. Over SmolLM2-135M's 120 decoder products and its head
+  (cold weights, two threads, this project's 2-core AMD EPYC): 21.2 against oneDNN's 24.0
+  ms at 1 row, 47.3 against 52.7 at 16, 71.4 against 81.3 at 32, 496 against 538 at 256.
+- **oneDNN's** on a copy it packed once (``torch.ops.mkldnn._reorder_linear_weight``, then
+  ``_linear_pointwise``), what ``torch.compile``'s CPU backend does with frozen weights:
+  elsewhere (bfloat16 on a CPU with AVX-512, no compiler, ``COCONUT_CPU_KERNEL=off``).
+  Against MKL on the same products: 29.5 against 36.7 ms at 1 row, 56.0 against 68.9 at 16.
 
-``PackedLinear`` replaces an ``nn.Linear`` module in place and holds only the packed weight
-(the dense one is freed unless something else, e.g. a tied embedding, holds it): the model
-is then for inference only. Results equal ``F.linear``'s up to float rounding (a different
-summation order), not bit for bit. Packing needs float32 on a CPU with AVX2 or better, or
-bfloat16 on one with AVX-512 (oneDNN refuses bfloat16 elsewhere; ``pack_linears`` then
-leaves the model as it is). This module knows nothing of which modules a model has beyond
-their type, nor of compiled graphs (the engine does not pack a model it compiles).
+Each call costs either more than MKL's (about 8 us for the engine's, 20 us for oneDNN's,
+against 3), so ``should_pack`` packs only models whose linear weights reach
+``PACK_MIN_BYTES``.
+
+``PackedLinear`` replaces an ``nn.Linear`` module in place and holds only what its kernel
+reads (oneDNN's packed copy frees the dense weight unless something else, e.g. a tied
+embedding, holds it): the model is then for inference only. Results equal ``F.linear``'s
+up to float rounding (a different summation order), not bit for bit. This module knows
+nothing of which modules a model has beyond their type, nor of compiled graphs.
 """
 
 from __future__ import annotations
 
 import torch
+
+from engine.runner.cpu_kernel import RowsProduct
+from engine.runner.cpu_kernel import unavailable_reason as engine_kernel_unavailable
 
 #: Pack only when a model's ``nn.Linear`` weights (head included) take at least this many
 #: bytes: below it the per-call overhead outweighs the saving (the bundled 11 MB model).
@@ -45,15 +51,25 @@ def packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | N
 
 
 class PackedLinear(torch.nn.Module):
-    """An ``nn.Linear`` for inference, its weight packed by oneDNN."""
+    """An ``nn.Linear`` for inference, its weight prepared for the fastest product here:
+    the engine's own kernel on the dense weight (``kernel == "engine"``, float32 where
+    ``engine.runner.cpu_kernel`` builds) or oneDNN's packed copy (``"onednn"``)."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        self.register_buffer("packed_weight", pack_weight(linear.weight), persistent=False)
         bias = linear.bias.detach() if linear.bias is not None else None
         self.register_buffer("bias", bias, persistent=False)
+        self.rows: RowsProduct | None = None
+        if _engine_kernel_takes(linear.weight):
+            self.rows = RowsProduct(linear.weight, bias)
+            self.register_buffer("weight_rows", self.rows.weight, persistent=False)
+            self.packed_weight = None
+            self.kernel = "engine"
+        else:
+            self.register_buffer("packed_weight", pack_weight(linear.weight), persistent=False)
+            self.kernel = "onednn"
 
     @classmethod
     def merged(cls, parts: list["PackedLinear"]) -> "PackedLinear":
@@ -70,14 +86,24 @@ class PackedLinear(torch.nn.Module):
         return cls(linear)
 
     def dense_weight(self) -> torch.Tensor:
-        """The weight as a dense [out, in] tensor (a copy)."""
-        return self.packed_weight.to_dense()
+        """The weight as a dense [out, in] tensor (oneDNN's: a copy; the engine kernel's:
+        the weight itself, not to be written)."""
+        return self.rows.weight if self.rows is not None else self.packed_weight.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows is not None:
+            return self.rows(x)
         return packed_product(x, self.packed_weight, self.bias)
 
+    def plus(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + self(x), the residual added in the product's own kernel."""
+        if self.rows is not None:
+            return self.rows(x, residual)
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed_weight, self.bias, "add")
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"kernel={self.kernel}")
 
 
 class PackedSlice(torch.nn.Module):
@@ -124,7 +150,19 @@ def linear_bytes(model: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
+def _engine_kernel_takes(weight: torch.Tensor) -> bool:
+    return weight.dtype == torch.float32 and weight.device.type == "cpu" and engine_kernel_unavailable() is None
+
+
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether weights of ``dtype`` on ``device`` can be prepared here: the engine's kernel
+    takes them, or oneDNN packs them."""
+    if device.type == "cpu" and dtype == torch.float32 and engine_kernel_unavailable() is None:
+        return True
+    return onednn_can_pack(dtype, device)
+
+
+def onednn_can_pack(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether oneDNN packs weights of ``dtype`` on ``device`` here (tried on a small one)."""
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False

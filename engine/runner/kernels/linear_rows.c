@@ -1,0 +1,108 @@
+/* Y = X W^T (+ bias) (+ add) in float32 for a few to a few hundred rows of X, on x86-64
+ * with AVX2 and FMA: the engine's matrix product on CPU (engine/runner/cpu_kernel.py).
+ *
+ * W is the layer's weight as the model holds it, [m, n] row-major, read once per call:
+ * each thread takes blocks of 4 weight rows and, for every 3 rows of X, keeps the 12 dot
+ * products in registers while the block (in L1) meets each row of X. At 1 row this is a
+ * matrix-vector product that streams W at the memory's read rate; at more rows the block is
+ * reused from cache, so W still leaves memory once.
+ *
+ * X [rows, n], Y [rows, m], add [rows, m]: contiguous. bias [m] and add may be NULL.
+ * Y = (XW^T + bias) + add, in that order (as F.linear, then a residual, would add them).
+ * Any m and n: tails are summed in scalar code. Threads: OpenMP, the caller's count.
+ */
+#include <immintrin.h>
+#include <stddef.h>
+
+static inline float hsum(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_hadd_ps(a, a);
+    a = _mm_hadd_ps(a, a);
+    return _mm_cvtss_f32(a);
+}
+
+static inline void store(float *y, long o, float dot, const float *bias, const float *add) {
+    if (bias) dot += bias[o];
+    if (add) dot += add[o];
+    y[o] = dot;
+}
+
+/* weight rows o..o+3 against x rows r..r+2 */
+static void block_4x3(const float *W, const float *X, float *Y, const float *bias, const float *add,
+                      long r, long o, long m, long n) {
+    const float *w0 = W + o * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
+    const float *x0 = X + r * n, *x1 = x0 + n, *x2 = x1 + n;
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+    __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v0 = _mm256_loadu_ps(w0 + i), v1 = _mm256_loadu_ps(w1 + i);
+        __m256 v2 = _mm256_loadu_ps(w2 + i), v3 = _mm256_loadu_ps(w3 + i);
+        __m256 x = _mm256_loadu_ps(x0 + i);
+        a00 = _mm256_fmadd_ps(v0, x, a00); a01 = _mm256_fmadd_ps(v1, x, a01);
+        a02 = _mm256_fmadd_ps(v2, x, a02); a03 = _mm256_fmadd_ps(v3, x, a03);
+        x = _mm256_loadu_ps(x1 + i);
+        a10 = _mm256_fmadd_ps(v0, x, a10); a11 = _mm256_fmadd_ps(v1, x, a11);
+        a12 = _mm256_fmadd_ps(v2, x, a12); a13 = _mm256_fmadd_ps(v3, x, a13);
+        x = _mm256_loadu_ps(x2 + i);
+        a20 = _mm256_fmadd_ps(v0, x, a20); a21 = _mm256_fmadd_ps(v1, x, a21);
+        a22 = _mm256_fmadd_ps(v2, x, a22); a23 = _mm256_fmadd_ps(v3, x, a23);
+    }
+    float d[3][4] = {{hsum(a00), hsum(a01), hsum(a02), hsum(a03)},
+                     {hsum(a10), hsum(a11), hsum(a12), hsum(a13)},
+                     {hsum(a20), hsum(a21), hsum(a22), hsum(a23)}};
+    for (; i < n; i++)
+        for (int k = 0; k < 3; k++)
+            for (int j = 0; j < 4; j++) d[k][j] += W[(o + j) * n + i] * X[(r + k) * n + i];
+    for (int k = 0; k < 3; k++)
+        for (int j = 0; j < 4; j++) store(Y + (r + k) * m, o + j, d[k][j], bias, add ? add + (r + k) * m : NULL);
+}
+
+/* weight rows o..o+3 against x row r */
+static void block_4x1(const float *W, const float *X, float *Y, const float *bias, const float *add,
+                      long r, long o, long m, long n) {
+    const float *w0 = W + o * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n, *x0 = X + r * n;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(x0 + i);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + i), x, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + i), x, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + i), x, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + i), x, a3);
+    }
+    float d[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+    for (; i < n; i++)
+        for (int j = 0; j < 4; j++) d[j] += W[(o + j) * n + i] * x0[i];
+    for (int j = 0; j < 4; j++) store(Y + r * m, o + j, d[j], bias, add ? add + r * m : NULL);
+}
+
+/* one weight row o against x row r (the last m % 4 rows) */
+static void block_1x1(const float *W, const float *X, float *Y, const float *bias, const float *add,
+                      long r, long o, long m, long n) {
+    const float *w0 = W + o * n, *x0 = X + r * n;
+    __m256 a0 = _mm256_setzero_ps();
+    long i = 0;
+    for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + i), _mm256_loadu_ps(x0 + i), a0);
+    float d = hsum(a0);
+    for (; i < n; i++) d += w0[i] * x0[i];
+    store(Y + r * m, o, d, bias, add ? add + r * m : NULL);
+}
+
+void coconut_linear_rows(const float *W, const float *X, float *Y, const float *bias, const float *add,
+                         long rows, long m, long n, int threads) {
+    long blocks = (m + 3) / 4;
+    int parallel = threads > 1 && rows * m * n >= 65536;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (parallel)
+    for (long b = 0; b < blocks; b++) {
+        long o = 4 * b;
+        if (o + 5 <= m) {
+            long r = 0;
+            for (; r + 3 <= rows; r += 3) block_4x3(W, X, Y, bias, add, r, o, m, n);
+            for (; r < rows; r++) block_4x1(W, X, Y, bias, add, r, o, m, n);
+        } else {
+            for (long r = 0; r < rows; r++)
+                for (long j = o; j < m; j++) block_1x1(W, X, Y, bias, add, r, j, m, n);
+        }
+    }
+}

@@ -1,0 +1,109 @@
+"""The engine's CPU matrix product (``engine.runner.cpu_kernel``) against a float64 oracle:
+every tail of the blocked loops (rows not a multiple of 3, outputs not a multiple of 4,
+inputs not a multiple of 8), bias and residual, strided and batched inputs, one thread
+against two, and its refusals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine.runner import cpu_kernel, packed_linear
+
+# skip only where the machine cannot build it: a kernel that builds but computes wrong fails here
+REASON = cpu_kernel.build_reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"the engine's CPU kernel cannot be built here: {REASON}")
+
+
+def test_its_self_check_passes():
+    """What the engine asks before using it: built, and right on a few shapes."""
+    assert cpu_kernel.unavailable_reason() is None
+
+
+def _oracle(x, w, bias=None, add=None):
+    out = x.double() @ w.double().T
+    if bias is not None:
+        out = out + bias.double()
+    if add is not None:
+        out = out + add.double()
+    return out.float()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 33])
+@pytest.mark.parametrize("m,n", [(1, 1), (3, 7), (4, 8), (5, 9), (13, 100), (64, 576), (70, 1536)])
+def test_equals_the_float64_product_at_every_tail(rows, m, n):
+    generator = torch.Generator().manual_seed(rows * 1000 + m * 10 + n)
+    x, w = torch.randn(rows, n, generator=generator), torch.randn(m, n, generator=generator)
+    bias, add = torch.randn(m, generator=generator), torch.randn(rows, m, generator=generator)
+    tolerance = dict(rtol=1e-5, atol=1e-5 * n ** 0.5)
+    torch.testing.assert_close(cpu_kernel.linear(x, w), _oracle(x, w), **tolerance)
+    torch.testing.assert_close(cpu_kernel.linear(x, w, bias), _oracle(x, w, bias), **tolerance)
+    torch.testing.assert_close(cpu_kernel.linear(x, w, bias, add), _oracle(x, w, bias, add), **tolerance)
+    torch.testing.assert_close(cpu_kernel.linear(x, w, None, add), _oracle(x, w, None, add), **tolerance)
+
+
+def test_batched_and_strided_inputs():
+    generator = torch.Generator().manual_seed(1)
+    w = torch.randn(12, 40, generator=generator)
+    x = torch.randn(2, 3, 40, generator=generator)
+    strided = torch.randn(40, 5, generator=generator).t()           # [5, 40], not contiguous
+    product = cpu_kernel.RowsProduct(w)
+    assert product(x).shape == (2, 3, 12)
+    torch.testing.assert_close(product(x), _oracle(x, w))
+    torch.testing.assert_close(product(strided), _oracle(strided, w))
+    add = torch.randn(2, 3, 12, generator=generator)
+    torch.testing.assert_close(product(x, add), _oracle(x, w, None, add))
+
+
+def test_one_thread_and_two_give_the_same_bits():
+    """Each output is one thread's dot product in a fixed order, whatever the split."""
+    generator = torch.Generator().manual_seed(2)
+    x, w = torch.randn(5, 576, generator=generator), torch.randn(960, 576, generator=generator)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernel.linear(x, w)
+        torch.set_num_threads(2)
+        two = cpu_kernel.linear(x, w)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_refuses_what_it_cannot_multiply():
+    w = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"float32 \[\.\.\., 8\]"):
+        cpu_kernel.linear(torch.randn(2, 9), w)
+    with pytest.raises(ValueError, match="float32"):
+        cpu_kernel.linear(torch.randn(2, 8, dtype=torch.float64), w)
+    with pytest.raises(TypeError, match="float32"):
+        cpu_kernel.RowsProduct(w.double())
+    with pytest.raises(ValueError, match="add must be"):
+        cpu_kernel.linear(torch.randn(2, 8), w, add=torch.randn(3, 4))
+    with pytest.raises(ValueError, match="bias must be"):
+        cpu_kernel.RowsProduct(w, torch.randn(5))
+
+
+def test_switched_off_by_the_environment():
+    code = ("from engine.runner import cpu_kernel, packed_linear; import torch;"
+            "print(cpu_kernel.unavailable_reason());"
+            "print(packed_linear.PackedLinear(torch.nn.Linear(8, 4)).kernel if torch.backends.mkldnn.is_available()"
+            " else 'onednn')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**__import__("os").environ, "COCONUT_CPU_KERNEL": "off"}, check=True)
+    lines = run.stdout.split("\n")
+    assert lines[0] == "COCONUT_CPU_KERNEL=off"
+    assert lines[1] == "onednn"
+
+
+def test_packed_linear_takes_the_engine_kernel_in_float32():
+    linear = torch.nn.Linear(16, 8)
+    packed = packed_linear.PackedLinear(linear)
+    assert packed.kernel == "engine" and packed.packed_weight is None
+    assert packed.dense_weight().data_ptr() == linear.weight.data_ptr()     # held once, not copied
+    x, residual = torch.randn(3, 16), torch.randn(3, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed.plus(x, residual), _oracle(x, linear.weight, linear.bias, residual))
