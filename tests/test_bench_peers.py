@@ -137,6 +137,12 @@ def test_floors_count_the_models_own_weights(tiny_checkpoint):
     assert ratios["batches"]["2"]["step_over_matrix_floor"] == pytest.approx(2.0)
     kernels = measured["batches"]["2"]["matrix_kernel_ms"]
     assert measured["batches"]["2"]["matrix_floor_ms"] == pytest.approx(min(kernels.values()))
+    # the bandwidth is the fastest read measured, the engine's own matrix-vector product included
+    from engine.runner import cpu_kernel
+
+    bandwidth = measured["read_bandwidth"]
+    assert bandwidth["bytes_per_s"] == max(v for k, v in bandwidth.items() if k != "bytes_per_s")
+    assert ("engine_mv_bytes_per_s" in bandwidth) == ("engine" in kernels) == (cpu_kernel.unavailable_reason() is None)
     # a model the engine packed (engine.runner.packed_linear) counts the same weights
     from engine.runner.packed_linear import pack_linears
 
