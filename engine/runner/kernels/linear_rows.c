@@ -1,18 +1,23 @@
 /* Y = X W^T (+ bias) (+ add) in float32 for a few to a few hundred rows of X, on x86-64
  * with AVX2 and FMA: the engine's matrix product on CPU (engine/runner/cpu_kernel.py).
  *
- * W is the layer's weight as the model holds it, [m, n] row-major, read once per call:
- * each thread takes blocks of 4 weight rows and, for every 3 rows of X, keeps the 12 dot
- * products in registers while the block (in L1) meets each row of X. At 1 row this is a
- * matrix-vector product that streams W at the memory's read rate; at more rows the block is
- * reused from cache, so W still leaves memory once.
- *
+ * W is the layer's weight as the model holds it, [m, n] row-major, read once per call.
+ * - One row of X with rows of W up to 1024 long (a decode step's matrix-vector products on
+ *   a small model): each thread takes a contiguous run of weight rows and reads each front
+ *   to back with four accumulators, so its whole share is one sequential stream for the
+ *   hardware prefetcher. Measured over SmolLM2-135M's products (rows of 576): 32.0 GB/s
+ *   against 29.9 for the blocks below, which interleave four short streams.
+ * - Otherwise: each thread takes blocks of 4 weight rows and, for every 3 rows of X, keeps
+ *   the 12 dot products in registers while the block (in L1) meets each row of X. At more
+ *   rows the block is reused from cache, so W still leaves memory once; at 1 row and long
+ *   weight rows the four streams read faster than one (36.6 against 32.2 GB/s at 32,768).
  * X [rows, n], Y [rows, m], add [rows, m]: contiguous. bias [m] and add may be NULL.
  * Y = (XW^T + bias) + add, in that order (as F.linear, then a residual, would add them).
  * Any m and n: tails are summed in scalar code. Threads: OpenMP, the caller's count.
  */
 #include <immintrin.h>
 #include <stddef.h>
+#include <omp.h>
 
 static inline float hsum(__m256 v) {
     __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -89,8 +94,40 @@ static void block_1x1(const float *W, const float *X, float *Y, const float *bia
     store(Y + r * m, o, d, bias, add ? add + r * m : NULL);
 }
 
+/* weight rows o..o_end-1 against one x row: each weight row read front to back with four
+ * accumulators, so a thread's rows are one sequential stream (rows are adjacent) */
+static void rows_1(const float *W, const float *x, float *y, const float *bias, const float *add,
+                   long o, long o_end, long n) {
+    for (; o < o_end; o++) {
+        const float *w = W + o * n;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        long i = 0;
+        for (; i + 32 <= n; i += 32) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+        }
+        for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+        float d = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        for (; i < n; i++) d += w[i] * x[i];
+        store(y, o, d, bias, add);
+    }
+}
+
 void coconut_linear_rows(const float *W, const float *X, float *Y, const float *bias, const float *add,
                          long rows, long m, long n, int threads) {
+    if (rows == 1 && n <= 1024) {
+        int parallel1 = threads > 1 && m * n >= 65536;
+        #pragma omp parallel num_threads(threads) if (parallel1)
+        {
+            int t = omp_get_thread_num(), count = omp_get_num_threads();
+            long per = (m + count - 1) / count;
+            long start = t * per, end = start + per < m ? start + per : m;
+            if (start < end) rows_1(W, X, Y, bias, add, start, end, n);
+        }
+        return;
+    }
     long blocks = (m + 3) / 4;
     int parallel = threads > 1 && rows * m * n >= 65536;
     #pragma omp parallel for num_threads(threads) schedule(static) if (parallel)
