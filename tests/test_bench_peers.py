@@ -142,6 +142,8 @@ def test_floors_count_the_models_own_weights(tiny_checkpoint):
 
     bandwidth = measured["read_bandwidth"]
     assert bandwidth["bytes_per_s"] == max(v for k, v in bandwidth.items() if k != "bytes_per_s")
+    # the products at 1 row read every weight: the memory floor is never above their time
+    assert measured["memory_floor_ms"] <= measured["batches"]["1"]["matrix_floor_ms"] * (1 + 1e-9)
     assert ("engine_mv_bytes_per_s" in bandwidth) == ("engine" in kernels) == (cpu_kernel.unavailable_reason() is None)
     # a model the engine packed (engine.runner.packed_linear) counts the same weights
     from engine.runner.packed_linear import pack_linears

@@ -46,6 +46,11 @@ def test_compiled_steps_equal_the_modules(tiny_checkpoint, arch, pack, monkeypat
     kernels = {m.kernel for m in compiled.adapter.decoder.modules() if isinstance(m, PackedLinear)}
     assert kernels == {"off": set(), "on": {"engine"} if packed_linear.engine_kernel_unavailable() is None
                        else {"onednn"}, "onednn": {"onednn"}}[pack]
+    # the engine's kernel is called from the graph through its C++ table where its operators built
+    from engine.runner import cpu_kernel
+    through_table = kernels == {"engine"} and cpu_kernel.operators_reason() is None
+    assert (compiled.compiled_decode.kernel_table is not None) == through_table
+    assert compiled.compiled_decode.spec.kernel_table == through_table
     calls = []
     graph = compiled.compiled_decode
     compiled.compiled_decode = lambda *a: calls.append(a[0].shape[0]) or graph(*a)

@@ -18,6 +18,14 @@ REASON = cpu_kernel.build_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"the engine's CPU kernel cannot be built here: {REASON}")
 
 
+@pytest.fixture(params=["ctypes", "operators"])
+def through(request):
+    """Both ways in: ctypes, and the torch operators (where a C++ compiler builds them)."""
+    if request.param == "operators" and cpu_kernel.operators_reason() is not None:
+        pytest.skip(f"the kernel's torch operators cannot be built here: {cpu_kernel.operators_reason()}")
+    return request.param
+
+
 def test_its_self_check_passes():
     """What the engine asks before using it: built, and right on a few shapes."""
     assert cpu_kernel.unavailable_reason() is None
@@ -34,23 +42,21 @@ def _oracle(x, w, bias=None, add=None):
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 33])
 @pytest.mark.parametrize("m,n", [(1, 1), (3, 7), (4, 8), (5, 9), (13, 100), (64, 576), (70, 1536), (9, 1031)])
-def test_equals_the_float64_product_at_every_tail(rows, m, n):
+def test_equals_the_float64_product_at_every_tail(rows, m, n, through):
     generator = torch.Generator().manual_seed(rows * 1000 + m * 10 + n)
     x, w = torch.randn(rows, n, generator=generator), torch.randn(m, n, generator=generator)
     bias, add = torch.randn(m, generator=generator), torch.randn(rows, m, generator=generator)
     tolerance = dict(rtol=1e-5, atol=1e-5 * n ** 0.5)
-    torch.testing.assert_close(cpu_kernel.linear(x, w), _oracle(x, w), **tolerance)
-    torch.testing.assert_close(cpu_kernel.linear(x, w, bias), _oracle(x, w, bias), **tolerance)
-    torch.testing.assert_close(cpu_kernel.linear(x, w, bias, add), _oracle(x, w, bias, add), **tolerance)
-    torch.testing.assert_close(cpu_kernel.linear(x, w, None, add), _oracle(x, w, None, add), **tolerance)
+    for b, a in ((None, None), (bias, None), (bias, add), (None, add)):
+        torch.testing.assert_close(cpu_kernel.linear(x, w, b, a, through=through), _oracle(x, w, b, a), **tolerance)
 
 
-def test_batched_and_strided_inputs():
+def test_batched_and_strided_inputs(through):
     generator = torch.Generator().manual_seed(1)
     w = torch.randn(12, 40, generator=generator)
     x = torch.randn(2, 3, 40, generator=generator)
     strided = torch.randn(40, 5, generator=generator).t()           # [5, 40], not contiguous
-    product = cpu_kernel.RowsProduct(w)
+    product = cpu_kernel.RowsProduct(w, through=through)
     assert product(x).shape == (2, 3, 12)
     torch.testing.assert_close(product(x), _oracle(x, w))
     torch.testing.assert_close(product(strided), _oracle(strided, w))
@@ -59,31 +65,34 @@ def test_batched_and_strided_inputs():
 
 
 @pytest.mark.parametrize("rows,n", [(1, 576), (1, 1536), (5, 576)])
-def test_one_thread_and_two_give_the_same_bits(rows, n):
+def test_one_thread_and_two_give_the_same_bits(rows, n, through):
     """Each output is one thread's dot product in a fixed order, whatever the split."""
     generator = torch.Generator().manual_seed(2)
     x, w = torch.randn(rows, n, generator=generator), torch.randn(962, n, generator=generator)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = cpu_kernel.linear(x, w)
+        one = cpu_kernel.linear(x, w, through=through)
         torch.set_num_threads(2)
-        two = cpu_kernel.linear(x, w)
+        two = cpu_kernel.linear(x, w, through=through)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
 
 
-def test_refuses_what_it_cannot_multiply():
+def test_refuses_what_it_cannot_multiply(through):
     w = torch.randn(4, 8)
-    with pytest.raises(ValueError, match=r"float32 \[\.\.\., 8\]"):
-        cpu_kernel.linear(torch.randn(2, 9), w)
-    with pytest.raises(ValueError, match="float32"):
-        cpu_kernel.linear(torch.randn(2, 8, dtype=torch.float64), w)
+    errors = (ValueError, RuntimeError)
+    with pytest.raises(errors, match=r"\[\.\.\., 8\] input"):
+        cpu_kernel.linear(torch.randn(2, 9), w, through=through)
+    with pytest.raises(errors, match="float32"):
+        cpu_kernel.linear(torch.randn(2, 8, dtype=torch.float64), w, through=through)
+    with pytest.raises(errors, match="add must be float32"):
+        cpu_kernel.linear(torch.randn(2, 8), w, add=torch.randn(3, 4), through=through)
     with pytest.raises(TypeError, match="float32"):
         cpu_kernel.RowsProduct(w.double())
-    with pytest.raises(ValueError, match="add must be"):
-        cpu_kernel.linear(torch.randn(2, 8), w, add=torch.randn(3, 4))
+    with pytest.raises(ValueError, match="through="):
+        cpu_kernel.RowsProduct(w, through="somehow")
     with pytest.raises(ValueError, match="bias must be"):
         cpu_kernel.RowsProduct(w, torch.randn(5))
 

@@ -29,6 +29,7 @@ requests, the scheduler or prompt chunks; the runner decides which steps it take
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import threading
@@ -36,6 +37,7 @@ from typing import NamedTuple
 
 import torch
 
+from engine.runner import cpu_kernel
 from engine.runner.lean_decoder import LeanDecoder, _linear_plus
 from engine.runner.packed_linear import PackedLinear, should_pack
 
@@ -102,6 +104,7 @@ class _Spec(NamedTuple):
     merged_qkv: bool
     merged_gate_up: bool
     float32_norms: bool
+    kernel_table: bool = False     # products through coconut_kernels' table (C++), not this module's ops
 
 
 #: the operators' indices of layer i: 7 * i + one of these (unused ones hold None)
@@ -121,7 +124,10 @@ def _decode_forward(x, cos, sin, write_index, mask, keys, values, norms1, norms2
     embeddings, cos / sin [n, 1, head_dim] (sin with its first half negated), write_index
     [n, kv heads], mask [n, 1, 1, L] additive; keys / values: each layer's cache
     [slots, kv heads, positions, head_dim], written in place -> [n, d] after the final norm."""
-    linear, linear_add = torch.ops.coconut_serve.linear, torch.ops.coconut_serve.linear_add
+    if spec.kernel_table:
+        linear, linear_add = torch.ops.coconut_kernels.table_linear, torch.ops.coconut_kernels.table_linear_add
+    else:
+        linear, linear_add = torch.ops.coconut_serve.linear, torch.ops.coconut_serve.linear_add
     n, heads, kv, hd = x.shape[0], spec.heads, spec.kv_heads, spec.head_dim
     groups, length, half = heads // kv, mask.shape[-1], hd // 2
     for i in range(spec.layers):
@@ -165,18 +171,27 @@ class CompiledDecode:
     def __init__(self, lean: LeanDecoder):
         self.lean = lean
         layers = lean.layers
-        self.table = []
+        modules = []
         for p in layers:
-            self.table += [_Product(m) for m in (p.qkv if p.qkv is not None else p.q_proj, p.k_proj, p.v_proj,
-                                                 p.o_proj, p.gate_up if p.gate_up is not None else p.gate_proj,
-                                                 p.up_proj, p.down_proj)]
+            modules += [p.qkv if p.qkv is not None else p.q_proj, p.k_proj, p.v_proj, p.o_proj,
+                        p.gate_up if p.gate_up is not None else p.gate_proj, p.up_proj, p.down_proj]
+        self.table = [_Product(m) for m in modules]
         self.norms1 = [p.norm1.weight for p in layers]
         self.norms2 = [p.norm2.weight for p in layers]
         self.final_norm = lean.final_norm.weight
         eps = lean.final_norm.eps
+        merged_qkv, merged_gate_up = layers[0].qkv is not None, layers[0].gate_up is not None
+        self.kernel_table = _kernel_table(modules, merged_qkv, merged_gate_up)
         self.spec = _Spec(len(layers), lean.heads, lean.kv_heads, lean.head_dim, float(lean.scaling), float(eps),
-                          layers[0].qkv is not None, layers[0].gate_up is not None,
-                          self.final_norm.dtype == torch.float32)
+                          merged_qkv, merged_gate_up, self.final_norm.dtype == torch.float32,
+                          self.kernel_table is not None)
+
+    def __del__(self):
+        if getattr(self, "kernel_table", None) is not None:
+            try:
+                torch.ops.coconut_kernels.drop_table(self.kernel_table)
+            except Exception:      # interpreter shutting down
+                pass
 
     @staticmethod
     def reason_unsupported(model: torch.nn.Module) -> str | None:
@@ -212,11 +227,48 @@ class CompiledDecode:
             torch._dynamo.maybe_mark_dynamic(mask, 3)
         keys = [layer.keys for layer in cache.layers]
         values = [layer.values for layer in cache.layers]
-        _ACTIVE.table = self.table
+        _ACTIVE.table = self.table          # for the operators' shapes while tracing, and this module's ops
+        if self.kernel_table is not None:
+            torch.ops.coconut_kernels.activate(self.kernel_table)
         try:
             return _compiled_forward(*inputs, keys, values, self.norms1, self.norms2, self.final_norm, self.spec)
         finally:
             _ACTIVE.table = None
+            if self.kernel_table is not None:
+                torch.ops.coconut_kernels.activate(0)
+
+
+def _kernel_table(modules: list, merged_qkv: bool, merged_gate_up: bool) -> int | None:
+    """A ``coconut_kernels`` table of the layers' weights (its handle), where every product
+    the graph calls is the engine's CPU kernel and its torch operators are built: the graph
+    then calls the kernel through the dispatcher straight into C++, about 15 us a product
+    less than this module's Python operators. None otherwise."""
+    called = {_Q, _O, _GATE, _DOWN} | (set() if merged_qkv else {_K, _V}) | (set() if merged_gate_up else {_UP})
+    if cpu_kernel.operators_reason() is not None:
+        return None
+    for index, module in enumerate(modules):
+        if index % 7 in called and not (isinstance(module, PackedLinear) and module.rows is not None):
+            return None
+    _register_table_shapes()
+    empty = torch.empty(0)
+    weights, biases = [], []
+    for index, module in enumerate(modules):
+        used = index % 7 in called
+        weights.append(module.rows.weight if used else empty)
+        bias = module.rows.bias if used else None
+        biases.append(bias if bias is not None else empty)
+    return torch.ops.coconut_kernels.set_table(weights, biases)
+
+
+@functools.cache
+def _register_table_shapes() -> None:
+    @torch.library.register_fake("coconut_kernels::table_linear")
+    def _table_linear_shape(x, index):
+        return x.new_empty((x.shape[0], _ACTIVE.table[index].out_features))
+
+    @torch.library.register_fake("coconut_kernels::table_linear_add")
+    def _table_linear_add_shape(x, residual, index):
+        return torch.empty_like(residual)
 
 
 

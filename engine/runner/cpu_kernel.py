@@ -39,6 +39,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "linear_rows.c"
+OP_SOURCE = Path(__file__).with_name("kernels") / "linear_rows_op.cpp"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 
 
@@ -49,23 +50,24 @@ def _cache_dirs() -> list[Path]:
     return [Path.home() / ".cache" / "coconut-serve" / "kernels", Path(tempfile.gettempdir()) / "coconut-serve-kernels"]
 
 
-def _build(compiler: str) -> Path:
-    """Compile the kernel (once per source, flags and compiler) -> the shared library's path."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((compiler,) + FLAGS).encode()).hexdigest()[:16]
+def _build(name: str, sources: bytes, commands) -> Path:
+    """``commands(output_path) -> [argv, ...]`` run once per ``sources`` (their bytes and
+    the command lines) -> the built library's path, in the first writable cache directory."""
+    key = hashlib.sha256(sources + repr(commands("OUT")).encode()).hexdigest()[:16]
     errors = []
     for directory in _cache_dirs():
-        target = directory / f"linear_rows-{key}.so"
+        target = directory / f"{name}-{key}.so"
         if target.exists():
             return target
         try:
             directory.mkdir(parents=True, exist_ok=True)
             fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
             os.close(fd)
-            run = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True)
-            if run.returncode != 0:
-                os.unlink(partial)
-                raise RuntimeError(f"{compiler} failed: {run.stderr.strip()[-500:]}")
+            for argv in commands(partial):
+                run = subprocess.run(argv, capture_output=True, text=True)
+                if run.returncode != 0:
+                    os.unlink(partial)
+                    raise RuntimeError(f"{argv[0]} failed: {run.stderr.strip()[-500:]}")
             os.replace(partial, target)       # atomic: a concurrent build writes the same bytes
             return target
         except OSError as e:
@@ -87,13 +89,54 @@ def _library():
     if compiler is None:
         return None, "no C compiler on the PATH (CC or cc) to build the kernel"
     try:
-        path = _build(compiler)
+        path = _build("linear_rows", SOURCE.read_bytes(),
+                      lambda out: [[compiler, *FLAGS, str(SOURCE), "-o", out]])
         function = ctypes.CDLL(str(path)).coconut_linear_rows
     except (RuntimeError, OSError) as e:
         return None, f"the kernel could not be built or loaded: {e}"
     function.restype = None
     function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
     return function, None
+
+
+@functools.cache
+def _operators() -> str | None:
+    """Build and load ``coconut_kernels`` (the kernel as torch operators) -> None, or why
+    not (then ``RowsProduct`` calls the kernel through ctypes)."""
+    if _library()[0] is None:
+        return _library()[1]
+    c_compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if cxx is None:
+        return "no C++ compiler on the PATH (CXX or c++) to build the kernel's torch operators"
+    from torch.utils.cpp_extension import include_paths
+
+    torch_lib = Path(torch.__file__).parent / "lib"
+    includes = [f"-I{p}" for p in include_paths()]
+
+    def commands(out):
+        kernel = out + ".kernel.o"
+        return [[c_compiler, *FLAGS[:-2], "-fPIC", "-c", str(SOURCE), "-o", kernel],
+                [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", *includes, str(OP_SOURCE), kernel,
+                 f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-o", out],
+                ["rm", "-f", kernel]]
+    try:
+        path = _build("linear_rows_op", SOURCE.read_bytes() + OP_SOURCE.read_bytes() + torch.__version__.encode(),
+                      commands)
+        torch.ops.load_library(str(path))
+    except (RuntimeError, OSError) as e:
+        return f"the kernel's torch operators could not be built or loaded: {e}"
+
+    @torch.library.register_fake("coconut_kernels::linear_rows")
+    def _linear_rows_shape(x, weight, bias=None, add=None):
+        return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+    return None
+
+
+def operators_reason() -> str | None:
+    """None where the kernel's torch operators (``coconut_kernels::...``) are loaded here,
+    else why not."""
+    return _operators()
 
 
 def build_reason() -> str | None:
@@ -128,20 +171,26 @@ def available() -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           add: torch.Tensor | None = None) -> torch.Tensor:
+           add: torch.Tensor | None = None, *, through: str = "auto") -> torch.Tensor:
     """x [..., in] @ weight[out, in]^T (+ bias [out]) (+ add [..., out]) -> [..., out], float32
-    on CPU. Raises RuntimeError where the kernel is unavailable."""
-    return RowsProduct(weight, bias)(x, add)
+    on CPU. Raises RuntimeError where the kernel is unavailable (``through``: see
+    ``RowsProduct``)."""
+    return RowsProduct(weight, bias, through=through)(x, add)
 
 
 class RowsProduct:
     """A weight (and bias) bound once, for the many calls of a decode loop:
-    ``product(x, add=None)`` = ``linear(x, weight, bias, add)`` with less per-call work
-    (about 5 us in Python around the kernel)."""
+    ``product(x, add=None)`` = ``linear(x, weight, bias, add)`` with less per-call work.
+    ``through``: "operators" (the ``coconut_kernels`` torch operators: about 5 us a call
+    with the dispatcher), "ctypes" (about 8 us), or "auto" (operators where they built).
+    Bad input raises ValueError (ctypes) or RuntimeError (operators), saying what was
+    expected."""
 
-    __slots__ = ("weight", "bias", "out_features", "in_features", "_function", "_pointers")
+    __slots__ = ("weight", "bias", "out_features", "in_features", "_function", "_pointers", "_operator")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, through: str = "auto"):
+        if through not in ("auto", "operators", "ctypes"):
+            raise ValueError(f"through={through!r}: expected auto, operators or ctypes")
         function, reason = _library()
         if function is None:
             raise RuntimeError(f"the engine's CPU kernel is unavailable: {reason}")
@@ -157,8 +206,17 @@ class RowsProduct:
         self.bias = bias
         self._function = function
         self._pointers = (self.weight.data_ptr(), None if bias is None else bias.data_ptr())
+        self._operator = None
+        if through != "ctypes":
+            reason = _operators()
+            if reason is None:
+                self._operator = torch.ops.coconut_kernels.linear_rows.default
+            elif through == "operators":
+                raise RuntimeError(f"the engine's CPU kernel operators are unavailable: {reason}")
 
     def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        if self._operator is not None:      # the same kernel through the dispatcher: fewer us a call
+            return self._operator(x, self.weight, self.bias, add)
         n = self.in_features
         if x.dtype != torch.float32 or x.shape[-1] != n:
             raise ValueError(f"expected float32 [..., {n}] input, got {x.dtype} {tuple(x.shape)}")

@@ -1,0 +1,135 @@
+// The engine's CPU matrix product (linear_rows.c) as torch operators, so that Python and
+// compiled graphs reach it through the dispatcher in about 3 us instead of through ctypes
+// (engine/runner/cpu_kernel.py builds and loads this file; it is optional there).
+//
+//   coconut_kernels::linear_rows(x, weight, bias?, add?) -> x @ weight^T (+ bias) (+ add)
+//   coconut_kernels::set_table(weights, biases) -> handle     a table of layers, by index
+//   coconut_kernels::activate(handle)                          this thread's table (0: none)
+//   coconut_kernels::drop_table(handle)
+//   coconut_kernels::table_linear(x, index), table_linear_add(x, residual, index)
+//
+// A table lets a compiled graph name a layer by an integer, so that the graph holds no
+// weight and every engine of a model shares it. Float32 on CPU only; nothing here knows
+// about models or autograd.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+extern "C" void coconut_linear_rows(const float *W, const float *X, float *Y, const float *bias, const float *add,
+                                    long rows, long m, long n, int threads);
+
+namespace {
+
+at::Tensor product(const at::Tensor &x, const at::Tensor &weight, const float *bias, const at::Tensor *add) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
+                "coconut_kernels: float32 expected, got ", x.scalar_type(), " by ", weight.scalar_type());
+    TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "coconut_kernels: weight must be a contiguous [out, in] tensor");
+    const int64_t n = weight.size(1), m = weight.size(0);
+    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == n, "coconut_kernels: expected [..., ", n, "] input, got ", x.sizes());
+    at::Tensor rows_in = x.reshape({-1, n}).contiguous();
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = m;
+    at::Tensor out = at::empty(shape, x.options());
+    const float *add_ptr = nullptr;
+    at::Tensor add_contiguous;
+    if (add != nullptr) {
+        TORCH_CHECK(add->sizes() == out.sizes() && add->scalar_type() == at::kFloat,
+                    "coconut_kernels: add must be float32 ", out.sizes(), ", got ", add->sizes());
+        add_contiguous = add->contiguous();
+        add_ptr = add_contiguous.data_ptr<float>();
+    }
+    coconut_linear_rows(weight.data_ptr<float>(), rows_in.data_ptr<float>(), out.data_ptr<float>(), bias, add_ptr,
+                        rows_in.size(0), m, n, at::get_num_threads());
+    return out;
+}
+
+const float *bias_pointer(const std::optional<at::Tensor> &bias, int64_t m) {
+    if (!bias.has_value() || !bias->defined() || bias->numel() == 0) return nullptr;
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == m,
+                "coconut_kernels: bias must be a contiguous float32 [", m, "]");
+    return bias->data_ptr<float>();
+}
+
+at::Tensor linear_rows(const at::Tensor &x, const at::Tensor &weight, const std::optional<at::Tensor> &bias,
+                       const std::optional<at::Tensor> &add) {
+    return product(x, weight, bias_pointer(bias, weight.size(0)), add.has_value() ? &*add : nullptr);
+}
+
+struct Layer {
+    at::Tensor weight, bias;    // bias: empty where the layer has none
+};
+
+std::mutex tables_lock;
+std::unordered_map<int64_t, std::shared_ptr<std::vector<Layer>>> tables;
+int64_t next_handle = 1;
+thread_local std::shared_ptr<std::vector<Layer>> active;
+
+int64_t set_table(std::vector<at::Tensor> weights, std::vector<at::Tensor> biases) {
+    TORCH_CHECK(weights.size() == biases.size(), "coconut_kernels: one bias (or an empty tensor) per weight");
+    auto table = std::make_shared<std::vector<Layer>>();
+    for (size_t i = 0; i < weights.size(); i++) {
+        if (weights[i].numel() > 0) {
+            TORCH_CHECK(weights[i].scalar_type() == at::kFloat && weights[i].dim() == 2 && weights[i].is_contiguous(),
+                        "coconut_kernels: weight ", i, " must be a contiguous float32 [out, in] tensor");
+            bias_pointer(biases[i], weights[i].size(0));
+        }
+        table->push_back({weights[i], biases[i]});
+    }
+    std::lock_guard<std::mutex> guard(tables_lock);
+    tables[next_handle] = table;
+    return next_handle++;
+}
+
+void drop_table(int64_t handle) {
+    std::lock_guard<std::mutex> guard(tables_lock);
+    tables.erase(handle);
+}
+
+void activate(int64_t handle) {
+    if (handle == 0) {
+        active.reset();
+        return;
+    }
+    std::lock_guard<std::mutex> guard(tables_lock);
+    auto found = tables.find(handle);
+    TORCH_CHECK(found != tables.end(), "coconut_kernels: no table ", handle);
+    active = found->second;
+}
+
+const Layer &layer(int64_t index) {
+    TORCH_CHECK(active && index >= 0 && index < (int64_t)active->size() && (*active)[index].weight.numel() > 0,
+                "coconut_kernels: no layer ", index, " in this thread's table");
+    return (*active)[index];
+}
+
+at::Tensor table_linear(const at::Tensor &x, int64_t index) {
+    const Layer &l = layer(index);
+    return product(x, l.weight, l.bias.numel() ? l.bias.data_ptr<float>() : nullptr, nullptr);
+}
+
+at::Tensor table_linear_add(const at::Tensor &x, const at::Tensor &residual, int64_t index) {
+    const Layer &l = layer(index);
+    return product(x, l.weight, l.bias.numel() ? l.bias.data_ptr<float>() : nullptr, &residual);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(coconut_kernels, m) {
+    m.def("linear_rows(Tensor x, Tensor weight, Tensor? bias=None, Tensor? add=None) -> Tensor");
+    m.def("set_table(Tensor[] weights, Tensor[] biases) -> int", set_table);
+    m.def("drop_table(int handle) -> ()", drop_table);
+    m.def("activate(int handle) -> ()", activate);
+    m.def("table_linear(Tensor x, int index) -> Tensor");
+    m.def("table_linear_add(Tensor x, Tensor residual, int index) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(coconut_kernels, CPU, m) {
+    m.impl("linear_rows", linear_rows);
+    m.impl("table_linear", table_linear);
+    m.impl("table_linear_add", table_linear_add);
+}
