@@ -8,14 +8,19 @@ decode rows only, no prompt chunks, no long rows attended apart) as one inductor
 norms, rotary positions, the cache writes, the softmax and the gated activation become a
 few fused C++ loops per layer, and Python runs once per step instead of once per operator.
 
-The matrix products stay the engine's own: each goes through an opaque operator of this
-module's library (``coconut_serve::linear``, ``coconut_serve::linear_add``) that calls the
-lean layer's linear (oneDNN-packed where the runner packed it, ``_linear_plus`` for the
-residual), so the compiled graph holds no weight. That keeps three things: the products
-are oneDNN's packed ones (inductor would pick MKL's at a fixed row count, slower at 1 row
-here: 41 against 26 ms a step); the weights are in memory once; and the graph is the same
-for every engine of a model, so inductor's on-disk cache serves later starts (SmolLM2:
-about 90 s to compile each graph on 2 cores the first time, about 6 s from the cache).
+The matrix products stay the engine's own: each goes through an opaque operator that
+calls the lean layer's packed product, so the compiled graph holds no weight. Where every
+product is the engine's CPU kernel (``engine.runner.cpu_kernel``) and its torch operators
+are built, that operator is ``coconut_kernels::table_linear`` / ``table_linear_add``: the
+weights sit in a C++ table (``set_table``, made this thread's by ``activate`` around each
+call), so a product goes from the graph into the kernel without Python. Otherwise it is
+this module's ``coconut_serve::linear`` / ``linear_add``, whose Python implementation calls
+the layer (oneDNN-packed, or ``_linear_plus`` for the residual). That keeps three things:
+the products are the engine's (inductor would pick MKL's at a fixed row count, slower at 1
+row here: 41 against 26 ms a step); the weights are in memory once; and the graph is the
+same for every engine of a model, so inductor's on-disk cache serves later starts
+(SmolLM2: about 90 s to compile each graph on 2 cores the first time, about 6 s from the
+cache).
 
 Two graphs serve every step: one for 1 row, one for 2 rows or more (the row count and the
 key length are dynamic). Which weights an operator index means is set per call
