@@ -183,13 +183,12 @@ def should_pack(model: torch.nn.Module, choice: str) -> bool:
     if choice == "off":
         return False
     first = next(model.parameters())
-    possible = can_pack(first.dtype, first.device)
-    if choice == "on":
-        if not possible:
-            raise ValueError(f"pack_weights='on' needs float32 (or bfloat16 on a CPU with AVX-512) weights on a CPU "
-                             f"with oneDNN; got {first.dtype} on {first.device}")
-        return True
-    return possible and linear_bytes(model) >= PACK_MIN_BYTES
+    if choice == "auto":     # the size first: a small model never builds or tries a kernel
+        return linear_bytes(model) >= PACK_MIN_BYTES and can_pack(first.dtype, first.device)
+    if not can_pack(first.dtype, first.device):
+        raise ValueError(f"pack_weights='on' needs float32 (or bfloat16 on a CPU with AVX-512) weights on a CPU "
+                         f"with oneDNN; got {first.dtype} on {first.device}")
+    return True
 
 
 def pack_linears(module: torch.nn.Module) -> int:
