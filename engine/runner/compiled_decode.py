@@ -65,14 +65,17 @@ _LIBRARY.impl("linear", _linear, "CPU")
 _LIBRARY.impl("linear_add", _linear_add, "CPU")
 
 
-@torch.library.register_fake("coconut_serve::linear")
 def _linear_shape(x, index):
+    """The output an operator of either library gives, for tracing (its layer by index)."""
     return x.new_empty((x.shape[0], _ACTIVE.table[index].out_features))
 
 
-@torch.library.register_fake("coconut_serve::linear_add")
 def _linear_add_shape(x, residual, index):
     return torch.empty_like(residual)
+
+
+torch.library.register_fake("coconut_serve::linear", _linear_shape)
+torch.library.register_fake("coconut_serve::linear_add", _linear_add_shape)
 
 
 class _Product:
@@ -267,13 +270,9 @@ def _kernel_table(modules: list, merged_qkv: bool, merged_gate_up: bool) -> int 
 
 @functools.cache
 def _register_table_shapes() -> None:
-    @torch.library.register_fake("coconut_kernels::table_linear")
-    def _table_linear_shape(x, index):
-        return x.new_empty((x.shape[0], _ACTIVE.table[index].out_features))
-
-    @torch.library.register_fake("coconut_kernels::table_linear_add")
-    def _table_linear_add_shape(x, residual, index):
-        return torch.empty_like(residual)
+    """The table operators' shapes, once their library is loaded: the same as this module's."""
+    torch.library.register_fake("coconut_kernels::table_linear", _linear_shape)
+    torch.library.register_fake("coconut_kernels::table_linear_add", _linear_add_shape)
 
 
 

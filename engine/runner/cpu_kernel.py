@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "linear_rows.c"
 OP_SOURCE = Path(__file__).with_name("kernels") / "linear_rows_op.cpp"
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC")
 
 
 def _cache_dirs() -> list[Path]:
@@ -54,9 +54,10 @@ def _cache_dirs() -> list[Path]:
 
 
 def _build(name: str, sources: bytes, commands) -> Path:
-    """``commands(output_path) -> [argv, ...]`` run once per ``sources`` (their bytes and
-    the command lines) -> the built library's path, in the first writable cache directory."""
-    key = hashlib.sha256(sources + repr(commands("OUT")).encode()).hexdigest()[:16]
+    """``commands(output_path, scratch_dir) -> [argv, ...]`` run once per ``sources`` (their
+    bytes and the command lines) -> the built library's path, in the first writable cache
+    directory. Intermediate files go to the scratch directory, removed whatever happens."""
+    key = hashlib.sha256(sources + repr(commands("OUT", "SCRATCH")).encode()).hexdigest()[:16]
     errors = []
     for directory in _cache_dirs():
         target = directory / f"{name}-{key}.so"
@@ -64,15 +65,14 @@ def _build(name: str, sources: bytes, commands) -> Path:
             return target
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
-            os.close(fd)
             log.info("building the engine's CPU kernel %s into %s (once per machine)", name, directory)
-            for argv in commands(partial):
-                run = subprocess.run(argv, capture_output=True, text=True)
-                if run.returncode != 0:
-                    os.unlink(partial)
-                    raise RuntimeError(f"{argv[0]} failed: {run.stderr.strip()[-500:]}")
-            os.replace(partial, target)       # atomic: a concurrent build writes the same bytes
+            with tempfile.TemporaryDirectory(dir=directory) as scratch:
+                partial = os.path.join(scratch, f"{name}.so")
+                for argv in commands(partial, scratch):
+                    run = subprocess.run(argv, capture_output=True, text=True)
+                    if run.returncode != 0:
+                        raise RuntimeError(f"{argv[0]} failed: {run.stderr.strip()[-500:]}")
+                os.replace(partial, target)       # atomic: a concurrent build writes the same bytes
             return target
         except OSError as e:
             errors.append(f"{directory}: {e}")
@@ -94,7 +94,7 @@ def _library():
         return None, "no C compiler on the PATH (CC or cc) to build the kernel"
     try:
         path = _build("linear_rows", SOURCE.read_bytes(),
-                      lambda out: [[compiler, *FLAGS, str(SOURCE), "-o", out]])
+                      lambda out, scratch: [[compiler, *FLAGS, "-shared", str(SOURCE), "-o", out]])
         function = ctypes.CDLL(str(path)).coconut_linear_rows
     except (RuntimeError, OSError) as e:
         return None, f"the kernel could not be built or loaded: {e}"
@@ -118,12 +118,11 @@ def _operators() -> str | None:
     torch_lib = Path(torch.__file__).parent / "lib"
     includes = [f"-I{p}" for p in include_paths()]
 
-    def commands(out):
-        kernel = out + ".kernel.o"
-        return [[c_compiler, *FLAGS[:-2], "-fPIC", "-c", str(SOURCE), "-o", kernel],
+    def commands(out, scratch):
+        kernel = os.path.join(scratch, "linear_rows.o")
+        return [[c_compiler, *FLAGS, "-c", str(SOURCE), "-o", kernel],
                 [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", *includes, str(OP_SOURCE), kernel,
-                 f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-o", out],
-                ["rm", "-f", kernel]]
+                 f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-o", out]]
     try:
         path = _build("linear_rows_op", SOURCE.read_bytes() + OP_SOURCE.read_bytes() + torch.__version__.encode(),
                       commands)

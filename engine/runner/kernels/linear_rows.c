@@ -63,44 +63,32 @@ static void block_4x3(const float *W, const float *X, float *Y, const float *bia
         for (int j = 0; j < 4; j++) store(Y + (r + k) * m, o + j, d[k][j], bias, add ? add + (r + k) * m : NULL);
 }
 
-/* weight rows o..o+3 against x row r */
-static void block_4x1(const float *W, const float *X, float *Y, const float *bias, const float *add,
-                      long r, long o, long m, long n) {
-    const float *w0 = W + o * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n, *x0 = X + r * n;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    long i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256 x = _mm256_loadu_ps(x0 + i);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + i), x, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + i), x, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + i), x, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + i), x, a3);
-    }
-    float d[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-    for (; i < n; i++)
-        for (int j = 0; j < 4; j++) d[j] += W[(o + j) * n + i] * x0[i];
-    for (int j = 0; j < 4; j++) store(Y + r * m, o + j, d[j], bias, add ? add + r * m : NULL);
-}
-
-/* one weight row o against x row r (the last m % 4 rows) */
-static void block_1x1(const float *W, const float *X, float *Y, const float *bias, const float *add,
-                      long r, long o, long m, long n) {
-    const float *w0 = W + o * n, *x0 = X + r * n;
-    __m256 a0 = _mm256_setzero_ps();
-    long i = 0;
-    for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + i), _mm256_loadu_ps(x0 + i), a0);
-    float d = hsum(a0);
-    for (; i < n; i++) d += w0[i] * x0[i];
-    store(Y + r * m, o, d, bias, add ? add + r * m : NULL);
-}
-
 static inline float dot_tail(const float *w, const float *x, long i, long n, float d) {
     for (; i < n; i++) d += w[i] * x[i];
     return d;
 }
 
-/* weight row r against x: the same sums, in the same order, as one lane of the streams
- * below, so that a row's result does not depend on how the rows were split */
+/* weight rows r0..r3 (any four) against one x row, into y[r_j] */
+static void rows_4(const float *W, const float *x, float *y, const float *bias, const float *add,
+                   long r0, long r1, long r2, long r3, long n) {
+    const float *w0 = W + r0 * n, *w1 = W + r1 * n, *w2 = W + r2 * n, *w3 = W + r3 * n;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 xv = _mm256_loadu_ps(x + i);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + i), xv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + i), xv, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + i), xv, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + i), xv, a3);
+    }
+    store(y, r0, dot_tail(w0, x, i, n, hsum(a0)), bias, add);
+    store(y, r1, dot_tail(w1, x, i, n, hsum(a1)), bias, add);
+    store(y, r2, dot_tail(w2, x, i, n, hsum(a2)), bias, add);
+    store(y, r3, dot_tail(w3, x, i, n, hsum(a3)), bias, add);
+}
+
+/* weight row r against x: the same sums, in the same order, as one of rows_4's, so that a
+ * row's result does not depend on how the rows were split */
 static void row_1(const float *W, const float *x, float *y, const float *bias, const float *add, long r, long n) {
     const float *w = W + r * n;
     __m256 a = _mm256_setzero_ps();
@@ -117,20 +105,7 @@ static void rows_1_streams(const float *W, const float *x, float *y, const float
     for (long k = 0; k < q; k++) {
         long r0 = o + k, r1 = r0 + q, r2 = r1 + q, r3 = r2 + q;
         if (r3 < o_end) {
-            const float *w0 = W + r0 * n, *w1 = W + r1 * n, *w2 = W + r2 * n, *w3 = W + r3 * n;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            long i = 0;
-            for (; i + 8 <= n; i += 8) {
-                __m256 xv = _mm256_loadu_ps(x + i);
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + i), xv, a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + i), xv, a1);
-                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + i), xv, a2);
-                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + i), xv, a3);
-            }
-            store(y, r0, dot_tail(w0, x, i, n, hsum(a0)), bias, add);
-            store(y, r1, dot_tail(w1, x, i, n, hsum(a1)), bias, add);
-            store(y, r2, dot_tail(w2, x, i, n, hsum(a2)), bias, add);
-            store(y, r3, dot_tail(w3, x, i, n, hsum(a3)), bias, add);
+            rows_4(W, x, y, bias, add, r0, r1, r2, r3, n);
         } else {
             for (long r = r0; r < o_end; r += q) row_1(W, x, y, bias, add, r, n);
         }
@@ -158,10 +133,11 @@ void coconut_linear_rows(const float *W, const float *X, float *Y, const float *
         if (o + 4 <= m) {
             long r = 0;
             for (; r + 3 <= rows; r += 3) block_4x3(W, X, Y, bias, add, r, o, m, n);
-            for (; r < rows; r++) block_4x1(W, X, Y, bias, add, r, o, m, n);
+            for (; r < rows; r++)
+                rows_4(W, X + r * n, Y + r * m, bias, add ? add + r * m : NULL, o, o + 1, o + 2, o + 3, n);
         } else {
             for (long r = 0; r < rows; r++)
-                for (long j = o; j < m; j++) block_1x1(W, X, Y, bias, add, r, j, m, n);
+                for (long j = o; j < m; j++) row_1(W, X + r * n, Y + r * m, bias, add ? add + r * m : NULL, j, n);
         }
     }
 }
