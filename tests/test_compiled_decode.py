@@ -128,3 +128,24 @@ def test_compiled_where_it_pays_by_default(tiny_checkpoint, monkeypatch):
     assert "Llama-style" in reason(model("gpt2")) or "decoder" in reason(model("gpt2"))
     monkeypatch.setattr(compiled_decode.shutil, "which", lambda name: None)
     assert "C++ compiler" in reason(model())
+
+
+def test_one_slot_runner_warms_up_and_decodes_compiled(tiny_checkpoint):
+    """An engine of one slot (max_batch_size=1) compiles only the one-row graph at start
+    (warming the two-row graph needs a second slot), then decodes through it: the same
+    states as the modules' runner."""
+    path = tiny_checkpoint("llama")
+    compiled, plain = [ModelRunner(Engine.from_pretrained(path, max_batch_size=1, lean_decode=False).checkpoint.model,
+                                   0, num_slots=1, max_seq_len=64, compile=c, pack_weights="off", lean_decode=c)
+                       for c in (True, False)]
+    assert compiled.warm_up() > 0 and compiled.lengths == [0]
+    calls = []
+    graph = compiled.compiled_decode
+    compiled.compiled_decode = lambda *a: calls.append(a[0].shape[0]) or graph(*a)
+    plans = [StepPlan(prefill=[PrefillChunk(request_id="a", slot=0, token_ids=(5, 9, 2), start=0, last=True)])]
+    plans += [StepPlan(decode=[DecodeRow(request_id="a", slot=0, feed_token=10 + k)]) for k in range(3)]
+    for plan in plans:
+        compiled.execute(plan)
+        plain.execute(plan)
+        assert_same_slot_state(compiled, plain, [0])
+    assert calls == [1, 1, 1]

@@ -245,7 +245,7 @@ class ModelRunner:
         length). Returns the seconds it took (0 for an eager runner)."""
         start = time.perf_counter()
         if self.compiled_decode is not None:
-            for rows in (1, 2):
+            for rows in (1, 2)[:len(self.lengths)]:     # one slot: the 2-row graph never runs
                 decode = [DecodeRow(request_id="", slot=slot, feed_token=self.pad_token_id) for slot in range(rows)]
                 for slot in range(rows):
                     self.lengths[slot] = 2            # 3 keys: a length that is not 0 or 1 stays dynamic
