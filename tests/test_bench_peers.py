@@ -167,14 +167,42 @@ def test_floors_run_under_the_engine_process_environment(tiny_checkpoint, monkey
     monkeypatch.setenv("GOMP_SPINCOUNT", "7")
     expected["GOMP_SPINCOUNT"] = "7"
     # the coconut server compiles its step: so does the floors' engine
-    args = argparse.Namespace(floor_threads=1, floor_batches="1,2", dtype="float32", args_coconut="--compile")
+    args = argparse.Namespace(floor_threads=1, floor_batches="1,2", dtype="float32", args_coconut="--compile",
+                              floor_turns=3)
     report = floors_report(Path(tiny_checkpoint("llama")), args)
     assert report["compiled_step"] is True
     assert report["environment"] == expected
     assert report["threads"] == 1 and set(report["batches"]) == {"1", "2"}
-    for row in report["batches"].values():
-        assert row["engine_step_ms"] > 0
-        assert row["step_over_floor"] == pytest.approx(row["engine_step_ms"] / row["floor_ms"])
+    # three turns of steps then floors; each turn's ratio pairs its own step and floor
+    assert len(report["turns"]) == 3
+    for batch, row in report["batches"].items():
+        turns = [t["batches"][batch] for t in report["turns"]]
+        for t in turns:
+            assert t["engine_step_ms"] > 0
+            assert t["step_over_floor"] == pytest.approx(t["engine_step_ms"] / t["floor_ms"])
+        assert row["step_over_floor"] == pytest.approx(sorted(t["step_over_floor"] for t in turns)[1])
+        assert row["engine_step_ms"] == pytest.approx(sorted(t["engine_step_ms"] for t in turns)[1])
+    assert "turns: " in table({"model": "m", "dtype": "float32", "max_tokens": 8, "servers": {}, "floors": report})
+
+
+def test_turns_combine_into_medians_of_their_own_ratios():
+    """Each figure of the combined floors is the median over the turns, and each ratio the
+    median of the turns' ratios (not the ratio of the medians): a turn whose read rate
+    dropped does not pair its floor with another turn's step."""
+    from engine.bench.floors import combine
+
+    def turn(floor, step, bandwidth):
+        return {"threads": 2, "memory_floor_ms": floor, "read_bandwidth": {"bytes_per_s": bandwidth},
+                "batches": {"1": {"matrix_floor_ms": floor, "engine_step_ms": step,
+                                  "step_over_memory_floor": step / floor, "matrix_kernel_ms": {"engine": floor}}}}
+
+    turns = [turn(10.0, 12.0, 5e10), turn(20.0, 22.0, 2.5e10), turn(12.0, 30.0, 4e10)]
+    out = combine(turns)
+    row = out["batches"]["1"]
+    assert out["memory_floor_ms"] == 12.0 and row["engine_step_ms"] == 22.0
+    assert out["read_bandwidth"]["bytes_per_s"] == 4e10 and row["matrix_kernel_ms"] == {"engine": 12.0}
+    assert row["step_over_memory_floor"] == pytest.approx(1.2)     # turns 1.2, 1.1, 2.5; 22 / 12 would be 1.83
+    assert out["threads"] == 2 and out["turns"] == turns
 
 
 def test_peers_end_to_end_on_this_server(tmp_path, gpt2_checkpoint):

@@ -46,6 +46,8 @@ def test_compiled_steps_equal_the_modules(tiny_checkpoint, arch, pack, monkeypat
     kernels = {m.kernel for m in compiled.adapter.decoder.modules() if isinstance(m, PackedLinear)}
     assert kernels == {"off": set(), "on": {"engine"} if packed_linear.engine_kernel_unavailable() is None
                        else {"onednn"}, "onednn": {"onednn"}}[pack]
+    if kernels == {"engine"}:   # the decoder's weights in blocks of 16 outputs (the tiny model's are multiples)
+        assert {m.rows.layout for m in compiled.adapter.decoder.modules() if isinstance(m, PackedLinear)} == {"blocks"}
     # the engine's kernel is called from the graph through its C++ table where its operators built
     from engine.runner import cpu_kernel
     through_table = kernels == {"engine"} and cpu_kernel.operators_reason() is None

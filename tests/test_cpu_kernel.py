@@ -1,7 +1,8 @@
-"""The engine's CPU matrix product (``engine.runner.cpu_kernel``) against a float64 oracle:
-every tail of the blocked loops (rows not a multiple of 3, outputs not a multiple of 4,
-inputs not a multiple of 8), bias and residual, strided and batched inputs, one thread
-against two, and its refusals."""
+"""The engine's CPU matrix product (``engine.runner.cpu_kernel``), both layouts of the
+weight, against a float64 oracle: every tail of the blocked loops (rows not a multiple of
+3 or 6, outputs not a multiple of 4, inputs not a multiple of 8), bias and residual, strided
+and batched inputs, one thread against two, a row alone against the same row in a batch
+(blocks), and its refusals."""
 
 from __future__ import annotations
 
@@ -41,14 +42,31 @@ def _oracle(x, w, bias=None, add=None):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 33])
-@pytest.mark.parametrize("m,n", [(1, 1), (3, 7), (4, 8), (5, 9), (13, 100), (64, 576), (70, 1536), (9, 1031)])
+@pytest.mark.parametrize("m,n", [(1, 1), (3, 7), (4, 8), (5, 9), (13, 100), (64, 576), (70, 1536), (9, 1031),
+                                 (16, 1), (48, 7), (80, 1031)])
 def test_equals_the_float64_product_at_every_tail(rows, m, n, through):
     generator = torch.Generator().manual_seed(rows * 1000 + m * 10 + n)
     x, w = torch.randn(rows, n, generator=generator), torch.randn(m, n, generator=generator)
     bias, add = torch.randn(m, generator=generator), torch.randn(rows, m, generator=generator)
     tolerance = dict(rtol=1e-5, atol=1e-5 * n ** 0.5)
-    for b, a in ((None, None), (bias, None), (bias, add), (None, add)):
-        torch.testing.assert_close(cpu_kernel.linear(x, w, b, a, through=through), _oracle(x, w, b, a), **tolerance)
+    for layout in ("rows", "blocks") if m % cpu_kernel.BLOCK == 0 else ("rows",):
+        for b, a in ((None, None), (bias, None), (bias, add), (None, add)):
+            got = cpu_kernel.linear(x, w, b, a, through=through, layout=layout)
+            torch.testing.assert_close(got, _oracle(x, w, b, a), **tolerance)
+
+
+def test_blocks_layout_round_trips_and_does_not_depend_on_the_batch(through):
+    """The blocked copy gives the weight back; a row's result is the same bits alone, in a
+    batch of 7 (a tile of 6 and one of 1) or of 13, whichever tile it lands in."""
+    generator = torch.Generator().manual_seed(3)
+    w, x = torch.randn(96, 200, generator=generator), torch.randn(13, 200, generator=generator)
+    product = cpu_kernel.RowsProduct(w, torch.randn(96, generator=generator), through=through, layout="blocks")
+    assert product.weight.shape == (6, 200, 16) and product.weight.data_ptr() != w.data_ptr()
+    assert torch.equal(product.dense_weight(), w)
+    together = product(x)
+    for r in (0, 5, 6, 12):
+        assert torch.equal(product(x[r:r + 1])[0], together[r])
+    assert torch.equal(product(x[:7]), together[:7])
 
 
 def test_batched_and_strided_inputs(through):
@@ -64,17 +82,18 @@ def test_batched_and_strided_inputs(through):
     torch.testing.assert_close(product(x, add), _oracle(x, w, None, add))
 
 
+@pytest.mark.parametrize("layout", ["rows", "blocks"])
 @pytest.mark.parametrize("rows,n", [(1, 576), (1, 1536), (5, 576)])
-def test_one_thread_and_two_give_the_same_bits(rows, n, through):
+def test_one_thread_and_two_give_the_same_bits(rows, n, layout, through):
     """Each output is one thread's dot product in a fixed order, whatever the split."""
     generator = torch.Generator().manual_seed(2)
-    x, w = torch.randn(rows, n, generator=generator), torch.randn(962, n, generator=generator)
+    x, w = torch.randn(rows, n, generator=generator), torch.randn(962 if layout == "rows" else 976, n, generator=generator)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = cpu_kernel.linear(x, w, through=through)
+        one = cpu_kernel.linear(x, w, through=through, layout=layout)
         torch.set_num_threads(2)
-        two = cpu_kernel.linear(x, w, through=through)
+        two = cpu_kernel.linear(x, w, through=through, layout=layout)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
@@ -95,6 +114,10 @@ def test_refuses_what_it_cannot_multiply(through):
         cpu_kernel.RowsProduct(w, through="somehow")
     with pytest.raises(ValueError, match="bias must be"):
         cpu_kernel.RowsProduct(w, torch.randn(5))
+    with pytest.raises(ValueError, match="multiple of 16 outputs"):
+        cpu_kernel.RowsProduct(w, layout="blocks")
+    with pytest.raises(ValueError, match="layout="):
+        cpu_kernel.RowsProduct(w, layout="columns")
 
 
 def test_switched_off_by_the_environment():
@@ -110,10 +133,14 @@ def test_switched_off_by_the_environment():
 
 
 def test_packed_linear_takes_the_engine_kernel_in_float32():
-    linear = torch.nn.Linear(16, 8)
-    packed = packed_linear.PackedLinear(linear)
-    assert packed.kernel == "engine" and packed.packed_weight is None
-    assert packed.dense_weight().data_ptr() == linear.weight.data_ptr()     # held once, not copied
-    x, residual = torch.randn(3, 16), torch.randn(3, 8)
-    with torch.inference_mode():
-        torch.testing.assert_close(packed.plus(x, residual), _oracle(x, linear.weight, linear.bias, residual))
+    """8 outputs: the weight as held (not copied); 32: blocks of 16, unless told "rows" (a
+    head tied to the embedding)."""
+    for out, layout, expected in ((8, "auto", "rows"), (32, "auto", "blocks"), (32, "rows", "rows")):
+        linear = torch.nn.Linear(16, out)
+        packed = packed_linear.PackedLinear(linear, layout=layout)
+        assert packed.kernel == "engine" and packed.packed_weight is None and packed.rows.layout == expected
+        assert (packed.dense_weight().data_ptr() == linear.weight.data_ptr()) == (expected == "rows")
+        assert torch.equal(packed.dense_weight(), linear.weight.detach())
+        x, residual = torch.randn(3, 16), torch.randn(3, out)
+        with torch.inference_mode():
+            torch.testing.assert_close(packed.plus(x, residual), _oracle(x, linear.weight, linear.bias, residual))

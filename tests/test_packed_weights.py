@@ -28,13 +28,14 @@ def _kernel(monkeypatch, kernel: str):
         pytest.skip(f"the engine's CPU kernel is unavailable here: {packed_linear.engine_kernel_unavailable()}")
 
 
-@pytest.mark.parametrize("kernel", ["engine", "onednn"])
+@pytest.mark.parametrize("kernel,out", [("engine", 24), ("engine", 48), ("onednn", 24)],
+                         ids=["engine-rows", "engine-blocks", "onednn"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 40), (5, 40), (2, 3, 40), (33, 40)])
-def test_packed_linear_equals_dense_product(bias, shape, kernel, monkeypatch):
+def test_packed_linear_equals_dense_product(bias, shape, kernel, out, monkeypatch):
     _kernel(monkeypatch, kernel)
     torch.manual_seed(0)
-    linear = torch.nn.Linear(40, 24, bias=bias)
+    linear = torch.nn.Linear(40, out, bias=bias)
     x = torch.randn(*shape)
     expected = torch.nn.functional.linear(x, linear.weight, linear.bias)
     packed = PackedLinear(linear)

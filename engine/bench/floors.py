@@ -11,13 +11,15 @@ A decode step cannot be faster than the larger of two bounds:
   (every ``nn.Linear`` of the decoder, then the LM head), at batch B, with nothing else:
   no attention, norms, activations, masks or Python; the fastest of three kernels: MKL's
   (``F.linear``), oneDNN's on weights it packed ahead, and the engine's own
-  (``engine.runner.cpu_kernel``, where it builds; what the engine uses on CPU in float32).
+  (``engine.runner.cpu_kernel``, where it builds; what the engine uses on CPU in float32,
+  with the decoder's weights in blocks of 16 outputs and the head as held, as the engine has them).
   Its FLOPs over its time is the rate this CPU
   multiplies the model's shapes at (``2 x B x weights`` FLOPs per step).
 
-``measure(model, batches)`` returns both floors per batch and the rates; ``engine_steps``
+``measure(model, batches)`` returns both floors per batch and the rates; ``side_by_side``
 times the engine's own decode step at the same batches (every row decoding, prompts of
-``prompt_tokens``) so that ``step / floor`` is printed from one run. Nothing here knows
+``prompt_tokens``) in turns with the floors, so that each ``step / floor`` pairs figures
+measured within the same half minute. Nothing here knows
 about servers; ``engine bench peers`` calls it after the servers have stopped, and the
 thread count it runs with is the caller's (``torch.set_num_threads``).
 """
@@ -117,7 +119,9 @@ def matrix_floor(model: torch.nn.Module, batch: int, repeats: int = 5) -> dict:
             kernels["onednn_packed"] = _best_of(lambda: [packed_product(x, p) for x, p in packed], repeats)
             del packed
         if dtype == torch.float32 and weights[0].device.type == "cpu" and cpu_kernel.unavailable_reason() is None:
-            bound = [(inputs[w.shape[1]], cpu_kernel.RowsProduct(w)) for w in weights]
+            # as the engine lays them out: the decoder's in blocks of 16 outputs, the head as held
+            layouts = ["blocks" if w.shape[0] % cpu_kernel.BLOCK == 0 else "rows" for w in weights[:-1]] + ["rows"]
+            bound = [(inputs[w.shape[1]], cpu_kernel.RowsProduct(w, layout=layout)) for w, layout in zip(weights, layouts)]
             kernels["engine"] = _best_of(lambda: [product(x) for x, product in bound], repeats)
     seconds = min(kernels.values())
     return {"seconds": seconds, "flops": flops, "flops_per_s": flops / seconds, "kernels": kernels}
@@ -146,24 +150,48 @@ def measure(model: torch.nn.Module, batches: list[int]) -> dict:
     return out
 
 
-def engine_steps(directory, batches: list[int], *, dtype: str, prompt_tokens: int, new_tokens: int,
-                 rounds: int, **engine_options) -> dict:
-    """The engine's decode step (median over the steps where every row decodes) at each batch,
-    and the engine's runner (which says how its steps ran: lean, compiled)."""
+def side_by_side(directory, batches: list[int], *, dtype: str, prompt_tokens: int, new_tokens: int,
+                 turns: int = 5, **engine_options) -> tuple[dict, object]:
+    """The engine's decode step and both floors, measured in turns: each turn times one
+    round of steps at every batch (the median step where every row decodes), then measures
+    the floors (``measure``) and pairs them (``with_ratios``). A shared machine's read rate
+    drifts by tens of percent over minutes, so a ratio compares figures taken within the
+    same half minute. Returns the turns combined (``combine``: every figure and every ratio
+    the median over the turns, each turn's own under ``"turns"``) and the engine's runner
+    (which says how its steps ran: lean, compiled)."""
     from engine import Engine, LatentPolicy, SamplingParams
     from engine.bench.models import engine_round, make_prompts
 
     sampling = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     latent = LatentPolicy(mode="none")
-    out = {}
     engine = Engine.from_pretrained(directory, dtype=dtype, max_batch_size=max(batches), **engine_options)
-    for batch in batches:
-        questions = make_prompts(engine, batch, prompt_tokens, 0, sampling, latent)
-        engine_round(engine, questions, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), latent)
-        steps = [statistics.median(engine_round(engine, questions, sampling, latent)["steps_s"])
-                 for _ in range(rounds)]
-        out[str(batch)] = {"step_ms": 1000 * statistics.median(steps), "step_ms_rounds": [1000 * s for s in steps]}
-    return out, engine.runner
+    questions = {batch: make_prompts(engine, batch, prompt_tokens, 0, sampling, latent) for batch in batches}
+    for batch in batches:        # warm: every batch's shapes once
+        engine_round(engine, questions[batch], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), latent)
+    reports = []
+    for _ in range(turns):
+        steps = {str(batch): {"step_ms": 1000 * statistics.median(
+            engine_round(engine, questions[batch], sampling, latent)["steps_s"])} for batch in batches}
+        reports.append(with_ratios(measure(engine.runner.adapter.model, batches), steps))
+    return combine(reports), engine.runner
+
+
+def combine(turns: list[dict]) -> dict:
+    """Turns of ``with_ratios(measure(...), steps)`` as one report: each number the median
+    over the turns (a ratio is the median of the turns' own ratios, not a ratio of
+    medians), the rest as the first turn has it, and the turns themselves (``"turns"``)."""
+
+    def median_of(values: list):
+        first = values[0]
+        if isinstance(first, dict):
+            return {k: median_of([v[k] for v in values if k in v]) for k in first}
+        if isinstance(first, (int, float)) and not isinstance(first, bool):
+            return statistics.median(values)
+        return first
+
+    out = median_of(turns)
+    out["turns"] = turns
+    return out
 
 
 def with_ratios(floors: dict, steps: dict) -> dict:

@@ -28,7 +28,8 @@ With ``--floors`` (default on) the run ends, servers stopped, with the machine's
 for the model's decode step (``engine.bench.floors``) and the engine's own step beside
 them, at ``--floor-batches`` on ``--floor-threads`` threads, timed in a child process under
 the engine process's environment (``engine.process_engine.engine_environment``), so that
-the step timed is the one the server runs.
+the step timed is the one the server runs; in ``--floor-turns`` turns of steps then floors,
+each ratio the median of the turns' own (``engine.bench.floors.side_by_side``).
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--floors", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the decode step's floors and the engine's step after the servers (default on)")
     p.add_argument("--floor-batches", default="1,16,32", help="batches of the floors (default 1,16,32)")
+    p.add_argument("--floor-turns", type=int, default=5,
+                   help="turns of the engine's steps then the floors, each ratio the turns' median (default 5)")
     p.add_argument("--floor-threads", type=int, default=None,
                    help="threads of the floors (default: what engine serve gives its engine process for the model)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Poisson gaps")
@@ -372,10 +375,11 @@ def floors_report(directory: Path, args: argparse.Namespace) -> dict:
     flags = shlex.split(getattr(args, "args_coconut", ""))
     compiled = True if "--compile" in flags else False if "--no-compile" in flags else None
     spec = {"directory": str(directory), "batches": batches, "threads": threads, "dtype": args.dtype,
-            "compile": compiled}
+            "compile": compiled, "turns": max(1, getattr(args, "floor_turns", 5))}
     mode = {True: "compiled", False: "eager", None: "compiled where it pays, as engine serve"}[compiled]
-    log(f"floors: the engine's decode step ({mode}) at batches {batches} on {threads} thread(s), then memory bandwidth "
-        f"and the model's matrix products, in a child process with the engine process's environment")
+    log(f"floors: {spec['turns']} turns of the engine's decode step ({mode}) at batches {batches} on {threads} "
+        f"thread(s), then memory bandwidth and the model's matrix products, in a child process with the engine "
+        f"process's environment")
     env = {**engine_environment(), **os.environ}       # values set by the user win, as for the engine
     command = [sys.executable, "-c", "from engine.bench.peers import floors_child; floors_child()", json.dumps(spec)]
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
@@ -394,10 +398,9 @@ def floors_child() -> None:
 
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(spec["threads"])
-    steps, runner = floors.engine_steps(spec["directory"], spec["batches"], dtype=spec["dtype"], prompt_tokens=40,
-                                       new_tokens=24, rounds=3, max_prefill_tokens=4096,
-                                       compile=spec.get("compile"))
-    report = floors.with_ratios(floors.measure(runner.adapter.model, spec["batches"]), steps)
+    report, runner = floors.side_by_side(spec["directory"], spec["batches"], dtype=spec["dtype"], prompt_tokens=40,
+                                         new_tokens=24, turns=spec.get("turns", 5), max_prefill_tokens=4096,
+                                         compile=spec.get("compile"))
     report["compiled_step"] = runner.compiled_decode is not None or runner.compile_modules
     report["environment"] = {name: os.environ.get(name) for name in engine_environment()}
     print(json.dumps(report))
@@ -438,6 +441,10 @@ def table(report: dict) -> str:
             kind = "compiled step" if floors.get("compiled_step") else "step"
             ratios = "" if step is None else (f", engine {kind} {step:.1f} ms = {row['step_over_memory_floor']:.2f}x "
                                               f"memory, {row['step_over_matrix_floor']:.2f}x matrix floor")
+            turns = [t["batches"][batch] for t in floors.get("turns", []) if "engine_step_ms" in t["batches"][batch]]
+            if step is not None and len(turns) > 1:    # each turn's ratio to the floor batch b is held to
+                key = "step_over_memory_floor" if batch == "1" else "step_over_matrix_floor"
+                ratios += f" (turns: {' / '.join(f'{t[key]:.2f}x' for t in turns)})"
             lines.append(f"  batch {batch}: matrix floor {row['matrix_floor_ms']:.1f} ms "
                          f"({row['matrix_flops_per_s'] / 1e9:.1f} GFLOP/s){ratios}")
     return "\n".join(lines)

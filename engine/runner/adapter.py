@@ -94,7 +94,7 @@ class DecoderAdapter:
                 raise ValueError("packed weights are for inference only")
             self.packed_linears = pack_linears(self.decoder)
             if type(self.lm_head) is torch.nn.Linear:
-                self.head_packed = PackedLinear(self.lm_head)
+                self.head_packed = PackedLinear(self.lm_head, layout="rows")   # a tied head stays the embedding
         elif inference and self.device.type == "cpu" and type(self.lm_head) is torch.nn.Linear:
             self.head_columns = self.lm_head.weight.detach().t().contiguous()
             weight = self.lm_head.weight.detach()

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.runner.cpu_kernel import RowsProduct
+from engine.runner.cpu_kernel import BLOCK, RowsProduct
 from engine.runner.cpu_kernel import unavailable_reason as engine_kernel_unavailable
 
 #: Pack only when a model's ``nn.Linear`` weights (head included) take at least this many
@@ -55,16 +55,24 @@ class PackedLinear(torch.nn.Module):
     the engine's own kernel on the dense weight (``kernel == "engine"``, float32 where
     ``engine.runner.cpu_kernel`` builds) or oneDNN's packed copy (``"onednn"``)."""
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, layout: str = "auto"):
+        """``layout`` of the engine's kernel (``RowsProduct``): "blocks" (a copy laid out in
+        blocks of 16 outputs, faster from 2 rows on), "rows" (the weight itself: for a head
+        tied to the embedding, which must stay one tensor) or "auto" (blocks where the
+        output count is a multiple of 16)."""
         super().__init__()
+        if layout not in ("auto", "rows", "blocks"):
+            raise ValueError(f"layout={layout!r}: expected auto, rows or blocks")
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         bias = linear.bias.detach() if linear.bias is not None else None
         self.register_buffer("bias", bias, persistent=False)
         self.rows: RowsProduct | None = None
         if _engine_kernel_takes(linear.weight):
-            self.rows = RowsProduct(linear.weight, bias)
-            self.register_buffer("weight_rows", self.rows.weight, persistent=False)
+            if layout == "auto":
+                layout = "blocks" if self.out_features % BLOCK == 0 else "rows"
+            self.rows = RowsProduct(linear.weight, bias, layout=layout)
+            self.register_buffer("kernel_weight", self.rows.weight, persistent=False)
             self.packed_weight = None
             self.kernel = "engine"
         else:
@@ -86,9 +94,9 @@ class PackedLinear(torch.nn.Module):
         return cls(linear)
 
     def dense_weight(self) -> torch.Tensor:
-        """The weight as a dense [out, in] tensor (oneDNN's: a copy; the engine kernel's:
-        the weight itself, not to be written)."""
-        return self.rows.weight if self.rows is not None else self.packed_weight.to_dense()
+        """The weight as a dense [out, in] tensor (a copy, except for the engine kernel's
+        "rows" layout: the weight itself, not to be written)."""
+        return self.rows.dense_weight() if self.rows is not None else self.packed_weight.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rows is not None:
@@ -102,8 +110,9 @@ class PackedLinear(torch.nn.Module):
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed_weight, self.bias, "add")
 
     def extra_repr(self) -> str:
+        layout = f" ({self.rows.layout})" if self.rows is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"kernel={self.kernel}")
+                f"kernel={self.kernel}{layout}")
 
 
 class PackedSlice(torch.nn.Module):

@@ -1,8 +1,9 @@
-// The engine's CPU matrix product (linear_rows.c) as torch operators, so that Python and
-// compiled graphs reach it through the dispatcher in about 3 us instead of through ctypes
-// (engine/runner/cpu_kernel.py builds and loads this file; it is optional there).
+// The engine's CPU matrix products (linear_rows.c, linear_blocked.c) as torch operators, so
+// that Python and compiled graphs reach them through the dispatcher in about 3 us instead of
+// through ctypes (engine/runner/cpu_kernel.py builds and loads this file; it is optional there).
 //
-//   coconut_kernels::linear_rows(x, weight, bias?, add?) -> x @ weight^T (+ bias) (+ add)
+//   coconut_kernels::linear_rows(x, weight, bias?, add?) -> x @ W^T (+ bias) (+ add)
+//     weight: W itself [out, in], or W in blocks of 16 outputs [out / 16, in, 16]
 //   coconut_kernels::set_table(weights, biases) -> handle     a table of layers, by index
 //   coconut_kernels::activate(handle)                          this thread's table (0: none)
 //   coconut_kernels::drop_table(handle)
@@ -22,14 +23,18 @@
 
 extern "C" void coconut_linear_rows(const float *W, const float *X, float *Y, const float *bias, const float *add,
                                     long rows, long m, long n, int threads);
+extern "C" void coconut_linear_blocked(const float *P, const float *X, float *Y, const float *bias, const float *add,
+                                       long rows, long m, long n, int threads);
 
 namespace {
 
 at::Tensor product(const at::Tensor &x, const at::Tensor &weight, const float *bias, const at::Tensor *add) {
     TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
                 "coconut_kernels: float32 expected, got ", x.scalar_type(), " by ", weight.scalar_type());
-    TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "coconut_kernels: weight must be a contiguous [out, in] tensor");
-    const int64_t n = weight.size(1), m = weight.size(0);
+    const bool blocked = weight.dim() == 3;
+    TORCH_CHECK((weight.dim() == 2 || (blocked && weight.size(2) == 16)) && weight.is_contiguous(),
+                "coconut_kernels: weight must be a contiguous [out, in] or [out / 16, in, 16] tensor");
+    const int64_t n = weight.size(1), m = blocked ? weight.size(0) * 16 : weight.size(0);
     TORCH_CHECK(x.dim() >= 1 && x.size(-1) == n, "coconut_kernels: expected [..., ", n, "] input, got ", x.sizes());
     at::Tensor rows_in = x.reshape({-1, n}).contiguous();
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -43,8 +48,9 @@ at::Tensor product(const at::Tensor &x, const at::Tensor &weight, const float *b
         add_contiguous = add->contiguous();
         add_ptr = add_contiguous.data_ptr<float>();
     }
-    coconut_linear_rows(weight.data_ptr<float>(), rows_in.data_ptr<float>(), out.data_ptr<float>(), bias, add_ptr,
-                        rows_in.size(0), m, n, at::get_num_threads());
+    (blocked ? coconut_linear_blocked : coconut_linear_rows)(weight.data_ptr<float>(), rows_in.data_ptr<float>(),
+                                                            out.data_ptr<float>(), bias, add_ptr, rows_in.size(0), m, n,
+                                                            at::get_num_threads());
     return out;
 }
 
@@ -55,9 +61,13 @@ const float *bias_pointer(const std::optional<at::Tensor> &bias, int64_t m) {
     return bias->data_ptr<float>();
 }
 
+int64_t out_features(const at::Tensor &weight) {
+    return weight.dim() == 3 ? weight.size(0) * weight.size(2) : weight.size(0);
+}
+
 at::Tensor linear_rows(const at::Tensor &x, const at::Tensor &weight, const std::optional<at::Tensor> &bias,
                        const std::optional<at::Tensor> &add) {
-    return product(x, weight, bias_pointer(bias, weight.size(0)), add.has_value() ? &*add : nullptr);
+    return product(x, weight, bias_pointer(bias, out_features(weight)), add.has_value() ? &*add : nullptr);
 }
 
 struct Layer {
@@ -74,9 +84,11 @@ int64_t set_table(std::vector<at::Tensor> weights, std::vector<at::Tensor> biase
     auto table = std::make_shared<std::vector<Layer>>();
     for (size_t i = 0; i < weights.size(); i++) {
         if (weights[i].numel() > 0) {
-            TORCH_CHECK(weights[i].scalar_type() == at::kFloat && weights[i].dim() == 2 && weights[i].is_contiguous(),
-                        "coconut_kernels: weight ", i, " must be a contiguous float32 [out, in] tensor");
-            bias_pointer(biases[i], weights[i].size(0));
+            const at::Tensor &w = weights[i];
+            TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() &&
+                            (w.dim() == 2 || (w.dim() == 3 && w.size(2) == 16)),
+                        "coconut_kernels: weight ", i, " must be a contiguous float32 [out, in] or [out / 16, in, 16] tensor");
+            bias_pointer(biases[i], out_features(w));
         }
         table->push_back({weights[i], biases[i]});
     }
