@@ -144,3 +144,26 @@ def test_packed_linear_takes_the_engine_kernel_in_float32():
         x, residual = torch.randn(3, 16), torch.randn(3, out)
         with torch.inference_mode():
             torch.testing.assert_close(packed.plus(x, residual), _oracle(x, linear.weight, linear.bias, residual))
+
+
+@pytest.mark.parametrize("n,heads,groups,dim,length", [(1, 1, 1, 8, 1), (3, 3, 3, 64, 37), (16, 2, 4, 12, 9),
+                                                       (2, 4, 1, 64, 64)])
+def test_decode_attention_equals_the_float64_softmax(n, heads, groups, dim, length):
+    """Each row's query heads (``groups`` per key/value head) against that row's keys and
+    values, read in place from a cache slice (rows and heads strided), under an additive
+    mask that hides some keys (-inf) and shifts others: the float64 softmax attention."""
+    if cpu_kernel.operators_reason() is not None:
+        pytest.skip(f"the kernel's torch operators cannot be built here: {cpu_kernel.operators_reason()}")
+    generator = torch.Generator().manual_seed(n * 100 + length)
+    cache_k = torch.randn(n + 2, heads, length + 5, dim, generator=generator)
+    cache_v = torch.randn(n + 2, heads, length + 5, dim, generator=generator)
+    query = torch.randn(n, heads, groups, dim, generator=generator)
+    mask = torch.randn(n, 1, 1, length, generator=generator)
+    mask[0, ..., length // 2 + 1:] = float("-inf")          # a shorter row
+    keys, values = cache_k[:n, :, :length], cache_v[:n, :, :length]
+    got = torch.ops.coconut_kernels.decode_attention(query, keys, values, mask, 0.3)
+    scores = query.double() @ keys.double().transpose(-1, -2) * 0.3 + mask.double()
+    want = (torch.softmax(scores, dim=-1) @ values.double()).float()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="keys and values must be"):
+        torch.ops.coconut_kernels.decode_attention(query, keys[:, :, :, :1], values, mask, 0.3)

@@ -152,9 +152,14 @@ def _decode_forward(x, cos, sin, write_index, mask, keys, values, norms1, norms2
         layer_keys.view(-1, hd).index_put_((write_index,), qk[:, heads:].to(layer_keys.dtype))
         layer_values.view(-1, hd).index_put_((write_index,), v.to(layer_values.dtype))
         query = qk[:, :heads].reshape(n, kv, groups, hd)
-        scores = torch.matmul(query, layer_keys[:n, :, :length].transpose(-1, -2)) * spec.scaling + mask
-        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(layer_values.dtype)
-        out = torch.matmul(weights, layer_values[:n, :, :length]).reshape(n, heads * hd)
+        if spec.kernel_table:     # the engine's kernel, on the cache in place (float32, as the table's products)
+            out = torch.ops.coconut_kernels.decode_attention(query, layer_keys[:n, :, :length],
+                                                             layer_values[:n, :, :length], mask, spec.scaling)
+            out = out.reshape(n, heads * hd)
+        else:
+            scores = torch.matmul(query, layer_keys[:n, :, :length].transpose(-1, -2)) * spec.scaling + mask
+            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(layer_values.dtype)
+            out = torch.matmul(weights, layer_values[:n, :, :length]).reshape(n, heads * hd)
         x = linear_add(out, x, base + _O)
         h = _norm(x, norms2[i], spec)
         if spec.merged_gate_up:

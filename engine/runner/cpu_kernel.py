@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 SOURCES = (Path(__file__).with_name("kernels") / "linear_rows.c", Path(__file__).with_name("kernels") / "linear_blocked.c")
 OP_SOURCE = Path(__file__).with_name("kernels") / "linear_rows_op.cpp"
+#: built into the operators' library only (C, with the kernels' flags)
+OP_C_SOURCES = (Path(__file__).with_name("kernels") / "decode_attention.c",)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC")
 
 
@@ -126,12 +128,14 @@ def _operators() -> str | None:
     includes = [f"-I{p}" for p in include_paths()]
 
     def commands(out, scratch):
-        objects = [os.path.join(scratch, source.stem + ".o") for source in SOURCES]
-        return [*([c_compiler, *FLAGS, "-c", str(source), "-o", obj] for source, obj in zip(SOURCES, objects)),
+        sources = SOURCES + OP_C_SOURCES
+        objects = [os.path.join(scratch, source.stem + ".o") for source in sources]
+        return [*([c_compiler, *FLAGS, "-c", str(source), "-o", obj] for source, obj in zip(sources, objects)),
                 [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", *includes, str(OP_SOURCE), *objects,
                  f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-o", out]]
     try:
-        path = _build("linear_rows_op", _sources() + OP_SOURCE.read_bytes() + torch.__version__.encode(), commands)
+        path = _build("linear_rows_op", _sources() + b"".join(p.read_bytes() for p in OP_C_SOURCES)
+                      + OP_SOURCE.read_bytes() + torch.__version__.encode(), commands)
         torch.ops.load_library(str(path))
     except (RuntimeError, OSError) as e:
         return f"the kernel's torch operators could not be built or loaded: {e}"
@@ -140,6 +144,10 @@ def _operators() -> str | None:
     def _linear_rows_shape(x, weight, bias=None, add=None):
         out = weight.shape[0] * weight.shape[2] if weight.dim() == 3 else weight.shape[0]
         return x.new_empty(x.shape[:-1] + (out,))
+
+    @torch.library.register_fake("coconut_kernels::decode_attention")
+    def _decode_attention_shape(query, keys, values, mask, scaling):
+        return torch.empty_like(query, memory_format=torch.contiguous_format)
     return None
 
 

@@ -8,6 +8,8 @@
 //   coconut_kernels::activate(handle)                          this thread's table (0: none)
 //   coconut_kernels::drop_table(handle)
 //   coconut_kernels::table_linear(x, index), table_linear_add(x, residual, index)
+//   coconut_kernels::decode_attention(query, keys, values, mask, scaling) -> [n, H, G, D]
+//     one decode step's attention (decode_attention.c) on the cache's keys and values in place
 //
 // A table lets a compiled graph name a layer by an integer, so that the graph holds no
 // weight and every engine of a model shares it. Float32 on CPU only; nothing here knows
@@ -23,6 +25,9 @@
 
 extern "C" void coconut_linear_rows(const float *W, const float *X, float *Y, const float *bias, const float *add,
                                     long rows, long m, long n, int threads);
+extern "C" void coconut_decode_attention(const float *Q, const float *K, const float *V, const float *mask, float *O,
+                                         long n, long H, long G, long D, long L, long row_stride, long head_stride,
+                                         float scaling, int threads);
 extern "C" void coconut_linear_blocked(const float *P, const float *X, float *Y, const float *bias, const float *add,
                                        long rows, long m, long n, int threads);
 
@@ -129,9 +134,34 @@ at::Tensor table_linear_add(const at::Tensor &x, const at::Tensor &residual, int
     return product(x, l.weight, l.bias.numel() ? l.bias.data_ptr<float>() : nullptr, &residual);
 }
 
+at::Tensor decode_attention(const at::Tensor &query, const at::Tensor &keys, const at::Tensor &values,
+                            const at::Tensor &mask, double scaling) {
+    // query [n, H, G, D]; keys, values [n, H, L, D] (views of the cache: rows and heads strided,
+    // each head's positions contiguous); mask [n, 1, 1, L] additive
+    TORCH_CHECK(query.dim() == 4 && keys.dim() == 4 && values.dim() == 4 && mask.dim() == 4,
+                "coconut_kernels::decode_attention: query, keys, values and mask must be 4-D");
+    TORCH_CHECK(query.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat &&
+                    values.scalar_type() == at::kFloat && mask.scalar_type() == at::kFloat,
+                "coconut_kernels::decode_attention: float32 expected");
+    const int64_t n = query.size(0), H = query.size(1), G = query.size(2), D = query.size(3), L = keys.size(2);
+    TORCH_CHECK(keys.sizes() == values.sizes() && keys.size(0) == n && keys.size(1) == H && keys.size(3) == D,
+                "coconut_kernels::decode_attention: keys and values must be [", n, ", ", H, ", L, ", D, "], got ",
+                keys.sizes(), " and ", values.sizes());
+    TORCH_CHECK(keys.strides() == values.strides() && keys.stride(3) == 1 && keys.stride(2) == D,
+                "coconut_kernels::decode_attention: keys and values need one layout, each head's positions contiguous");
+    TORCH_CHECK(mask.numel() == n * L, "coconut_kernels::decode_attention: mask must be [", n, ", 1, 1, ", L, "]");
+    at::Tensor q = query.contiguous(), m = mask.reshape({n, L}).contiguous();
+    at::Tensor out = at::empty({n, H, G, D}, query.options());
+    coconut_decode_attention(q.data_ptr<float>(), keys.data_ptr<float>(), values.data_ptr<float>(), m.data_ptr<float>(),
+                             out.data_ptr<float>(), n, H, G, D, L, keys.stride(0), keys.stride(1), (float)scaling,
+                             at::get_num_threads());
+    return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(coconut_kernels, m) {
+    m.def("decode_attention(Tensor query, Tensor keys, Tensor values, Tensor mask, float scaling) -> Tensor");
     m.def("linear_rows(Tensor x, Tensor weight, Tensor? bias=None, Tensor? add=None) -> Tensor");
     m.def("set_table(Tensor[] weights, Tensor[] biases) -> int", set_table);
     m.def("drop_table(int handle) -> ()", drop_table);
@@ -144,4 +174,5 @@ TORCH_LIBRARY_IMPL(coconut_kernels, CPU, m) {
     m.impl("linear_rows", linear_rows);
     m.impl("table_linear", table_linear);
     m.impl("table_linear_add", table_linear_add);
+    m.impl("decode_attention", decode_attention);
 }
