@@ -49,6 +49,25 @@ static inline __m256 dots_8(const float *q, const float *k, long D) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+/* e^x for x <= 0 (a softmax's shifted scores): Cephes' degree-6 polynomial after taking
+ * out powers of 2, relative error about 2e-7; below -87 (and -inf) it gives exactly 0 */
+static inline __m256 exp_nonpositive(__m256 x) {
+    __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
+    __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(0x7f)), 23);
+    return _mm256_andnot_ps(tiny, _mm256_mul_ps(y, _mm256_castsi256_ps(power)));
+}
+
 static inline void axpy(float w, const float *x, float *y, long d) {
     __m256 wv = _mm256_set1_ps(w);
     long i = 0;
@@ -83,7 +102,19 @@ void coconut_decode_attention(const float *Q, const float *K, const float *V, co
             for (long g = 0; g < G; g++) {
                 float *s = scores + g * L, top = -INFINITY, sum = 0.0f;
                 for (long l = 0; l < L; l++) top = s[l] > top ? s[l] : top;
-                for (long l = 0; l < L; l++) {
+                long l = 0;
+                if (top != -INFINITY) {
+                    __m256 shift = _mm256_set1_ps(top), total = _mm256_setzero_ps();
+                    for (; l + 8 <= L; l += 8) {
+                        __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + l), shift));
+                        _mm256_storeu_ps(s + l, e);
+                        total = _mm256_add_ps(total, e);
+                    }
+                    float lanes[8];
+                    _mm256_storeu_ps(lanes, total);
+                    for (int j = 0; j < 8; j++) sum += lanes[j];
+                }
+                for (; l < L; l++) {
                     s[l] = top == -INFINITY ? 0.0f : expf(s[l] - top);
                     sum += s[l];
                 }
