@@ -49,10 +49,43 @@ def test_equals_the_float64_product_at_every_tail(rows, m, n, through):
     x, w = torch.randn(rows, n, generator=generator), torch.randn(m, n, generator=generator)
     bias, add = torch.randn(m, generator=generator), torch.randn(rows, m, generator=generator)
     tolerance = dict(rtol=1e-5, atol=1e-5 * n ** 0.5)
-    for layout in ("rows", "blocks") if m % cpu_kernel.BLOCK == 0 else ("rows",):
+    for layout, avx512 in _layouts(m):
+        cpu_kernel.blocked_avx512(avx512)
         for b, a in ((None, None), (bias, None), (bias, add), (None, add)):
             got = cpu_kernel.linear(x, w, b, a, through=through, layout=layout)
             torch.testing.assert_close(got, _oracle(x, w, b, a), **tolerance)
+    cpu_kernel.blocked_avx512(True)
+
+
+def _layouts(m: int) -> list[tuple[str, bool]]:
+    """(layout, AVX-512 tiles) pairs to check for m outputs: the blocks layout with AVX2's
+    tiles, and with AVX-512's where this CPU has them."""
+    if m % cpu_kernel.BLOCK:
+        return [("rows", True)]
+    return [("rows", True), ("blocks", False)] + [("blocks", True)] * _HAS_AVX512
+
+
+_HAS_AVX512 = REASON is None and cpu_kernel.blocked_avx512()
+
+
+def test_avx2_and_avx512_tiles_give_the_same_bits(through):
+    """Both instruction sets sum each output over the input in order, one fused
+    multiply-add at a time: the same bits, so a server's answers do not depend on the CPU."""
+    if not _HAS_AVX512:
+        pytest.skip("this CPU has no AVX-512F: only AVX2's tiles run here")
+    generator = torch.Generator().manual_seed(4)
+    w, x = torch.randn(112, 300, generator=generator), torch.randn(29, 300, generator=generator)
+    bias, add = torch.randn(112, generator=generator), torch.randn(29, 112, generator=generator)
+    product = cpu_kernel.RowsProduct(w, bias, through=through, layout="blocks")
+    try:
+        assert cpu_kernel.blocked_avx512(False) is False
+        avx2 = product(x, add)
+        assert cpu_kernel.blocked_avx512(True) is True
+        avx512 = product(x, add)
+    finally:
+        cpu_kernel.blocked_avx512(True)
+    assert torch.equal(avx2, avx512)
+    torch.testing.assert_close(avx512, _oracle(x, w, bias, add), rtol=1e-5, atol=1e-4)
 
 
 def test_blocks_layout_round_trips_and_does_not_depend_on_the_batch(through):

@@ -13,7 +13,10 @@ calls the lean layer's packed product, so the compiled graph holds no weight. Wh
 product is the engine's CPU kernel (``engine.runner.cpu_kernel``) and its torch operators
 are built, that operator is ``coconut_kernels::table_linear`` / ``table_linear_add``: the
 weights sit in a C++ table (``set_table``, made this thread's by ``activate`` around each
-call), so a product goes from the graph into the kernel without Python. Otherwise it is
+call), so a product goes from the graph into the kernel without Python, and each layer's
+attention is the kernel's too (``coconut_kernels::decode_attention``, on the cache in
+place; about half the time of torch's batched products and softmax on these small
+matrices). Otherwise it is
 this module's ``coconut_serve::linear`` / ``linear_add``, whose Python implementation calls
 the layer (oneDNN-packed, or ``_linear_plus`` for the residual). That keeps three things:
 the products are the engine's (inductor would pick MKL's at a fixed row count, slower at 1

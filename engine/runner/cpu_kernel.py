@@ -1,16 +1,26 @@
 """The engine's own matrix product on x86-64 CPUs with AVX2: ``linear(x, weight, bias, add)``.
 
-On this project's 2-core AMD EPYC (AVX2, float32, two threads) a decode step's products
-are bound by reading the weights, and neither library kernel torch offers reads them at
-the machine's rate. This one (``kernels/linear_rows.c``) multiplies the weight as the model
-holds it ([out, in], row-major), so one layout serves every row count: at 1 row each
-thread reads its share as four long sequential streams, at more rows blocks of 4 weight
-rows meet 3 input rows at a time from cache. Over SmolLM2-135M's 120 decoder products and
-its head, cold weights: 11.4-16.5 ms at 1 row (up to 47 GB/s, the machine's best read
-rate) against oneDNN's packed 20-25 and MKL's 35-38; 45.9 against 47.3 ms at 16 rows,
-72.8 against 75.4 at 32.
+On a 2-core AMD EPYC (float32, two threads) a decode step's products are bound by reading
+the weights at 1 row, and neither library kernel torch offers reads them at the machine's
+rate; at 16-32 rows they are bound by the multiplications. Two layouts of the weight
+(``RowsProduct(layout=...)``):
 
-The C source is compiled once per machine with the C compiler on the PATH (``CC`` or
+- ``"rows"`` (``kernels/linear_rows.c``): the weight as the model holds it ([out, in],
+  row-major), nothing copied (for a head tied to the embedding). At 1 row each thread reads
+  its share as four long sequential streams; at more rows blocks of 4 weight rows meet 3
+  input rows at a time from cache. Over SmolLM2-135M's 120 decoder products and its head,
+  cold weights: 11.4-16.5 ms at 1 row (up to 47 GB/s, the machine's best read rate)
+  against oneDNN's packed 20-25 and MKL's 35-38.
+- ``"blocks"`` (``kernels/linear_blocked.c``): a copy laid out once in blocks of 16 outputs
+  ([out / 16, in, 16]); tiles of 16 outputs x 6 rows in registers, no horizontal sums.
+  The same at 1 row, faster from 2 on: SmolLM2's decoder products 27.5 against 34.7 ms at
+  16 rows, 45.0 against 55.3 at 32 (oneDNN's AVX-512 packed copy: 26.7, 41.5).
+
+The torch operators also hold ``coconut_kernels::decode_attention``
+(``kernels/decode_attention.c``), one decode step's attention on the cache in place, which
+the compiled step calls.
+
+The C sources are compiled once per machine with the C compiler on the PATH (``CC`` or
 ``cc``; ``-O3 -mavx2 -mfma -fopenmp``) into ``COCONUT_KERNEL_DIR`` (default
 ``~/.cache/coconut-serve/kernels``, else the temp directory), keyed by the source's hash,
 and loaded with ``ctypes``. With a C++ compiler it is also built as torch operators
@@ -21,7 +31,8 @@ threads are torch's own (the same ``libgomp``), as many as ``torch.get_num_threa
 compiler, the build or its self-check failed, ``COCONUT_CPU_KERNEL=off``); callers then
 use oneDNN or MKL. It computes in float32 only, holds no state beyond the loaded
 libraries, and knows nothing of models or autograd (inference only: no gradient flows
-through it). Results equal ``F.linear``'s up to float rounding (another summation order).
+through it). Results equal ``F.linear``'s up to float rounding (another summation order);
+a row's result does not depend on the thread count (nor, in blocks, on the batch).
 """
 
 from __future__ import annotations
@@ -104,12 +115,35 @@ def _library():
                       lambda out, scratch: [[compiler, *FLAGS, "-shared", *map(str, SOURCES), "-o", out]])
         library = ctypes.CDLL(str(path))
         functions = {"rows": library.coconut_linear_rows, "blocks": library.coconut_linear_blocked}
+        _add_avx512_switch(library)
     except (RuntimeError, OSError, AttributeError) as e:
         return None, f"the kernel could not be built or loaded: {e}"
     for function in functions.values():
         function.restype = None
         function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
     return functions, None
+
+
+#: each loaded library's ``coconut_blocked_avx512`` (the ctypes one, the operators' one)
+_AVX512_SWITCHES: list = []
+
+
+def _add_avx512_switch(library: ctypes.CDLL) -> None:
+    switch = library.coconut_blocked_avx512
+    switch.restype, switch.argtypes = ctypes.c_int, [ctypes.c_int]
+    _AVX512_SWITCHES.append(switch)
+
+
+def blocked_avx512(use: bool | None = None) -> bool:
+    """Whether the blocks layout multiplies 2 rows or more with AVX-512 tiles (16 outputs
+    x 12 rows) instead of AVX2's (16 x 6): by default where the CPU has AVX-512F. ``use``
+    sets it (False: AVX2's everywhere, for tests and comparisons; True: AVX-512's where the
+    CPU has it) in every loaded copy of the kernel. Results are the same bits either way."""
+    if _library()[0] is None:
+        return False
+    _operators()
+    value = -1 if use is None else int(use)
+    return bool([switch(value) for switch in _AVX512_SWITCHES][-1])
 
 
 @functools.cache
@@ -137,7 +171,8 @@ def _operators() -> str | None:
         path = _build("linear_rows_op", _sources() + b"".join(p.read_bytes() for p in OP_C_SOURCES)
                       + OP_SOURCE.read_bytes() + torch.__version__.encode(), commands)
         torch.ops.load_library(str(path))
-    except (RuntimeError, OSError) as e:
+        _add_avx512_switch(ctypes.CDLL(str(path)))
+    except (RuntimeError, OSError, AttributeError) as e:
         return f"the kernel's torch operators could not be built or loaded: {e}"
 
     @torch.library.register_fake("coconut_kernels::linear_rows")

@@ -6,10 +6,12 @@ the product is bound by reading the weight, and the weight is read, packed and r
 A ``PackedLinear`` multiplies with one of two kernels that do not:
 
 - **the engine's own** (``kernel == "engine"``; ``engine.runner.cpu_kernel``): float32 on
-  x86-64 with AVX2 where a C compiler builds it. It reads the dense weight as the model
-  holds it, so nothing is copied. Over SmolLM2-135M's 120 decoder products and its head
-  (cold weights, two threads, this project's 2-core AMD EPYC): 21.2 against oneDNN's 24.0
-  ms at 1 row, 47.3 against 52.7 at 16, 71.4 against 81.3 at 32, 496 against 538 at 256.
+  x86-64 with AVX2 where a C compiler builds it. A layer whose output count is a multiple
+  of 16 gets a copy of its weight in blocks of 16 outputs (the dense one is then freed:
+  memory stays one copy); the LM head (``layout="rows"``, which a tied embedding shares)
+  and odd shapes are read as the model holds them. Over SmolLM2-135M's 120 decoder
+  products (two threads, a 2-core AMD EPYC): 13.5 ms at 1 row (oneDNN's packed copy 20.7),
+  27.5 at 16 (26.7), 45.0 at 32 (41.5).
 - **oneDNN's** on a copy it packed once (``torch.ops.mkldnn._reorder_linear_weight``, then
   ``_linear_pointwise``), what ``torch.compile``'s CPU backend does with frozen weights:
   elsewhere (bfloat16 on a CPU with AVX-512, no compiler, ``COCONUT_CPU_KERNEL=off``).
