@@ -79,10 +79,23 @@ def test_serve_refuses_a_missing_model_dir_with_a_clear_error(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_auto_device_and_dtype():
+def test_auto_device_and_dtype(monkeypatch):
+    """--dtype auto on CPU: bfloat16 where the CPU multiplies it natively (AVX-512 BF16 or
+    AMX), else float32; this machine's answer follows its own /proc/cpuinfo flags."""
+    from engine import cpu_features
+
     s = ServerSettings(device="cpu")
-    assert (s.resolved_device(), s.resolved_dtype()) == ("cpu", "float32")
+    try:
+        flags = cpu_features.cpu_flags(open("/proc/cpuinfo").read())
+    except OSError:
+        flags = set()
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert (s.resolved_device(), s.resolved_dtype()) == ("cpu", "bfloat16" if native else "float32")
+    for has, dtype in ((False, "float32"), (True, "bfloat16")):
+        monkeypatch.setattr(cpu_features, "native_bfloat16", lambda has=has: has)
+        assert ServerSettings(device="cpu").resolved_dtype() == dtype
     assert ServerSettings(device="cpu", dtype="bfloat16").resolved_dtype() == "bfloat16"
+    assert ServerSettings(device="cpu", dtype="float32").resolved_dtype() == "float32"
 
 
 def test_the_engine_process_threads_follow_the_weights_with_passive_openmp(monkeypatch, tmp_path):
