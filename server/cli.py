@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 _INT_FIELDS = {"port", "max_batch_size", "max_queue", "max_seq_len", "max_prefill_tokens", "seed",
                "max_body_bytes", "retry_after_s", "torch_threads", "replicas",
-               "autoscale_target_ongoing_requests", "max_engine_restarts"}
+               "autoscale_target_ongoing_requests", "max_engine_restarts", "keep_alive_timeout_s"}
 _FLOAT_FIELDS = {"prefill_delay_factor", "drain_timeout_s", "num_gpus_per_replica", "engine_restart_window_s", "engine_restart_backoff_s"}
 _DEST = "serve_"
 ENGINE_FAILED = 4   # the exit status when the engine process kept dying  # the global `engine --log-level` already owns dest "log_level"
@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
         return serve_on_ray(settings)
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
                             log_config=None, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=settings.drain_timeout_s)
+                            timeout_graceful_shutdown=settings.drain_timeout_s,
+                            timeout_keep_alive=settings.keep_alive_timeout_s)
     server = uvicorn.Server(config)
     app = config.app
     app.state.exit_server = lambda: setattr(server, "should_exit", True)

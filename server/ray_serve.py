@@ -234,7 +234,8 @@ def serve_on_ray(settings: ServerSettings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
     try:
-        serve.start(http_options={"host": settings.host, "port": port})
+        serve.start(http_options={"host": settings.host, "port": port,
+                                  "keep_alive_timeout_s": settings.keep_alive_timeout_s})
         metrics_hub(ray)
         started = time.perf_counter()
         serve.run(build_application(settings), name=APP_NAME, route_prefix="/", blocking=False)

@@ -96,6 +96,10 @@ class ServerSettings(BaseSettings):
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 503")
     drain_timeout_s: float = Field(300.0, gt=0, description="on SIGTERM, how long in-flight requests "
                                    "may take to finish")
+    keep_alive_timeout_s: int = Field(90, ge=1, description="how long an idle HTTP keep-alive connection is "
+                                      "held open, seconds; longer than clients' own idle expiry (httpx and the "
+                                      "openai SDK: 5 s), so the server does not close a connection as a client "
+                                      "reuses it (a spurious ReadError on the client)")
     log_level: str = Field("info", description=f"one of {', '.join(LOG_LEVELS)}")
 
     # a latent reasoner from any causal LM (a plain Hugging Face directory, no coconut.json), or
