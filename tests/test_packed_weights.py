@@ -123,12 +123,15 @@ def test_config_and_compile_refuse_bad_combinations(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module", params=[("llama", "engine"), ("llama", "onednn"), ("gpt2", "engine"),
-                                        ("gemma2", "engine")], ids=lambda p: "-".join(p))
+                                        ("gemma2", "engine"), ("llama", "engine", 368)],
+                ids=lambda p: "-".join(map(str, p)))
 def engines(request, tiny_checkpoint):
     """(packed engine, an unpacked engine of the same checkpoint for the oracle); the packed
-    one multiplies with the kernel named in the parameter."""
-    arch, kernel = request.param
-    path = tiny_checkpoint(arch)
+    one multiplies with the kernel named in the parameter. A third value widens the
+    vocabulary to that many rows (368 = 23 x 16: the head's product in blocks of 16; the
+    tokenizer's 361 tokens leave the others to the product alone)."""
+    arch, kernel, *vocab = request.param
+    path = tiny_checkpoint(arch, model_vocab_size=vocab[0]) if vocab else tiny_checkpoint(arch)
     with pytest.MonkeyPatch.context() as monkeypatch:
         _kernel(monkeypatch, kernel)
         packed = Engine.from_pretrained(path, max_batch_size=4, max_prefill_tokens=7, pack_weights="on")
@@ -143,6 +146,10 @@ def test_packed_engine_packs(engines):
     packed, plain = engines
     adapter = packed.runner.adapter
     assert adapter.head_packed is not None
+    head = adapter.lm_head.weight
+    if adapter.head_packed.kernel == "engine":    # a copy in blocks where the vocabulary allows
+        assert adapter.head_packed.rows.layout == ("blocks" if head.shape[0] % 16 == 0 else "rows")
+    assert torch.equal(adapter.head_packed.dense_weight(), head)      # and the model's head stays
     linears = [m for m in adapter.decoder.modules() if type(m) is torch.nn.Linear]
     assert not linears and adapter.packed_linears == sum(
         1 for m in plain.runner.adapter.decoder.modules() if type(m) is torch.nn.Linear)

@@ -12,7 +12,7 @@ A decode step cannot be faster than the larger of two bounds:
   no attention, norms, activations, masks or Python; the fastest of three kernels: MKL's
   (``F.linear``), oneDNN's on weights it packed ahead, and the engine's own
   (``engine.runner.cpu_kernel``, where it builds; what the engine uses on CPU in float32,
-  with the decoder's weights in blocks of 16 outputs and the head as held, as the engine has them).
+  with the weights in blocks of 16 outputs, the head's too, as the engine has them).
   Its FLOPs over its time is the rate this CPU
   multiplies the model's shapes at (``2 x B x weights`` FLOPs per step).
 
@@ -119,8 +119,9 @@ def matrix_floor(model: torch.nn.Module, batch: int, repeats: int = 5) -> dict:
             kernels["onednn_packed"] = _best_of(lambda: [packed_product(x, p) for x, p in packed], repeats)
             del packed
         if dtype == torch.float32 and weights[0].device.type == "cpu" and cpu_kernel.unavailable_reason() is None:
-            # as the engine lays them out: the decoder's in blocks of 16 outputs, the head as held
-            layouts = ["blocks" if w.shape[0] % cpu_kernel.BLOCK == 0 else "rows" for w in weights[:-1]] + ["rows"]
+            # as the engine lays them out: in blocks of 16 outputs (the head too) where the
+            # output count allows
+            layouts = ["blocks" if w.shape[0] % cpu_kernel.BLOCK == 0 else "rows" for w in weights]
             bound = [(inputs[w.shape[1]], cpu_kernel.RowsProduct(w, layout=layout)) for w, layout in zip(weights, layouts)]
             kernels["engine"] = _best_of(lambda: [product(x) for x, product in bound], repeats)
     seconds = min(kernels.values())
