@@ -161,9 +161,10 @@ void coconut_linear_blocked(const float *P, const float *X, float *Y, const floa
     if (coconut_blocked_avx512(-1)) {
         #pragma omp parallel for num_threads(threads) schedule(static) if (parallel)
         for (long b = 0; b < blocks; b++) {
-            long r = 0;
-            for (; r + 12 <= rows; r += 12) tile16_12(P, X, Y, bias, add, r, b, m, n);
-            if (r < rows) tiles16[rows - r](P, X, Y, bias, add, r, b, m, n);
+            /* rows split evenly over the fewest tiles of at most 12 (13 rows: 7 + 6, not 12 + 1,
+             * whose one-row tile reads the block for one row: SmolLM2's head 5.6 against 6.9 ms) */
+            long tiles = (rows + 11) / 12, R = (rows + tiles - 1) / tiles;
+            for (long r = 0; r < rows; r += R) tiles16[rows - r < R ? rows - r : R](P, X, Y, bias, add, r, b, m, n);
         }
         return;
     }
