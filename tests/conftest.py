@@ -18,6 +18,28 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report gets the tail of the log of every ``LiveServer`` running, and of
+    every one an exception stopped since the last report."""
+    from tests.live_server import LEFT_BY_ERROR, RUNNING
+
+    outcome = yield
+    report = outcome.get_result()
+    left = LEFT_BY_ERROR[:]
+    LEFT_BY_ERROR.clear()
+    if not report.failed:
+        return
+    tails = left
+    for server in RUNNING:
+        try:
+            tails.append((server.url, server.tail()))
+        except OSError:
+            pass
+    for url, tail in tails:
+        report.sections.append((f"live server {url} (last lines of its log)", tail))
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     from engine.tiny import make_checkpoint

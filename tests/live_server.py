@@ -7,7 +7,10 @@
 (another one, up to three times, when a process took it before the server bound it), its output
 goes to a log file (shown when it fails to start), and leaving the block sends SIGTERM and waits
 for a clean exit. Extra
-environment variables can be passed with ``env``.
+environment variables can be passed with ``env``. While a server runs it is in ``RUNNING``:
+when a test fails, ``tests/conftest.py`` adds the tail of each running server's log to the
+failure report, and of each one an exception stopped (``LEFT_BY_ERROR``), so a server-side
+cause, or its absence, shows in CI's output.
 """
 
 from __future__ import annotations
@@ -46,6 +49,12 @@ def port_was_taken(output: str, port: int) -> bool:
     return str(port) in output and any(failure in lowered for failure in _BIND_FAILURES)
 
 
+#: the servers started and not yet stopped, for the failure report's log tails
+RUNNING: list["LiveServer"] = []
+#: (url, log tail) of servers whose ``with`` block an exception left, until the next report
+LEFT_BY_ERROR: list[tuple[str, str]] = []
+
+
 class LiveServer:
     def __init__(self, model_dir: str | Path | None, *args: str, env: dict[str, str] | None = None,
                  startup_timeout: float = 120.0):
@@ -59,17 +68,22 @@ class LiveServer:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="server-", suffix=".log", delete=False)
 
     def __enter__(self) -> "LiveServer":
-        for attempt in range(3):
-            try:
-                return self._start()
-            except PortTaken:
-                # free_port() released the port before the server bound it, and another process
-                # (Ray starts many) took it in between: try again on a fresh port
-                self.port = free_port()
-                self.url = f"http://127.0.0.1:{self.port}"
-                self.log.seek(0)
-                self.log.truncate()
-        return self._start()
+        try:
+            for attempt in range(3):
+                try:
+                    return self._start()
+                except PortTaken:
+                    # free_port() released the port before the server bound it, and another
+                    # process (Ray starts many) took it in between: try again on a fresh port
+                    self.port = free_port()
+                    self.url = f"http://127.0.0.1:{self.port}"
+                    self.log.seek(0)
+                    self.log.truncate()
+            return self._start()
+        except BaseException:
+            if self in RUNNING:      # its own error already carries the log
+                RUNNING.remove(self)
+            raise
 
     def _start(self) -> "LiveServer":
         model = [] if self.model_dir is None else ["--model", str(self.model_dir)]
@@ -77,6 +91,8 @@ class LiveServer:
                "--host", "127.0.0.1", "--port", str(self.port), *self.args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        if self not in RUNNING:
+            RUNNING.append(self)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -107,7 +123,18 @@ class LiveServer:
             self.proc.kill()
             return self.proc.wait()
 
+    def tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of the server's output so far."""
+        return "\n".join(self.output().splitlines()[-lines:])
+
     def __exit__(self, *exc) -> None:
+        if self in RUNNING:
+            RUNNING.remove(self)
         self.stop()
+        if exc[0] is not None:
+            try:
+                LEFT_BY_ERROR.append((self.url, self.tail()))
+            except OSError:
+                pass
         self.log.close()
         os.unlink(self.log.name)

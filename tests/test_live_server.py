@@ -11,7 +11,8 @@ import socket
 
 import httpx
 
-from tests.live_server import LiveServer, port_was_taken
+from tests import conftest
+from tests.live_server import LEFT_BY_ERROR, RUNNING, LiveServer, port_was_taken
 
 HAPROXY_LINE = ("[ALERT]    (21417) : Binding [/tmp/haproxy-serve/cfbac4/haproxy.cfg:50] for frontend "
                 "http_frontend: cannot bind socket (Address already in use) for [127.0.0.1:42883]")
@@ -37,3 +38,53 @@ def test_a_server_whose_port_is_held_starts_on_another():
         with live:
             assert live.port != held
             assert httpx.get(live.url + "/ready", timeout=10).status_code == 200
+
+
+class _Report:
+    def __init__(self, failed: bool):
+        self.failed, self.sections = failed, []
+
+
+class _Outcome:
+    def __init__(self, report):
+        self.report = report
+
+    def get_result(self):
+        return self.report
+
+
+def _report_through_the_hook(failed: bool) -> _Report:
+    hook = conftest.pytest_runtest_makereport(item=None, call=None)
+    next(hook)
+    report = _Report(failed)
+    try:
+        hook.send(_Outcome(report))
+    except StopIteration:
+        pass
+    return report
+
+
+def test_a_failed_tests_report_carries_the_running_servers_log_tail():
+    server = LiveServer(None)          # not started: its log is written here
+    server.log.write("".join(f"line {i}\n" for i in range(100)))
+    RUNNING.append(server)
+    try:
+        failed = _report_through_the_hook(failed=True)
+        passed = _report_through_the_hook(failed=False)
+    finally:
+        RUNNING.remove(server)
+        server.__exit__(None, None, None)
+    assert passed.sections == []
+    [(title, text)] = failed.sections
+    assert server.url in title
+    assert text.splitlines() == [f"line {i}" for i in range(60, 100)]
+
+
+def test_a_server_an_exception_stopped_is_reported_with_the_next_failure_only():
+    server = LiveServer(None)
+    server.log.write("the server's last words\n")
+    server.__exit__(AssertionError, AssertionError("x"), None)     # as a failing ``with`` block does
+    assert [url for url, _ in LEFT_BY_ERROR] == [server.url]
+    [(title, text)] = _report_through_the_hook(failed=True).sections
+    assert server.url in title and text == "the server's last words"
+    assert LEFT_BY_ERROR == [] and _report_through_the_hook(failed=True).sections == []
