@@ -75,15 +75,21 @@ static inline void axpy(float w, const float *x, float *y, long d) {
     for (; i < d; i++) y[i] += w * x[i];
 }
 
-void coconut_decode_attention(const float *Q, const float *K, const float *V, const float *mask, float *O,
-                              long n, long H, long G, long D, long L, long row_stride, long head_stride,
-                              float scaling, int threads) {
-    int parallel = threads > 1 && n * H > 1 && n * H * L * D >= 16384;
+/* returns 0, or -1 where a thread could not allocate its G x L scores (O is then incomplete) */
+int coconut_decode_attention(const float *Q, const float *K, const float *V, const float *mask, float *O,
+                             long n, long H, long G, long D, long L, long row_stride, long head_stride,
+                             float scaling, int threads) {
+    int parallel = threads > 1 && n * H > 1 && n * H * L * D >= 16384, failed = 0;
     #pragma omp parallel num_threads(threads) if (parallel)
     {
         float *scores = malloc(sizeof(float) * (G * L > 0 ? G * L : 1));
+        if (!scores) {
+            #pragma omp atomic write
+            failed = 1;
+        }
         #pragma omp for schedule(static)
         for (long task = 0; task < n * H; task++) {
+            if (!scores) continue;     /* every thread still meets the loop */
             long r = task / H, h = task % H;
             const float *q = Q + (r * H + h) * G * D, *k = K + r * row_stride + h * head_stride;
             const float *v = V + r * row_stride + h * head_stride, *m = mask + r * L;
@@ -128,4 +134,5 @@ void coconut_decode_attention(const float *Q, const float *K, const float *V, co
         }
         free(scores);
     }
+    return failed ? -1 : 0;
 }

@@ -25,9 +25,9 @@
 
 extern "C" void coconut_linear_rows(const float *W, const float *X, float *Y, const float *bias, const float *add,
                                     long rows, long m, long n, int threads);
-extern "C" void coconut_decode_attention(const float *Q, const float *K, const float *V, const float *mask, float *O,
-                                         long n, long H, long G, long D, long L, long row_stride, long head_stride,
-                                         float scaling, int threads);
+extern "C" int coconut_decode_attention(const float *Q, const float *K, const float *V, const float *mask, float *O,
+                                        long n, long H, long G, long D, long L, long row_stride, long head_stride,
+                                        float scaling, int threads);
 extern "C" void coconut_linear_blocked(const float *P, const float *X, float *Y, const float *bias, const float *add,
                                        long rows, long m, long n, int threads);
 
@@ -152,9 +152,10 @@ at::Tensor decode_attention(const at::Tensor &query, const at::Tensor &keys, con
     TORCH_CHECK(mask.numel() == n * L, "coconut_kernels::decode_attention: mask must be [", n, ", 1, 1, ", L, "]");
     at::Tensor q = query.contiguous(), m = mask.reshape({n, L}).contiguous();
     at::Tensor out = at::empty({n, H, G, D}, query.options());
-    coconut_decode_attention(q.data_ptr<float>(), keys.data_ptr<float>(), values.data_ptr<float>(), m.data_ptr<float>(),
-                             out.data_ptr<float>(), n, H, G, D, L, keys.stride(0), keys.stride(1), (float)scaling,
-                             at::get_num_threads());
+    int status = coconut_decode_attention(q.data_ptr<float>(), keys.data_ptr<float>(), values.data_ptr<float>(),
+                                          m.data_ptr<float>(), out.data_ptr<float>(), n, H, G, D, L, keys.stride(0),
+                                          keys.stride(1), (float)scaling, at::get_num_threads());
+    TORCH_CHECK(status == 0, "decode_attention: out of memory for the scores of ", G, " x ", L, " keys");
     return out;
 }
 
