@@ -60,9 +60,10 @@ class ServerSettings(BaseSettings):
                                  "buckets; on CPU it needs a C++ compiler); --no-compile turns it off")
     pack_weights: Literal["auto", "on", "off"] = Field(
         "auto", description="multiply by weights prepared once at load instead of MKL's per-call packing (CPU): "
-        "in float32 on x86-64 with AVX2, the engine's own kernels, each decoder weight laid out once in blocks of 16 "
-        "outputs, the LM head's a copy beside the tied embedding (built with the machine's C compiler; COCONUT_CPU_KERNEL=off to skip them), else "
-        "oneDNN's packed copy (SmolLM2-135M's products at 1 row: 14 ms against oneDNN's 22 and MKL's 35); auto: float32 models whose linear weights take 64 MiB or more "
+        "in float32 on x86-64 with AVX2, the engine's own kernels, each decoder weight laid out once in blocks "
+        "of 16 outputs, the LM head's a copy beside the tied embedding (built with the machine's C compiler; "
+        "COCONUT_CPU_KERNEL=off to skip them), else oneDNN's packed copy (SmolLM2-135M's products at 1 row: 14 ms "
+        "against oneDNN's 22 and MKL's 35); auto: float32 models whose linear weights take 64 MiB or more "
         "(with --compile only on the lean path)")
     lean_decode: bool = Field(True, description="run the steps of Llama and Qwen2 models as plain tensor code "
                               "instead of through the model's modules: the same function in a third of the "

@@ -68,22 +68,21 @@ class LiveServer:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="server-", suffix=".log", delete=False)
 
     def __enter__(self) -> "LiveServer":
-        try:
-            for attempt in range(3):
-                try:
-                    return self._start()
-                except PortTaken:
-                    # free_port() released the port before the server bound it, and another
-                    # process (Ray starts many) took it in between: try again on a fresh port
-                    self.port = free_port()
-                    self.url = f"http://127.0.0.1:{self.port}"
-                    self.log.seek(0)
-                    self.log.truncate()
-            return self._start()
-        except BaseException:
-            if self in RUNNING:      # its own error already carries the log
-                RUNNING.remove(self)
-            raise
+        for attempt in range(3):
+            try:
+                self._start()
+                break
+            except PortTaken:
+                # free_port() released the port before the server bound it, and another process
+                # (Ray starts many) took it in between: try again on a fresh port
+                self.port = free_port()
+                self.url = f"http://127.0.0.1:{self.port}"
+                self.log.seek(0)
+                self.log.truncate()
+        else:
+            self._start()
+        RUNNING.append(self)     # once ready: a failed start's own error carries the log
+        return self
 
     def _start(self) -> "LiveServer":
         model = [] if self.model_dir is None else ["--model", str(self.model_dir)]
@@ -91,8 +90,6 @@ class LiveServer:
                "--host", "127.0.0.1", "--port", str(self.port), *self.args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        if self not in RUNNING:
-            RUNNING.append(self)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
